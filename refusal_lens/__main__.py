@@ -1,0 +1,3 @@
+from refusal_lens.cli import main
+
+raise SystemExit(main())

