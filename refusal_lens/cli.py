@@ -14,13 +14,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from refusal_lens.config import ConfigError, load_config
-from refusal_lens.hooks import LayerSpecError
+from refusal_lens.config import load_config
+from refusal_lens.errors import UserError
 
 logger = logging.getLogger("refusal_lens")
-
-#: errors that are the user's input, reported as one line.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LayerSpecError, FileNotFoundError)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -65,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
-    from refusal_lens.estimate import estimate_for_config
+    from refusal_lens.estimate import estimate_for_config, measure_hook_widths
     from refusal_lens.hooks import resolve_hooks
     from refusal_lens.models.loading import load_model
 
@@ -79,7 +76,8 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     loaded = load_model(cfg.model)
     hooks = resolve_hooks(loaded.model, cfg.model.activation_layers)
-    estimate = estimate_for_config(loaded.model, hooks, cfg.inference, cfg.model.torch_dtype)
+    widths = measure_hook_widths(loaded.model, hooks)
+    estimate = estimate_for_config(widths, cfg.inference, cfg.model.torch_dtype)
     if args.json:
         sys.stdout.write(json.dumps({"model": cfg.model.name, "hooks": hooks, "estimate": estimate.to_dict()}, indent=2) + "\n")
     else:
@@ -101,13 +99,30 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from refusal_lens.collect import format_rates
+    from refusal_lens.pipeline import run_collect
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_collect(cfg, force=args.force)
+    sys.stdout.write(f"refusal rates ({result.n_prompts} prompts; safe = over-refusal, toxic = correct refusal):\n")
+    sys.stdout.write(format_rates(result.rates) + "\n")
+    sys.stdout.write(f"activations: {result.folder} ({len(result.hooks)} hooks)\n")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # stages that exist so far, in order; later issues add train-saes, discover, analyze
+    return _cmd_collect(args)
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     load_config(args.config, args.overrides)  # still validate the config
     logger.error("`%s` is not implemented yet", args.command)
     return 3
 
 
-COMMANDS = {"hooks": _cmd_hooks, "models": _cmd_models}
+COMMANDS = {"hooks": _cmd_hooks, "models": _cmd_models, "collect": _cmd_collect, "run": _cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS.get(args.command, _not_yet)
     try:
         return handler(args)
-    except USER_ERRORS as err:
+    except UserError as err:
         sys.stderr.write(f"refusal-lens {args.command}: error: {err}\n")
         return 2
     except KeyboardInterrupt:

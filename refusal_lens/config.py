@@ -20,10 +20,11 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from refusal_lens.errors import UserError
 from refusal_lens.hooks import LayerSpecError, check_layer_specs
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that is missing, unknown or of the wrong type; the message names its dotted path."""
 
 
@@ -67,13 +68,17 @@ class InferenceConfig:
     positions: Literal["last", "all", "post_instruction"] = "last"
     #: dtype on disk (Arrow has no bfloat16: its bits are stored as int16, see docs/outputs.md).
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    #: prompts longer than this many tokens are truncated from the left of the user message.
+    #: prompts longer than this many tokens have the end of their user message cut.
     max_prompt_tokens: int = 256
+    #: also store the activations of the generated response tokens (SAE training wants many tokens).
+    store_response_activations: bool = False
+    #: buffered activations are written as a shard once they reach this many MiB (bounds memory).
+    shard_mb: int = 256
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise ConfigError(f"inference.batch_size={self.batch_size}; allowed: a positive integer or 'auto'")
-        for name in ("max_new_tokens", "max_prompt_tokens"):
+        for name in ("max_new_tokens", "max_prompt_tokens", "shard_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inference.{name}={getattr(self, name)}; allowed: a positive integer")
 

@@ -114,7 +114,9 @@ def measure_hook_widths(model, hooks: list[str]) -> dict[str, int]:
     return {h: int(cache[h][0, 0].numel()) for h in hooks}
 
 
-def estimate_for_config(model, hooks: list[str], inference, compute_dtype: str, mean_prompt_tokens: float | None = None) -> StorageEstimate:
+def estimate_for_config(
+    hook_widths: Mapping[str, int], inference, compute_dtype: str, mean_prompt_tokens: float | None = None
+) -> StorageEstimate:
     """The estimate for a config's inference settings.
 
     ``seq_len`` is ``inference.max_prompt_tokens`` (an upper bound); the positions kept per prompt are 1
@@ -123,7 +125,7 @@ def estimate_for_config(model, hooks: list[str], inference, compute_dtype: str, 
     positions = 1.0 if inference.positions == "last" else float(mean_prompt_tokens or inference.max_prompt_tokens)
     batch = inference.batch_size if isinstance(inference.batch_size, int) else 1
     return estimate_storage(
-        measure_hook_widths(model, hooks),
+        hook_widths,
         batch_size=batch,
         seq_len=inference.max_prompt_tokens,
         positions_per_prompt=positions,

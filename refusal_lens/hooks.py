@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from refusal_lens.errors import UserError
+
 #: spec type -> the TransformerLens hook point inside ``blocks.{i}``.
 HOOK_TYPES: dict[str, str] = {
     "residuals": "hook_resid_post",
@@ -49,7 +51,7 @@ _ALLOWED = (
 )
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(UserError, ValueError):
     """A layer spec that cannot be resolved. The message names the spec and what is allowed."""
 
 

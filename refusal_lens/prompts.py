@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from refusal_lens.config import DataConfig
+from refusal_lens.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ UNLABELED = "unlabeled"
 SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Prompt data that cannot be used; the message says what was found."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from refusal_lens.errors import UserError
+
 REFUSAL_PHRASES: tuple[str, ...] = (
     # refusal_direction / JailbreakBench substring list
     "I'm sorry",
@@ -52,7 +54,7 @@ def is_refusal(response: str) -> bool:
     return any(phrase in text for phrase in _PHRASES_LOWER)
 
 
-class RefusalTokenError(ValueError):
+class RefusalTokenError(UserError, ValueError):
     """A refusal/compliance word that is not exactly one token at the response start."""
 
 

@@ -20,13 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from refusal_lens.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "REFUSAL_LENS_CACHE"
 _CHUNK = 8 << 20
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(UserError, RuntimeError):
     """An embedded model that is not installed, or whose files fail their hash check."""
 
 

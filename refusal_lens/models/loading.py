@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from refusal_lens.config import ModelConfig
+from refusal_lens.errors import UserError
 from refusal_lens.hooks import LayerSpecError, check_layer_specs
 from refusal_lens.models.embedded import EMBEDDED_MODELS, embedded_model_dir
 from refusal_lens.models.families import ModelFamily, family_for_template
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be found or loaded; the message says what was tried."""
 
 

@@ -1,0 +1,67 @@
+"""Chat formatting and tokenization of prompts.
+
+Prompts go through the tokenizer's own chat template with the generation prompt, and are tokenized
+without special tokens (the template brings its own BOS), left-padded with an explicit attention mask.
+The *post-instruction* tokens are those after the user's message (e.g. ``<|im_end|>\\n<|im_start|>
+assistant\\n``), where refusal_direction finds the refusal direction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def render(tokenizer, user_text: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    text: str  # the chat-formatted prompt
+    ids: list[int]  # its tokens, no padding
+    n_post_instruction: int  # tokens after the user's message
+    truncated: bool
+
+
+def encode_prompt(tokenizer, user_text: str, max_tokens: int) -> EncodedPrompt:
+    """Render and tokenize one prompt; cut the user's message (not the template) to fit ``max_tokens``."""
+    text = render(tokenizer, user_text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    truncated = False
+    if len(ids) > max_tokens:
+        user_ids = tokenizer(user_text, add_special_tokens=False)["input_ids"]
+        overflow = len(ids) - max_tokens
+        if overflow >= len(user_ids):
+            raise ValueError(
+                f"inference.max_prompt_tokens={max_tokens} is shorter than the chat template itself "
+                f"({len(ids) - len(user_ids)} tokens); raise it"
+            )
+        user_text = tokenizer.decode(user_ids[: len(user_ids) - overflow - 1])
+        text = render(tokenizer, user_text)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        truncated = True
+    end = text.rfind(user_text) + len(user_text)
+    n_post = sum(1 for start, _ in enc["offset_mapping"] if start >= end)
+    return EncodedPrompt(text, ids, max(n_post, 1), truncated)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``input_ids`` and ``attention_mask`` ``[batch, max_len]``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask

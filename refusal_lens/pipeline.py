@@ -1,0 +1,45 @@
+"""The main job, stage by stage. Only this module (with the CLI) knows where results go:
+
+    <output.result_dir>/<run>/
+        activations/   stage 1: prompts, responses, refusal judgements, activations per hook
+        saes/          stage 2 (train-saes)
+        circuits/      stage 3 (discover)
+        analysis/      stage 4 (analyze)
+
+``<run>`` is ``output.run_name``, or the model name made path-safe. Each stage skips when its
+folder is complete and ``force`` is false.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+from refusal_lens.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def run_dir(cfg: Config) -> Path:
+    name = cfg.output.run_name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model.name).name or cfg.model.name)
+    return Path(cfg.output.result_dir) / name
+
+
+def activations_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "activations"
+
+
+def run_collect(cfg: Config, *, force: bool = False, show_progress: bool = True):
+    """Stage 1: load the model and prompts, collect into ``<run>/activations``."""
+    from refusal_lens.collect import collect
+    from refusal_lens.distributed import distributed
+    from refusal_lens.models.loading import load_model
+    from refusal_lens.prompts import load_prompts
+
+    prompts = load_prompts(cfg.data)  # bad data fails before the model loads
+    with distributed() as dist:
+        model_cfg = dataclasses.replace(cfg.model, device=dist.device(cfg.model.device))
+        loaded = load_model(model_cfg)
+        return collect(loaded, prompts, cfg, activations_dir(cfg), force=force, dist=dist, show_progress=show_progress)

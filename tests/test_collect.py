@@ -1,0 +1,295 @@
+"""The collect stage on a tiny random model: activations equal a direct run_with_cache, resume, dtypes,
+torchrun, SAE-Lens compatibility."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from refusal_lens import collect as collect_mod
+from refusal_lens.activations.store import load_hook_tensor
+from refusal_lens.chat import encode_prompt
+from refusal_lens.collect import ResultsMismatchError, collect, format_rates, refusal_rates
+from refusal_lens.config import Config, DataConfig, InferenceConfig, ModelConfig, dump_config
+from refusal_lens.prompts import Prompt
+
+TEXTS = [
+    "hello world",
+    "what is python code ?",
+    "how are you",
+    "make cake",
+    "steal car",
+    "print 2 + 2 = ?",
+    "make bomb",
+    "bake cake , hello",
+]
+
+
+def prompts(n=len(TEXTS)):
+    return [
+        Prompt(f"t:{i}", TEXTS[i % len(TEXTS)] + " ." * (i // len(TEXTS)), "harmful" if i % 2 else "privacy",
+               "toxic" if i % 3 == 0 else "safe", "t")
+        for i in range(n)
+    ]
+
+
+def make_cfg(model_dir, **inference):
+    inf = {"batch_size": 3, "max_new_tokens": 4, "positions": "last", **inference}
+    return Config(
+        model=ModelConfig(name=str(model_dir), activation_layers=("residuals_all", "mlp_1")),
+        inference=InferenceConfig(**inf),
+    )
+
+
+@pytest.fixture(scope="module")
+def bridge(tiny_model_dir):
+    from refusal_lens.models.loading import load_model
+
+    return load_model(ModelConfig(name=str(tiny_model_dir)))
+
+
+def direct_cache(loaded, text, hooks):
+    """The reference: one unpadded prompt, straight through run_with_cache."""
+    enc = encode_prompt(loaded.tokenizer, text, 256)
+    with torch.no_grad():
+        logits, cache = loaded.model.run_with_cache(torch.tensor([enc.ids]), names_filter=hooks)
+    return enc, logits[0], {h: cache[h][0] for h in hooks}
+
+
+@pytest.mark.parametrize("positions", ["last", "all", "post_instruction"])
+def test_activations_equal_direct_run_with_cache(tiny_loaded, tiny_model_dir, tmp_path, positions):
+    cfg = make_cfg(tiny_model_dir, positions=positions, storage_dtype="float32")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend=tiny_loaded.backend))
+    ps = prompts()
+    result = collect(tiny_loaded, ps, cfg, tmp_path / "acts", show_progress=False)
+    assert result.hooks == [*(f"blocks.{i}.hook_resid_post" for i in range(3)), "blocks.1.hook_mlp_out"]
+    table = datasets.load_from_disk(str(tmp_path / "acts" / "prompts")).to_list()
+    assert [r["prompt_id"] for r in table] == [p.id for p in ps]
+    for hook in result.hooks:
+        values, cols = load_hook_tensor(tmp_path / "acts" / hook)
+        assert values.dtype == torch.float32
+        for p in ps:
+            enc, logits, ref = direct_cache(tiny_loaded, p.prompt, result.hooks)
+            rows = [i for i, pid in enumerate(cols["prompt_id"]) if pid == p.id]
+            n = len(enc.ids)
+            expected_pos = {"last": [n - 1], "all": list(range(n)),
+                            "post_instruction": list(range(n - enc.n_post_instruction, n))}[positions]
+            assert [cols["position"][i] for i in rows] == expected_pos
+            assert cols["token_ids"][rows].tolist() == [enc.ids[k] for k in expected_pos]
+            # padded batch of 3 vs a single unpadded prompt: equal up to fp32 op-order noise
+            torch.testing.assert_close(values[rows], ref[hook][expected_pos], rtol=1e-4, atol=1e-4)
+    # refusal score: from the first response position of the same forward pass
+    tokens = collect_mod.build_refusal_tokens(
+        tiny_loaded.tokenizer, collect_mod.render(tiny_loaded.tokenizer, "Hello"),
+        tiny_loaded.family.refusal_words, tiny_loaded.family.compliance_words,
+    )
+    for row, p in zip(table, ps):
+        _, logits, _ = direct_cache(tiny_loaded, p.prompt, [])
+        expected = collect_mod.refusal_score(logits[-1], tokens).item()
+        assert row["refusal_score"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_responses_match_single_prompt_generation(bridge, tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, max_new_tokens=5)
+    ps = prompts()
+    collect(bridge, ps, cfg, tmp_path / "acts", show_progress=False)
+    table = datasets.load_from_disk(str(tmp_path / "acts" / "prompts")).to_list()
+    for row, p in zip(table, ps):
+        enc = encode_prompt(bridge.tokenizer, p.prompt, 256)
+        with torch.no_grad():
+            out = bridge.hf_model.generate(torch.tensor([enc.ids]), max_new_tokens=5, do_sample=False,
+                                           pad_token_id=bridge.tokenizer.pad_token_id)
+        new = out[0, len(enc.ids):].tolist()
+        eos = bridge.tokenizer.eos_token_id
+        new = new[: new.index(eos)] if eos in new else new
+        assert row["response"] == bridge.tokenizer.decode(new, skip_special_tokens=True)
+        assert row["n_response_tokens"] == len(new)
+        assert row["refused"] == collect_mod.is_refusal(row["response"])
+
+
+def test_response_activations_are_stored_when_asked(bridge, tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, positions="all", store_response_activations=True, max_new_tokens=4,
+                   storage_dtype="float32")
+    ps = prompts(3)
+    collect(bridge, ps, cfg, tmp_path / "acts", show_progress=False)
+    table = datasets.load_from_disk(str(tmp_path / "acts" / "prompts")).to_list()
+    values, cols = load_hook_tensor(tmp_path / "acts" / "blocks.2.hook_resid_post")
+    for row, p in zip(table, ps):
+        rows = [i for i, pid in enumerate(cols["prompt_id"]) if pid == p.id]
+        assert len(rows) == row["n_prompt_tokens"] + row["n_response_tokens"]
+        assert sum(cols["is_response"][i] for i in rows) == row["n_response_tokens"]
+        # the response tokens' activations equal a plain forward pass over prompt + response
+        ids = cols["token_ids"][rows].tolist()
+        with torch.no_grad():
+            _, cache = bridge.model.run_with_cache(torch.tensor([ids]), names_filter=["blocks.2.hook_resid_post"])
+        torch.testing.assert_close(values[rows], cache["blocks.2.hook_resid_post"][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_storage_dtype_round_trip(bridge, tiny_model_dir, tmp_path, dtype):
+    cfg = make_cfg(tiny_model_dir, storage_dtype=dtype)
+    ps = prompts(4)
+    collect(bridge, ps, cfg, tmp_path / "acts", show_progress=False)
+    hook = "blocks.2.hook_resid_post"
+    values, cols = load_hook_tensor(tmp_path / "acts" / hook)
+    assert values.dtype == getattr(torch, dtype)
+    for i, p in enumerate(ps):
+        _, _, ref = direct_cache(bridge, p.prompt, [hook])
+        expected = ref[hook][-1].to(getattr(torch, dtype))
+        # the stored value is the reference cast to the storage dtype (exact bits, up to fp32 batch noise)
+        torch.testing.assert_close(values[i].float(), expected.float(), rtol=1e-2 if dtype != "float32" else 1e-5,
+                                   atol=1e-3)
+    meta = json.loads((tmp_path / "acts" / hook / "refusal_lens.json").read_text())
+    assert meta["storage_dtype"] == dtype
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupt_and_resume_equals_uninterrupted(bridge, tiny_model_dir, tmp_path, monkeypatch):
+    # shard_mb is an int in MiB; a 0-byte budget is not allowed, so shrink the writer's budget instead
+    cfg = make_cfg(tiny_model_dir, batch_size=2, positions="all")
+    ps = prompts(11)
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "resumed"
+    collect(bridge, ps, cfg, ref_dir, show_progress=False)
+
+    real_init = collect_mod.ShardWriter.__init__
+
+    def tiny_shards(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.shard_bytes = 1  # flush after every batch
+
+    monkeypatch.setattr(collect_mod.ShardWriter, "__init__", tiny_shards)
+    calls = {"n": 0}
+    real_process = collect_mod.process_batch
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt("killed")
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(collect_mod, "process_batch", dying)
+    with pytest.raises(Interrupt):
+        collect(bridge, ps, cfg, dir_, show_progress=False)
+    progress = json.loads((dir_ / "progress" / "rank-000.json").read_text())
+    assert progress["shards"][-1]["end"] == 4  # two batches of 2 committed
+    # a crash in the middle of a shard write leaves an uncommitted file behind
+    (dir_ / "blocks.0.hook_resid_post" / "shard-000-00002.arrow").write_bytes(b"partial")
+    monkeypatch.setattr(collect_mod, "process_batch", real_process)
+    result = collect(bridge, ps, cfg, dir_, show_progress=False)
+    assert not result.skipped
+    for sub in ["prompts", *result.hooks]:
+        a = datasets.load_from_disk(str(ref_dir / sub)).to_list()
+        b = datasets.load_from_disk(str(dir_ / sub)).to_list()
+        assert a == b, sub
+    # a finished collection is skipped on rerun
+    assert collect(bridge, ps, cfg, dir_, show_progress=False).skipped
+
+
+def test_different_config_is_never_mixed_in(bridge, tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir)
+    collect(bridge, prompts(3), cfg, tmp_path / "acts", show_progress=False)
+    other = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, max_new_tokens=2))
+    with pytest.raises(ResultsMismatchError, match="inference.max_new_tokens"):
+        collect(bridge, prompts(3), other, tmp_path / "acts", show_progress=False)
+    # batching does not change the rows: a different batch size resumes the same collection
+    same = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, batch_size=1))
+    assert collect(bridge, prompts(3), same, tmp_path / "acts", show_progress=False).skipped
+    result = collect(bridge, prompts(3), other, tmp_path / "acts", force=True, show_progress=False)
+    assert not result.skipped
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("x")
+    with pytest.raises(ResultsMismatchError, match="not a refusal_lens activations folder"):
+        collect(bridge, prompts(3), cfg, tmp_path / "foreign", show_progress=False)
+
+
+def test_oom_halves_the_batch(bridge, tiny_model_dir, tmp_path, monkeypatch):
+    real = collect_mod.process_batch
+    sizes = []
+
+    def oom_above_two(loaded, ps, *args, **kwargs):
+        sizes.append(len(ps))
+        if len(ps) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(loaded, ps, *args, **kwargs)
+
+    monkeypatch.setattr(collect_mod, "process_batch", oom_above_two)
+    cfg = make_cfg(tiny_model_dir, batch_size=8)
+    result = collect(bridge, prompts(5), cfg, tmp_path / "acts", show_progress=False)
+    assert sizes == [5, 4, 2, 2, 1] and result.stats.batch_size_final == 2  # 8 -> 4 -> 2, then 2+2+1
+    assert len(datasets.load_from_disk(str(tmp_path / "acts" / "prompts"))) == 5
+
+
+def test_sae_lens_reads_a_hook_folder(bridge, tiny_model_dir, tmp_path):
+    from sae_lens.training.activations_store import ActivationsStore
+
+    cfg = make_cfg(tiny_model_dir, positions="all", storage_dtype="float32")
+    collect(bridge, prompts(4), cfg, tmp_path / "acts", show_progress=False)
+    hook = "blocks.1.hook_resid_post"
+    values, cols = load_hook_tensor(tmp_path / "acts" / hook)
+    store = ActivationsStore(
+        model=bridge.model, dataset=None, streaming=False, hook_name=hook, hook_head_index=None,
+        context_size=1, d_in=64, n_batches_in_buffer=2, total_training_tokens=len(values),
+        store_batch_size_prompts=4, train_batch_size_tokens=4, prepend_bos=False, normalize_activations="none",
+        device=torch.device("cpu"), dtype="float32", cached_activations_path=str(tmp_path / "acts" / hook),
+    )
+    acts, token_ids = store._load_raw_llm_batch_from_cached(raise_on_epoch_end=False)
+    torch.testing.assert_close(acts.reshape(4, 64), values[:4])
+    assert token_ids.tolist() == cols["token_ids"][:4].tolist()
+
+
+def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, positions="all")
+    cfg = dataclasses.replace(
+        cfg,
+        data=DataConfig(max_samples_per_category=2),
+        output=dataclasses.replace(cfg.output, result_dir=str(tmp_path), run_name="one"),
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    one = subprocess.run([sys.executable, "-m", "refusal_lens", "collect", "--config", str(path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "refusal_lens", "collect",
+         "--config", str(path), "--set", "output.run_name=two"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "two" / "activations" / "prompts").glob("*.arrow"))
+    assert any(f.startswith("shard-001-") for f in files)  # rank 1 wrote its own shards
+    for sub in ["prompts", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]:
+        a = datasets.load_from_disk(str(tmp_path / "one" / "activations" / sub)).to_list()
+        b = datasets.load_from_disk(str(tmp_path / "two" / "activations" / sub)).to_list()
+        assert len(a) == len(b) > 0
+        for ra, rb in zip(a, b):
+            for k in ra:
+                if k in (sub, "refusal_score"):
+                    np.testing.assert_allclose(np.asarray(ra[k], dtype=np.float32), np.asarray(rb[k], dtype=np.float32),
+                                               rtol=1e-3, atol=1e-3)
+                else:
+                    assert ra[k] == rb[k], k
+
+
+def test_refusal_rates_table():
+    rows = [
+        {"category": "hate", "label": "toxic", "refused": True},
+        {"category": "hate", "label": "toxic", "refused": False},
+        {"category": "hate", "label": "safe", "refused": False},
+    ]
+    rates = refusal_rates(rows)
+    assert {(r["category"], r["label"]): r["rate"] for r in rates} == {
+        ("hate", "safe"): 0.0, ("hate", "toxic"): 0.5, ("ALL", "safe"): 0.0, ("ALL", "toxic"): 0.5}
+    text = format_rates(rates)
+    assert "1/2" in text and "50.0%" in text and text.splitlines()[-1].startswith("ALL")
