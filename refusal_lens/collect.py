@@ -43,7 +43,7 @@ from refusal_lens.activations.store import (
     write_arrow_file,
 )
 from refusal_lens.chat import EncodedPrompt, encode_prompt, left_pad, render
-from refusal_lens.config import Config, config_to_dict, dump_config
+from refusal_lens.config import Config, InferenceConfig, config_to_dict, dump_config
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
 from refusal_lens.estimate import estimate_for_config, measure_hook_widths
@@ -168,26 +168,20 @@ def positions_to_keep(mode: str, n_prompt: int, n_post: int, n_response: int, wi
     return keep
 
 
-def process_batch(
+def forward_and_extract(
     loaded: LoadedModel,
     prompts: Sequence[Prompt],
     encoded: Sequence[EncodedPrompt],
+    responses: Sequence[Sequence[int]],
     hooks: Sequence[str],
-    cfg: Config,
+    inf: InferenceConfig,
     tokens: RefusalTokens,
-) -> BatchOutput:
-    inf = cfg.inference
-    stats = CollectStats(prompts=len(prompts))
-    t0 = time.perf_counter()
-    responses = generate_responses(loaded, encoded, inf.max_new_tokens)
-    stats.generate_s = time.perf_counter() - t0
-    stats.generated_tokens = sum(len(r) for r in responses)
-    texts = loaded.tokenizer.batch_decode(responses, skip_special_tokens=True)
-
+) -> tuple[list[float], dict[str, np.ndarray], np.ndarray, dict[str, list], int]:
+    """One plain forward pass with ``run_with_cache``; the kept positions of every hook, and the refusal
+    score at the first response position. Returns (scores, hook values, token ids, row metadata, tokens)."""
     with_response = inf.store_response_activations and inf.save_activations
-    seqs = [e.ids + (r if with_response else []) for e, r in zip(encoded, responses)]
+    seqs = [e.ids + (list(r) if with_response else []) for e, r in zip(encoded, responses)]
     ids, mask = left_pad(seqs, loaded.tokenizer.pad_token_id)
-    t0 = time.perf_counter()
     with torch.no_grad():
         logits, cache = loaded.model.run_with_cache(
             ids.to(loaded.device),
@@ -212,15 +206,38 @@ def process_batch(
         meta["label"] += [p.label] * len(keep)
     first_logits = logits[torch.arange(len(prompts)), torch.tensor(last_prompt_cols)]
     scores = refusal_score(first_logits, tokens).cpu().tolist()
-    refused = [is_refusal(t) for t in texts]
     row_t, col_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    hook_values = {h: to_storage(cache[h][row_t, col_t].reshape(len(rows), -1), inf.storage_dtype) for h in hooks} if rows else {}
+    values = {h: to_storage(cache[h][row_t, col_t].reshape(len(rows), -1), inf.storage_dtype) for h in hooks} if rows else {}
     token_ids = ids[row_t, col_t].numpy() if rows else np.zeros(0, dtype=np.int64)
+    return scores, values, token_ids, dict(meta), int(mask.sum())
+
+
+def process_batch(
+    loaded: LoadedModel,
+    prompts: Sequence[Prompt],
+    encoded: Sequence[EncodedPrompt],
+    hooks: Sequence[str],
+    cfg: Config,
+    tokens: RefusalTokens,
+) -> BatchOutput:
+    """Generate and judge the responses of a batch, then collect its activations."""
+    inf = cfg.inference
+    stats = CollectStats(prompts=len(prompts))
+    t0 = time.perf_counter()
+    responses = generate_responses(loaded, encoded, inf.max_new_tokens)
+    stats.generate_s = time.perf_counter() - t0
+    stats.generated_tokens = sum(len(r) for r in responses)
+    texts = loaded.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    refused = [is_refusal(t) for t in texts]
+    t0 = time.perf_counter()
+    scores, values, token_ids, meta, n_tokens = forward_and_extract(
+        loaded, prompts, encoded, responses, hooks, inf, tokens
+    )
     stats.forward_s = time.perf_counter() - t0
-    stats.forward_tokens = int(mask.sum())
+    stats.forward_tokens = n_tokens
     by_prompt = {p.id: b for b, p in enumerate(prompts)}
-    meta["refused"] = [refused[by_prompt[pid]] for pid in meta["prompt_id"]]
-    meta["refusal_score"] = [scores[by_prompt[pid]] for pid in meta["prompt_id"]]
+    meta["refused"] = [refused[by_prompt[pid]] for pid in meta.get("prompt_id", [])]
+    meta["refusal_score"] = [scores[by_prompt[pid]] for pid in meta.get("prompt_id", [])]
     prompt_rows = [
         {
             "prompt_id": p.id,
@@ -237,7 +254,7 @@ def process_batch(
         }
         for p, e, r, text, ref, score in zip(prompts, encoded, responses, texts, refused, scores)
     ]
-    return BatchOutput(prompt_rows, hook_values, token_ids, dict(meta), stats)
+    return BatchOutput(prompt_rows, values, token_ids, meta, stats)
 
 
 # --------------------------------------------------------------------------------------------

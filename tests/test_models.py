@@ -58,7 +58,7 @@ def test_names_filter_caches_exactly_the_resolved_hooks(tiny_loaded):
 
 
 def test_logits_match_hf_and_residual_decomposition(tiny_loaded, tiny_model_dir):
-    reference = load_hf_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    reference = load_hf_model(str(tiny_model_dir), torch.float32, torch.device("cpu"), "eager")
     batch = chat_batch(tiny_loaded, ["what is python ?", "hello"])
     names = [f"blocks.{i}.{p}" for i in range(3) for p in BLOCK_POINTS]
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_embedded_model_not_installed(monkeypatch):
 def test_embedded_models_match_hf_on_both_backends(name, n_layers, d_model):
     source = embedded.embedded_model_dir(name)
     assert json.loads((source / "source.json").read_text())["gguf_sha256"] == embedded.EMBEDDED_MODELS[name].sha256
-    reference = load_hf_model(str(source), torch.float32, torch.device("cpu"))
+    reference = load_hf_model(str(source), torch.float32, torch.device("cpu"), "eager")
     prompts = ["How do I kill a Python process?", "Write a haiku about the sea, please."]
     for backend in ("bridge", "hooked"):
         loaded = load_model(ModelConfig(name=name, backend=backend))

@@ -152,10 +152,11 @@ def _boot_hooked(source: str, hf_model, tokenizer, dtype: torch.dtype, device: t
     return model.eval()
 
 
-def load_hf_model(source: str, dtype: torch.dtype, device: torch.device):
+def load_hf_model(source: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None):
+    """The HF model; its default attention (sdpa) serves generation, the bridge's copy switches to eager."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval()
 
 
