@@ -111,9 +111,26 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_saes(args: argparse.Namespace) -> int:
+    from refusal_lens.pipeline import run_train_saes
+    from refusal_lens.saes.stage import format_quality
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_train_saes(cfg, force=args.force)
+    sys.stdout.write(f"SAE quality on held-out prompts (bar: explained variance >= {cfg.sae.min_explained_variance}, "
+                     f"CE loss recovered >= {cfg.sae.min_ce_recovered}):\n")
+    sys.stdout.write(format_quality(result.quality) + "\n")
+    sys.stdout.write(f"SAEs: {result.folder} (trained {len(result.trained)}, already done {len(result.skipped)})\n")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    # stages that exist so far, in order; later issues add train-saes, discover, analyze
-    return _cmd_collect(args)
+    # the stages that exist so far, in order; each skips when its output is complete
+    for stage in (_cmd_collect, _cmd_train_saes):
+        code = stage(args)
+        if code:
+            return code
+    return 0
 
 
 def _not_yet(args: argparse.Namespace) -> int:
@@ -122,7 +139,13 @@ def _not_yet(args: argparse.Namespace) -> int:
     return 3
 
 
-COMMANDS = {"hooks": _cmd_hooks, "models": _cmd_models, "collect": _cmd_collect, "run": _cmd_run}
+COMMANDS = {
+    "hooks": _cmd_hooks,
+    "models": _cmd_models,
+    "collect": _cmd_collect,
+    "train-saes": _cmd_train_saes,
+    "run": _cmd_run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

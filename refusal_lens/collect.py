@@ -392,6 +392,18 @@ def _prepare_folder(folder: Path, fp: str, cfg: Config, force: bool, dist: Dist)
     return None
 
 
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with: the chat template's fixed opening (e.g. Qwen's default system
+    prompt). Their activations are identical across prompts; the SAE stage can leave them out."""
+    if len(sequences) < 2:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
+
+
 def refusal_rates(prompt_rows: Sequence[dict]) -> list[dict]:
     """Refusal rate per category and label (safe: over-refusal; toxic: correct refusal), plus totals."""
     groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
@@ -543,7 +555,8 @@ def collect(
         rates = _finalize(folder, hooks, writer, widths, cfg, dist.world)
         manifest = json.loads((folder / MANIFEST).read_text())
         manifest.update(
-            status="complete", n_prompts=len(prompts), hooks=list(hooks), widths=widths,
+            status="complete", n_prompts=len(prompts), n_layers=loaded.n_layers, hooks=list(hooks), widths=widths,
+            template_prefix_tokens=shared_prefix_length([e.ids for e in encoded_all]),
             refusal_tokens=tokens.to_dict(), estimate=estimate.to_dict(),
             versions=_versions(), stats_rank0=asdict(stats),
         )

@@ -112,11 +112,87 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SAEConfig:
+    """Stage 2: one SAE per hook, trained with SAE-Lens from the stored activations."""
+
+    #: ``train`` SAEs here, or load already-trained SAE-Lens folders from ``path`` (one per hook).
+    source: Literal["train", "path"] = "train"
+    #: with ``source: path``: a folder holding ``<hook name>/`` SAE-Lens folders.
+    path: str | None = None
+    #: layer specs of the hooks to train; empty = every collected hook.
+    hooks: tuple[str | int, ...] = ()
+    architecture: Literal["standard", "topk", "batchtopk", "jumprelu"] = "topk"
+    #: d_sae = d_in x expansion_factor.
+    expansion_factor: int = 4
+    #: active features per token (topk) or on average per token (batchtopk).
+    k: int = 32
+    #: sparsity coefficient of the standard (L1) SAE.
+    l1_coefficient: float = 5.0
+    #: jumprelu: L0 coefficient, initial threshold and bandwidth of the straight-through estimator.
+    l0_coefficient: float = 1.0
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    lr: float = 4e-4
+    #: learning rate at the end of the decay; null = lr / 10.
+    lr_end: float | None = None
+    lr_warm_up_steps: int = 0
+    #: steps of linear decay at the end of training (0 = constant).
+    lr_decay_steps: int = 0
+    train_batch_size_tokens: int = 1024
+    #: total activation vectors each SAE sees (several epochs of a small prompt set).
+    training_tokens: int = 200_000
+    #: SAE-Lens's input normalisation, folded into the weights at the end.
+    normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
+    #: equalise safe/toxic (labels) or category x label groups in the batches by resampling.
+    balance: Literal["none", "labels", "categories"] = "labels"
+    #: leave out the chat template's fixed opening (identical in every prompt, e.g. a default system prompt)
+    #: and special tokens (attention sinks with huge norms) from training and evaluation, as SAE-Lens's
+    #: ``exclude_special_tokens`` does; otherwise they dominate the variance.
+    exclude_template_prefix: bool = True
+    exclude_special_tokens: bool = True
+    #: share of prompts (by a hash of their id) kept out of training for evaluation.
+    heldout_fraction: float = 0.2
+    #: training metrics (loss, MSE, L0, explained variance, dead features) logged every N steps.
+    log_every: int = 20
+    dead_feature_window: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    #: torch threads for training (on 2 shared cores, 2 threads ran 7x slower than 1).
+    num_threads: int = 1
+    wandb: bool = False
+    wandb_project: str = "refusal_lens"
+    #: held-out prompts used for CE loss recovered / KL with the SAE spliced in.
+    eval_prompts: int = 24
+    #: "selective layers": the bar a hook's SAE must pass for later stages.
+    min_explained_variance: float = 0.5
+    min_ce_recovered: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.source == "path" and not self.path:
+            raise ConfigError("sae.path must name a folder of SAE-Lens SAEs when sae.source is 'path'")
+        positive = ("expansion_factor", "k", "train_batch_size_tokens", "training_tokens", "log_every",
+                    "num_threads", "eval_prompts", "dead_feature_window")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sae.{name}={getattr(self, name)}; allowed: a positive integer")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"sae.heldout_fraction={self.heldout_fraction}; allowed: a number between 0 and 1")
+        if self.lr <= 0:
+            raise ConfigError(f"sae.lr={self.lr}; allowed: a positive number")
+        if self.hooks:
+            try:
+                check_layer_specs(self.hooks)
+            except LayerSpecError as err:
+                raise ConfigError(f"sae.hooks: {err}") from None
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +380,7 @@ __all__ = [
     "InferenceConfig",
     "ModelConfig",
     "OutputConfig",
+    "SAEConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",

@@ -120,9 +120,12 @@ def estimate_for_config(
     """The estimate for a config's inference settings.
 
     ``seq_len`` is ``inference.max_prompt_tokens`` (an upper bound); the positions kept per prompt are 1
-    for ``last`` and ``mean_prompt_tokens`` (default: the upper bound) for ``all``/``post_instruction``.
+    for ``last`` and ``mean_prompt_tokens`` (default: the upper bound) for ``all``/``post_instruction``,
+    plus ``max_new_tokens`` (an upper bound) when response activations are stored.
     """
     positions = 1.0 if inference.positions == "last" else float(mean_prompt_tokens or inference.max_prompt_tokens)
+    if inference.store_response_activations:
+        positions += inference.max_new_tokens
     batch = inference.batch_size if isinstance(inference.batch_size, int) else 1
     return estimate_storage(
         hook_widths,

@@ -43,3 +43,20 @@ def run_collect(cfg: Config, *, force: bool = False, show_progress: bool = True)
         model_cfg = dataclasses.replace(cfg.model, device=dist.device(cfg.model.device))
         loaded = load_model(model_cfg)
         return collect(loaded, prompts, cfg, activations_dir(cfg), force=force, dist=dist, show_progress=show_progress)
+
+
+def saes_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "saes"
+
+
+def run_train_saes(cfg: Config, *, force: bool = False, show_progress: bool = True):
+    """Stage 2: one SAE per collected hook into ``<run>/saes`` (the model is loaded for the splice metrics)."""
+    from refusal_lens.distributed import distributed
+    from refusal_lens.models.loading import load_model
+    from refusal_lens.saes.stage import run_sae_stage
+
+    with distributed() as dist:
+        model_cfg = dataclasses.replace(cfg.model, device=dist.device(cfg.model.device))
+        loaded = load_model(model_cfg)
+        return run_sae_stage(cfg, loaded, activations_dir(cfg), saes_dir(cfg), force=force, dist=dist,
+                             show_progress=show_progress)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -134,24 +135,60 @@ def empty_arrow_file(path: Path, features) -> None:
     write_arrow_file(path, [], features.arrow_schema)
 
 
-def load_hook_tensor(folder: str | Path, hook: str | None = None) -> tuple[torch.Tensor, dict]:
+class HookActivations:
+    """One hook folder: metadata columns in memory, activations memory-mapped."""
+
+    def __init__(self, folder: str | Path):
+        import datasets
+
+        self.folder = Path(folder)
+        meta_path = self.folder / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.folder} is not a hook folder written by the collect stage (no {META_FILE})")
+        self.meta = json.loads(meta_path.read_text())
+        self.hook: str = self.meta["hook"]
+        self.width: int = int(self.meta["width"])
+        self.storage_dtype: str = self.meta["storage_dtype"]
+        ds = datasets.load_from_disk(str(self.folder))
+        self.table: pa.Table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        self.prompt_ids = np.asarray(self.table.column("prompt_id").to_pylist(), dtype=object)
+        self.labels = np.asarray(self.table.column("label").to_pylist(), dtype=object)
+        self.categories = np.asarray(self.table.column("category").to_pylist(), dtype=object)
+        self.positions = self.table.column("position").to_numpy()
+        self.token_ids = self.table.column("token_ids").combine_chunks().flatten().to_numpy()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def raw(self, rows: np.ndarray) -> torch.Tensor:
+        """``[len(rows), width]`` activations of the given rows in their stored dtype."""
+        column = self.table.column(self.hook).take(pa.array(rows, type=pa.int64())).combine_chunks()
+        storage = column.storage if isinstance(column, pa.ExtensionArray) else column
+        values = storage.flatten().flatten().to_numpy(zero_copy_only=False).reshape(len(rows), self.width)
+        return from_storage(values, self.storage_dtype)
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """``[len(rows), width]`` float32 activations of the given rows."""
+        return self.raw(rows).float()
+
+    def groups(self, rows: np.ndarray, balance: str) -> dict[tuple, np.ndarray]:
+        """Rows grouped by label (``labels``) or category and label (``categories``)."""
+        if balance == "none":
+            return {(): rows}
+        out: dict[tuple, list[int]] = defaultdict(list)
+        for r in rows:
+            key = (self.labels[r],) if balance == "labels" else (self.categories[r], self.labels[r])
+            out[key].append(int(r))
+        return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+
+
+def load_hook_tensor(folder: str | Path) -> tuple[torch.Tensor, dict]:
     """``[n, d]`` activations of one hook folder, in their stored dtype, plus the other columns.
 
-    Handles bfloat16 (stored as int16 bits). Reads the whole column: for large folders, iterate
-    ``datasets.load_from_disk(folder).iter(batch_size)`` instead.
+    Handles bfloat16 (stored as int16 bits). Reads the whole column: for large folders use
+    :class:`HookActivations` and take rows in chunks.
     """
-    import datasets
-
-    folder = Path(folder)
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
-    hook = hook or meta.get("hook") or folder.name
-    ds = datasets.load_from_disk(str(folder))
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    column = table.column(hook).combine_chunks()
-    storage = column.storage if isinstance(column, pa.ExtensionArray) else column
-    values = storage.flatten().flatten().to_numpy(zero_copy_only=False)
-    width = len(values) // max(len(ds), 1) if len(ds) else 0
-    tensor = from_storage(values.reshape(len(ds), width), meta.get("storage_dtype", "float16"))
-    others = {c: table.column(c).to_pylist() for c in table.column_names if c not in (hook, "token_ids")}
-    others["token_ids"] = table.column("token_ids").combine_chunks().flatten().to_numpy()
-    return tensor, others
+    acts = HookActivations(folder)
+    others = {c: acts.table.column(c).to_pylist() for c in acts.table.column_names if c not in (acts.hook, "token_ids")}
+    others["token_ids"] = acts.table.column("token_ids").combine_chunks().flatten().to_numpy()
+    return acts.raw(np.arange(len(acts), dtype=np.int64)), others

@@ -1,0 +1,120 @@
+"""SAE training throughput, as ratios against baselines measured in the same run.
+
+1. From disk (the stage's memory-mapped Arrow batches) versus the same SAE-Lens trainer fed from an
+   in-memory tensor of the same rows. Target: <= 1.10x time (data loading is not the bottleneck).
+2. Versus SAE-Lens's own ``LanguageModelSAETrainingRunner`` on the same hook and architecture, which
+   runs the language model for its activations (chat-formatted sample prompts as its token dataset).
+
+Needs a finished collect stage with ``positions: all`` (e.g. after `make run`):
+    .venv/bin/python bench/bench_sae_training.py --activations results/default/activations --hook blocks.12.hook_resid_post
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from refusal_lens.activations.store import HookActivations  # noqa: E402
+from refusal_lens.config import SAEConfig  # noqa: E402
+from refusal_lens.saes.data import activation_batches, split_rows, tensor_batches  # noqa: E402
+from refusal_lens.saes.train import build_training_sae, train_sae  # noqa: E402
+
+
+def run(cfg: SAEConfig, acts: HookActivations, batches, rows: int) -> float:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        sae = build_training_sae(cfg, acts.width, acts.hook, "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train_sae(sae, batches, cfg, train_rows=rows, log_path=Path(tmp) / "log.jsonl", show_progress=False)
+        return time.perf_counter() - t0
+
+
+def lm_runner_seconds(args, cfg: SAEConfig, acts: HookActivations, tokens: int) -> float:
+    """SAE-Lens's runner: model forward passes for activations + the same trainer."""
+    import datasets
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig
+
+    from refusal_lens.chat import encode_prompt
+    from refusal_lens.config import ModelConfig
+    from refusal_lens.models.loading import load_model
+    from refusal_lens.prompts import read_prompts
+
+    loaded = load_model(ModelConfig(name=args.model, backend="hooked", activation_layers=(acts.hook,)))
+    ids = [i for p in read_prompts(None) for i in encode_prompt(loaded.tokenizer, p.prompt, 256).ids]
+    ctx = 64
+    rows = [ids[i : i + ctx] for i in range(0, len(ids) - ctx, ctx)]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows})
+    runner_cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=acts.width, d_sae=acts.width * cfg.expansion_factor, k=cfg.k,
+                                  normalize_activations=cfg.normalize_activations),
+        model_name=args.model, hook_name=acts.hook, dataset_path="", is_dataset_tokenized=True,
+        context_size=ctx, prepend_bos=False, training_tokens=tokens, train_batch_size_tokens=cfg.train_batch_size_tokens,
+        n_batches_in_buffer=4, store_batch_size_prompts=8, lr=cfg.lr, device="cpu", act_store_device="cpu",
+        logger=LoggingConfig(log_to_wandb=False), output_path=None, save_final_checkpoint=False, n_checkpoints=0,
+    )
+    runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=loaded.model)
+    t0 = time.perf_counter()
+    runner.run()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--activations", default="results/default/activations")
+    ap.add_argument("--hook", default="blocks.12.hook_resid_post")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-lm-runner", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    acts = HookActivations(Path(args.activations) / args.hook)
+    train_rows, _ = split_rows(acts, 0.2)
+    cfg = SAEConfig(expansion_factor=4, k=32, train_batch_size_tokens=512, training_tokens=512 * args.steps,
+                    normalize_activations="expected_average_only_in", balance="none")
+    in_memory = acts.take(np.sort(train_rows))
+    variants = {
+        "in-memory tensor (baseline)": lambda: run(cfg, acts, tensor_batches(in_memory, 512), len(train_rows)),
+        "from disk (Arrow, memory-mapped)": lambda: run(cfg, acts, activation_batches(acts, train_rows, 512),
+                                                       len(train_rows)),
+        "from disk, balanced by label": lambda: run(cfg, acts, activation_batches(acts, train_rows, 512,
+                                                                                   balance="labels"), len(train_rows)),
+    }
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    base = statistics.median(times["in-memory tensor (baseline)"])
+    tokens = cfg.training_tokens
+    print(f"\n## SAE training ({acts.hook}, d_in {acts.width}, d_sae {acts.width * 4}, TopK k=32, "
+          f"{args.steps} steps x 512 tokens, {args.threads} thread(s), median of {args.repeats})")
+    print("| variant | s | tokens/s | x baseline |\n|---|---|---|---|")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"| {name} | {t:.2f} | {tokens / t:.0f} | {t / base:.2f} |")
+    if not args.skip_lm_runner:
+        try:
+            t = lm_runner_seconds(args, cfg, acts, tokens)
+            print(f"| SAE-Lens LanguageModelSAETrainingRunner (runs the model) | {t:.2f} | {tokens / t:.0f} | "
+                  f"{t / base:.2f} |")
+        except Exception as err:  # report, do not hide: the comparison is informative, not a gate
+            print(f"| SAE-Lens LanguageModelSAETrainingRunner | failed: {type(err).__name__}: {str(err)[:200]} | | |")
+
+
+if __name__ == "__main__":
+    main()

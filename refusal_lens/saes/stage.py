@@ -1,0 +1,285 @@
+"""Stage 2, train-saes: one SAE per collected hook, evaluated on held-out prompts.
+
+Output folder (``saes/``)::
+
+    manifest.json             fingerprint (SAE config + the activations it was trained on), status
+    config.yaml               the resolved config
+    <hook name>/              SAE-Lens's own format: cfg.json + sae_weights.safetensors
+                              (+ training_log.jsonl, metrics.json)
+    quality.json / .csv       the per-layer table: held-out metrics and whether the SAE passes the bar
+    figures/*.html            training curves and metrics by layer (plotly, offline)
+
+A hook is finished when its folder exists (it is written under a temporary name and renamed once
+trained, saved and evaluated); finished hooks are skipped on rerun, an interrupted one restarts
+cleanly, ``--force`` retrains. With torchrun, hook ``i`` goes to rank ``i % world``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from refusal_lens.activations.store import HookActivations
+from refusal_lens.chat import encode_prompt
+from refusal_lens.collect import MANIFEST, PROMPTS_DIR
+from refusal_lens.config import Config, config_to_dict, dump_config
+from refusal_lens.distributed import Dist
+from refusal_lens.errors import UserError
+from refusal_lens.hooks import parse_hook_name, resolve_layer_specs
+from refusal_lens.saes.data import activation_batches, is_heldout, split_rows
+from refusal_lens.saes.evaluate import reconstruction_metrics, splice_metrics
+from refusal_lens.saes.plots import write_figures
+from refusal_lens.saes.train import build_training_sae, train_sae
+
+logger = logging.getLogger(__name__)
+
+QUALITY_FIELDS = ("hook", "layer", "hook_type", "explained_variance", "mse", "l0", "dead_fraction", "dense_fraction",
+                  "ce_loss_recovered", "kl_sae", "ce_clean", "ce_sae", "ce_zero", "tokens_seen", "epochs", "passes")
+
+
+class SAEStageError(UserError, RuntimeError):
+    """Missing activations or SAEs, or a results folder from another config."""
+
+
+@dataclass
+class SAEStageResult:
+    folder: Path
+    quality: list[dict]
+    trained: list[str]
+    skipped: list[str]
+
+
+def _collect_manifest(acts_dir: Path) -> dict:
+    path = acts_dir / MANIFEST
+    if not path.is_file() or json.loads(path.read_text()).get("status") != "complete":
+        raise SAEStageError(f"no finished activations in {acts_dir}: run `refusal-lens collect` with this config first")
+    return json.loads(path.read_text())
+
+
+def hooks_to_train(cfg: Config, manifest: dict) -> list[str]:
+    collected = list(manifest["hooks"])
+    if not cfg.sae.hooks:
+        return collected
+    wanted = resolve_layer_specs(list(cfg.sae.hooks), int(manifest["n_layers"]), valid_hooks=collected)
+    missing = [h for h in wanted if h not in collected]
+    if missing:
+        raise SAEStageError(
+            f"sae.hooks: no activations for hook(s) {missing}; collected hooks: {collected}. "
+            "Add them to model.activation_layers and collect again."
+        )
+    return wanted
+
+
+def _fingerprint(cfg: Config, manifest: dict) -> str:
+    sae = config_to_dict(cfg.sae)
+    for key in ("num_threads", "wandb", "wandb_project", "min_explained_variance", "min_ce_recovered", "hooks"):
+        sae.pop(key)
+    blob = json.dumps({"sae": sae, "activations": manifest["fingerprint"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool, dist: Dist) -> None:
+    path = out_dir / MANIFEST
+    if dist.is_main:
+        if force and out_dir.exists():
+            shutil.rmtree(out_dir)
+        if path.is_file() and json.loads(path.read_text()).get("fingerprint") != fp:
+            raise SAEStageError(
+                f"{out_dir} holds SAEs trained with different sae settings or activations; rerun with --force "
+                "to retrain them, or set output.run_name to write elsewhere"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            path.write_text(json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
+            (out_dir / "config.yaml").write_text(dump_config(cfg))
+    dist.barrier()
+
+
+def heldout_sequences(loaded, acts_dir: Path, fraction: float, limit: int, max_tokens: int) -> list[list[int]]:
+    """Token ids (chat prompt + response) of up to ``limit`` held-out prompts, for the splice metrics."""
+    import datasets
+
+    rows = datasets.load_from_disk(str(acts_dir / PROMPTS_DIR)).to_list()
+    held = [r for r in rows if is_heldout(r["prompt_id"], fraction)][:limit]
+    seqs = []
+    for r in held:
+        prompt = encode_prompt(loaded.tokenizer, r["prompt"], max_tokens).ids
+        seqs.append(prompt + loaded.tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+    return seqs
+
+
+def template_prefix(loaded, acts_dir: Path, max_tokens: int) -> int:
+    """Tokens all collected prompts share at the start (for collections made before the manifest kept it)."""
+    import datasets
+
+    from refusal_lens.collect import shared_prefix_length
+
+    rows = datasets.load_from_disk(str(acts_dir / PROMPTS_DIR)).select_columns(["prompt"])[:64]["prompt"]
+    return shared_prefix_length([encode_prompt(loaded.tokenizer, p, max_tokens).ids for p in rows])
+
+
+def _load_sae(folder: Path, device: str):
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(folder), device=device)
+
+
+def _rows(acts: HookActivations, cfg: Config, prefix: int, special_ids: Sequence[int]):
+    return split_rows(
+        acts,
+        cfg.sae.heldout_fraction,
+        min_position=prefix if cfg.sae.exclude_template_prefix else 0,
+        exclude_token_ids=special_ids if cfg.sae.exclude_special_tokens else (),
+    )
+
+
+def _train_one(hook: str, cfg: Config, acts_dir: Path, tmp: Path, show_progress: bool, rows) -> dict:
+    acts = HookActivations(acts_dir / hook)
+    train_rows, _ = rows(acts)
+    if len(train_rows) == 0:
+        raise SAEStageError(f"{hook}: every prompt is held out (sae.heldout_fraction={cfg.sae.heldout_fraction})")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.sae.seed)
+        sae = build_training_sae(cfg.sae, acts.width, hook, cfg.model.name)
+    batches = activation_batches(acts, train_rows, cfg.sae.train_batch_size_tokens, balance=cfg.sae.balance,
+                                 seed=cfg.sae.seed)
+    summary = train_sae(sae, batches, cfg.sae, train_rows=len(train_rows), log_path=tmp / "training_log.jsonl",
+                        show_progress=show_progress)
+    sae.save_inference_model(str(tmp))
+    return {"tokens_seen": summary.tokens_seen, "epochs": summary.epochs, "steps": summary.steps,
+            "train_rows": summary.train_rows}
+
+
+def _evaluate_one(hook: str, cfg: Config, acts_dir: Path, folder: Path, loaded, sequences, rows,
+                  splice_from: int, special: Sequence[int]) -> dict:
+    sae = _load_sae(folder, cfg.sae.device)
+    acts = HookActivations(acts_dir / hook)
+    if sae.cfg.d_in != acts.width:
+        raise SAEStageError(f"{folder}: SAE d_in={sae.cfg.d_in} does not match the activations of {hook} ({acts.width})")
+    _, held_rows = rows(acts)
+    metrics = reconstruction_metrics(sae, acts, held_rows)
+    if sequences:
+        metrics.update(splice_metrics(loaded.model, sae, hook, sequences, loaded.tokenizer.pad_token_id,
+                                      splice_from=splice_from, skip_token_ids=special))
+    return metrics
+
+
+def run_sae_stage(
+    cfg: Config,
+    loaded,
+    acts_dir: Path,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    dist: Dist = Dist(),
+    show_progress: bool = True,
+) -> SAEStageResult:
+    """Train (or load) and evaluate one SAE per hook; write the quality table and figures."""
+    manifest = _collect_manifest(acts_dir)
+    hooks = hooks_to_train(cfg, manifest)
+    _prepare(out_dir, _fingerprint(cfg, manifest), cfg, force, dist)
+    torch.set_num_threads(cfg.sae.num_threads)
+    sequences = heldout_sequences(loaded, acts_dir, cfg.sae.heldout_fraction, cfg.sae.eval_prompts,
+                                  cfg.inference.max_prompt_tokens)
+    special = list(loaded.tokenizer.all_special_ids)
+    prefix = int(manifest.get("template_prefix_tokens", template_prefix(loaded, acts_dir, cfg.inference.max_prompt_tokens)))
+    logger.info("SAE data: leaving out %s%s", f"the template's first {prefix} tokens" if cfg.sae.exclude_template_prefix
+                else "nothing of the template", " and special tokens" if cfg.sae.exclude_special_tokens else "")
+
+    def rows(acts: HookActivations):
+        return _rows(acts, cfg, prefix, special)
+
+    trained, skipped = [], []
+    for i, hook in enumerate(hooks):
+        if i % dist.world != dist.rank:
+            continue
+        final = out_dir / hook
+        if (final / "metrics.json").is_file():
+            skipped.append(hook)
+            logger.info("%s: SAE already trained and evaluated (--force retrains)", hook)
+            continue
+        tmp = out_dir / f".{hook}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted hook restarts cleanly
+        tmp.mkdir(parents=True)
+        if cfg.sae.source == "path":
+            src = Path(cfg.sae.path).expanduser() / hook
+            if not (src / "cfg.json").is_file():
+                raise SAEStageError(f"sae.path: no SAE-Lens SAE for {hook} at {src} (expected cfg.json there)")
+            shutil.rmtree(tmp)
+            shutil.copytree(src, tmp)
+            info = {"source": str(src)}
+        else:
+            info = _train_one(hook, cfg, acts_dir, tmp, show_progress, rows)
+        metrics = {**info, **_evaluate_one(
+            hook, cfg, acts_dir, tmp, loaded, sequences, rows,
+            prefix if cfg.sae.exclude_template_prefix else 0, special if cfg.sae.exclude_special_tokens else (),
+        )}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tmp.rename(final)
+        trained.append(hook)
+        logger.info("%s: held-out explained variance %.3f, CE loss recovered %.3f, L0 %.1f", hook,
+                    metrics["explained_variance"], metrics.get("ce_loss_recovered", float("nan")), metrics["l0"])
+    dist.barrier()
+    quality: list[dict] = []
+    if dist.is_main:
+        quality = quality_table(out_dir, hooks, cfg.sae.min_explained_variance, cfg.sae.min_ce_recovered)
+        write_figures(out_dir, quality, cfg.sae.min_explained_variance, cfg.sae.min_ce_recovered)
+        state = json.loads((out_dir / MANIFEST).read_text())
+        state.update(status="complete", hooks=hooks, architecture=cfg.sae.architecture,
+                     heldout_fraction=cfg.sae.heldout_fraction)
+        (out_dir / MANIFEST).write_text(json.dumps(state, indent=2))
+    dist.barrier()
+    if not dist.is_main:
+        quality = json.loads((out_dir / "quality.json").read_text())
+    return SAEStageResult(out_dir, quality, trained, skipped)
+
+
+def quality_table(out_dir: Path, hooks: Sequence[str], min_ev: float, min_ce: float) -> list[dict]:
+    """The per-layer table of held-out metrics, with ``passes`` = the "selective layers" bar."""
+    rows = []
+    for hook in hooks:
+        metrics = json.loads((out_dir / hook / "metrics.json").read_text())
+        site = parse_hook_name(hook)
+        ce = metrics.get("ce_loss_recovered", float("nan"))
+        row = {
+            "hook": hook,
+            "layer": site.layer if site else -1,
+            "hook_type": (site.hook_type or site.point) if site else hook,
+            **{k: metrics.get(k) for k in QUALITY_FIELDS if k in metrics},
+            "passes": bool(metrics["explained_variance"] >= min_ev and (ce != ce or ce >= min_ce)),
+        }
+        rows.append(row)
+    (out_dir / "quality.json").write_text(json.dumps(rows, indent=2))
+    with (out_dir / "quality.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(QUALITY_FIELDS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def selected_hooks(saes_dir: Path) -> list[str]:
+    """Hooks whose SAE passes the configured bar (for later stages' "selective layers")."""
+    return [row["hook"] for row in json.loads((Path(saes_dir) / "quality.json").read_text()) if row["passes"]]
+
+
+def format_quality(rows: Sequence[dict]) -> str:
+    head = f"{'hook':<28}{'EV':>7}{'CE rec':>8}{'KL':>8}{'L0':>8}{'dead':>7}{'dense':>7}{'epochs':>8}  pass"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def f(key, fmt):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        lines.append(f"{r['hook']:<28}{f('explained_variance', '7.3f')}{f('ce_loss_recovered', '8.3f')}"
+                     f"{f('kl_sae', '8.3f')}{f('l0', '8.1f')}{f('dead_fraction', '7.2f')}{f('dense_fraction', '7.2f')}"
+                     f"{f('epochs', '8.1f')}  {'yes' if r['passes'] else 'no'}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,51 @@
+"""The main job through the CLI on a tiny random model: every existing stage, then a rerun that skips."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from refusal_lens.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path, model_dir) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""
+base: {ROOT / "configs/pipelines/default.yaml"}
+model: {{name: "{model_dir}", activation_layers: ["residuals_all", "mlp_1"]}}
+inference: {{batch_size: 16, max_new_tokens: 4}}
+data: {{max_samples_per_category: 2}}
+sae: {{hooks: ["residuals_1", "mlp_1"], training_tokens: 4096, train_batch_size_tokens: 128, eval_prompts: 4,
+       num_threads: 1}}
+output: {{result_dir: "{tmp_path / 'results'}", run_name: "tiny"}}
+"""
+    )
+    return path
+
+
+def test_run_end_to_end_then_skip(tiny_model_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["run", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "refusal rates (40 prompts" in out and "SAE quality on held-out prompts" in out
+    run = tmp_path / "results" / "tiny"
+    assert json.loads((run / "activations" / "manifest.json").read_text())["status"] == "complete"
+    assert json.loads((run / "saes" / "manifest.json").read_text())["status"] == "complete"
+    assert sorted(q["hook"] for q in json.loads((run / "saes" / "quality.json").read_text())) == [
+        "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    assert main(["run", "--config", str(config)]) == 0
+    assert "(trained 0, already done 2)" in capsys.readouterr().out
+
+
+def test_scripts_wrappers_and_module_entry_point(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sae: {architecture: gated}")
+    for cmd in ([sys.executable, str(ROOT / "scripts/train_saes.py"), "--config", str(bad)],
+                [sys.executable, "-m", "refusal_lens", "train-saes", "--config", str(bad)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert "sae.architecture='gated'; allowed: 'standard', 'topk', 'batchtopk', 'jumprelu'" in proc.stderr
+        assert "Traceback" not in proc.stderr
