@@ -41,8 +41,9 @@ def run(cfg: SAEConfig, acts: HookActivations, batches, rows: int) -> float:
         return time.perf_counter() - t0
 
 
-def lm_runner_seconds(args, cfg: SAEConfig, acts: HookActivations, tokens: int) -> float:
-    """SAE-Lens's runner: model forward passes for activations + the same trainer."""
+def lm_runner_seconds(args, cfg: SAEConfig, acts: HookActivations, tokens: int, len_train: int) -> float:
+    """SAE-Lens's runner: model forward passes for activations + the same trainer (norm estimated on as
+    many batches as the stage uses)."""
     import datasets
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig
@@ -62,7 +63,7 @@ def lm_runner_seconds(args, cfg: SAEConfig, acts: HookActivations, tokens: int) 
                                   normalize_activations=cfg.normalize_activations),
         model_name=args.model, hook_name=acts.hook, dataset_path="", is_dataset_tokenized=True,
         context_size=ctx, prepend_bos=False, training_tokens=tokens, train_batch_size_tokens=cfg.train_batch_size_tokens,
-        n_batches_in_buffer=4, store_batch_size_prompts=8, lr=cfg.lr, device="cpu", act_store_device="cpu",
+        n_batches_in_buffer=16, store_batch_size_prompts=8, n_batches_for_norm_estimate=max(1, len_train // 512), lr=cfg.lr, device="cpu", act_store_device="cpu",
         logger=LoggingConfig(log_to_wandb=False), output_path=None, save_final_checkpoint=False, n_checkpoints=0,
     )
     runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=loaded.model)
@@ -109,7 +110,7 @@ def main() -> None:
         print(f"| {name} | {t:.2f} | {tokens / t:.0f} | {t / base:.2f} |")
     if not args.skip_lm_runner:
         try:
-            t = lm_runner_seconds(args, cfg, acts, tokens)
+            t = lm_runner_seconds(args, cfg, acts, tokens, len(train_rows))
             print(f"| SAE-Lens LanguageModelSAETrainingRunner (runs the model) | {t:.2f} | {tokens / t:.0f} | "
                   f"{t / base:.2f} |")
         except Exception as err:  # report, do not hide: the comparison is informative, not a gate

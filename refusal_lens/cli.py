@@ -99,37 +99,42 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_collect(args: argparse.Namespace) -> int:
+def _collect(cfg, dist, models, force: bool) -> None:
     from refusal_lens.collect import format_rates
     from refusal_lens.pipeline import run_collect
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_collect(cfg, force=args.force)
-    sys.stdout.write(f"refusal rates ({result.n_prompts} prompts; safe = over-refusal, toxic = correct refusal):\n")
-    sys.stdout.write(format_rates(result.rates) + "\n")
-    sys.stdout.write(f"activations: {result.folder} ({len(result.hooks)} hooks)\n")
-    return 0
+    result = run_collect(cfg, dist, models, force=force)
+    if dist.is_main:
+        sys.stdout.write(f"refusal rates ({result.n_prompts} prompts; safe = over-refusal, toxic = correct refusal):\n")
+        sys.stdout.write(format_rates(result.rates) + "\n")
+        sys.stdout.write(f"activations: {result.folder} ({len(result.hooks)} hooks)\n")
 
 
-def _cmd_train_saes(args: argparse.Namespace) -> int:
+def _train_saes(cfg, dist, models, force: bool) -> None:
     from refusal_lens.pipeline import run_train_saes
     from refusal_lens.saes.stage import format_quality
 
+    result = run_train_saes(cfg, dist, models, force=force)
+    if dist.is_main:
+        sys.stdout.write(f"SAE quality on held-out prompts (bar: explained variance >= {cfg.sae.min_explained_variance}, "
+                         f"CE loss recovered >= {cfg.sae.min_ce_recovered}):\n")
+        sys.stdout.write(format_quality(result.quality) + "\n")
+        sys.stdout.write(f"SAEs: {result.folder} (trained {len(result.trained)} here, already done {len(result.skipped)})\n")
+
+
+#: the stages of each pipeline command, in order; `run` grows as later stages land.
+STAGES = {"collect": (_collect,), "train-saes": (_train_saes,), "run": (_collect, _train_saes)}
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from refusal_lens.distributed import distributed
+    from refusal_lens.pipeline import Models
+
     cfg = load_config(args.config, args.overrides)
-    result = run_train_saes(cfg, force=args.force)
-    sys.stdout.write(f"SAE quality on held-out prompts (bar: explained variance >= {cfg.sae.min_explained_variance}, "
-                     f"CE loss recovered >= {cfg.sae.min_ce_recovered}):\n")
-    sys.stdout.write(format_quality(result.quality) + "\n")
-    sys.stdout.write(f"SAEs: {result.folder} (trained {len(result.trained)}, already done {len(result.skipped)})\n")
-    return 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    # the stages that exist so far, in order; each skips when its output is complete
-    for stage in (_cmd_collect, _cmd_train_saes):
-        code = stage(args)
-        if code:
-            return code
+    with distributed() as dist:  # one process group for every stage of the command
+        models = Models(cfg, dist)
+        for stage in STAGES[args.command]:
+            stage(cfg, dist, models, args.force)
     return 0
 
 
@@ -142,9 +147,9 @@ def _not_yet(args: argparse.Namespace) -> int:
 COMMANDS = {
     "hooks": _cmd_hooks,
     "models": _cmd_models,
-    "collect": _cmd_collect,
-    "train-saes": _cmd_train_saes,
-    "run": _cmd_run,
+    "collect": _cmd_stages,
+    "train-saes": _cmd_stages,
+    "run": _cmd_stages,
 }
 
 

@@ -7,7 +7,8 @@
         analysis/      stage 4 (analyze)
 
 ``<run>`` is ``output.run_name``, or the model name made path-safe. Each stage skips when its
-folder is complete and ``force`` is false.
+folder is complete and ``force`` is false. Stages take the process's :class:`Dist` (one torchrun
+process group for the whole command) and a :class:`Models` that loads the model once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from pathlib import Path
 
 from refusal_lens.config import Config
+from refusal_lens.distributed import Dist
 
 logger = logging.getLogger(__name__)
 
@@ -31,32 +33,36 @@ def activations_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "activations"
 
 
-def run_collect(cfg: Config, *, force: bool = False, show_progress: bool = True):
-    """Stage 1: load the model and prompts, collect into ``<run>/activations``."""
+class Models:
+    """Loads the configured model once per process, on this rank's device, when a stage first needs it."""
+
+    def __init__(self, cfg: Config, dist: Dist):
+        self.cfg, self.dist, self._loaded = cfg, dist, None
+
+    def get(self):
+        from refusal_lens.models.loading import load_model
+
+        if self._loaded is None:
+            self._loaded = load_model(dataclasses.replace(self.cfg.model, device=self.dist.device(self.cfg.model.device)))
+        return self._loaded
+
+
+def run_collect(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True):
+    """Stage 1: load the prompts (bad data fails before the model loads), collect into ``<run>/activations``."""
     from refusal_lens.collect import collect
-    from refusal_lens.distributed import distributed
-    from refusal_lens.models.loading import load_model
     from refusal_lens.prompts import load_prompts
 
-    prompts = load_prompts(cfg.data)  # bad data fails before the model loads
-    with distributed() as dist:
-        model_cfg = dataclasses.replace(cfg.model, device=dist.device(cfg.model.device))
-        loaded = load_model(model_cfg)
-        return collect(loaded, prompts, cfg, activations_dir(cfg), force=force, dist=dist, show_progress=show_progress)
+    prompts = load_prompts(cfg.data)
+    return collect(models.get(), prompts, cfg, activations_dir(cfg), force=force, dist=dist, show_progress=show_progress)
 
 
 def saes_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "saes"
 
 
-def run_train_saes(cfg: Config, *, force: bool = False, show_progress: bool = True):
-    """Stage 2: one SAE per collected hook into ``<run>/saes`` (the model is loaded for the splice metrics)."""
-    from refusal_lens.distributed import distributed
-    from refusal_lens.models.loading import load_model
+def run_train_saes(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True):
+    """Stage 2: one SAE per collected hook into ``<run>/saes`` (the model serves the splice metrics)."""
     from refusal_lens.saes.stage import run_sae_stage
 
-    with distributed() as dist:
-        model_cfg = dataclasses.replace(cfg.model, device=dist.device(cfg.model.device))
-        loaded = load_model(model_cfg)
-        return run_sae_stage(cfg, loaded, activations_dir(cfg), saes_dir(cfg), force=force, dist=dist,
-                             show_progress=show_progress)
+    return run_sae_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), force=force, dist=dist,
+                         show_progress=show_progress)

@@ -37,7 +37,7 @@ def test_run_end_to_end_then_skip(tiny_model_dir, tmp_path, capsys):
     assert sorted(q["hook"] for q in json.loads((run / "saes" / "quality.json").read_text())) == [
         "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
     assert main(["run", "--config", str(config)]) == 0
-    assert "(trained 0, already done 2)" in capsys.readouterr().out
+    assert "(trained 0 here, already done 2)" in capsys.readouterr().out
 
 
 def test_scripts_wrappers_and_module_entry_point(tmp_path):
@@ -49,3 +49,30 @@ def test_scripts_wrappers_and_module_entry_point(tmp_path):
         assert proc.returncode == 2
         assert "sae.architecture='gated'; allowed: 'standard', 'topk', 'batchtopk', 'jumprelu'" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_splits_sae_hooks_across_ranks(tiny_model_dir, tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path, tiny_model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    one = subprocess.run([sys.executable, "-m", "refusal_lens", "run", "--config", str(config)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", "-m", "refusal_lens", "run",
+         "--config", str(config), "--set", "output.run_name=two"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for hook in ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"):
+        a = load_file(tmp_path / "results" / "tiny" / "saes" / hook / "sae_weights.safetensors")
+        b = load_file(tmp_path / "results" / "two" / "saes" / hook / "sae_weights.safetensors")
+        for k in a:  # each hook trained on one rank equals the single-process SAE
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    quality = json.loads((tmp_path / "results" / "two" / "saes" / "quality.json").read_text())
+    assert len(quality) == 2
