@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-saes", "train one SAE per collected hook"),
         ("discover", "discover refusal circuits by attribution patching"),
         ("analyze", "analyse circuits and write the report"),
-        ("run", "the main job: collect -> train-saes -> discover -> analyze"),
+        ("run", "the main job: every stage in order (collect, train-saes; discover and analyze to come)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)

@@ -148,6 +148,13 @@ def test_storage_dtype_round_trip(bridge, tiny_model_dir, tmp_path, dtype):
                                    atol=1e-3)
     meta = json.loads((tmp_path / "acts" / hook / "refusal_lens.json").read_text())
     assert meta["storage_dtype"] == dtype
+    # the storage estimate (payload per 1000 prompts) against the bytes of the written hook column
+    from refusal_lens.estimate import estimate_storage
+
+    column = datasets.load_from_disk(str(tmp_path / "acts" / hook)).data.table.column(hook)
+    est = estimate_storage({hook: 64}, batch_size=1, seq_len=1, positions_per_prompt=1, storage_dtype=dtype)
+    payload = est.disk_bytes_per_1000_prompts * len(ps) / 1000
+    assert payload <= column.nbytes <= 1.1 * payload  # Arrow adds list offsets: 8 bytes a row
 
 
 class Interrupt(Exception):

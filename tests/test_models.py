@@ -220,6 +220,17 @@ def test_embedded_models_match_hf_on_both_backends(name, n_layers, d_model):
     for backend in ("bridge", "hooked"):
         loaded = load_model(ModelConfig(name=name, backend=backend))
         assert (loaded.n_layers, loaded.d_model) == (n_layers, d_model)
+        # the spec grammar on the real model: layer count from the model, every type, raw hooks
+        last_layer = n_layers - 1
+        assert resolve_hooks(loaded.model, ["all"]) == [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+        assert resolve_hooks(loaded.model, [f"mlp_{last_layer - 1}-{last_layer}", "attention_0", "resid_pre_3",
+                                            "resid_mid_3", 2, "blocks.1.attn.hook_z", "residuals_2"]) == [
+            f"blocks.{last_layer - 1}.hook_mlp_out", f"blocks.{last_layer}.hook_mlp_out", "blocks.0.hook_attn_out",
+            "blocks.3.hook_resid_pre", "blocks.3.hook_resid_mid", "blocks.2.hook_resid_post", "blocks.1.attn.hook_z"]
+        with pytest.raises(LayerSpecError, match=f"the model has {n_layers} layers"):
+            resolve_hooks(loaded.model, [f"residuals_{n_layers}"])
+        with pytest.raises(LayerSpecError, match="not a hook of this model"):
+            resolve_hooks(loaded.model, ["blocks.1.attn.hook_nope"])
         batch = chat_batch(loaded, prompts)
         # the chat template brings its own start token; nothing is prepended twice
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]

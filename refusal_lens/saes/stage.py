@@ -185,6 +185,11 @@ def run_sae_stage(
     """Train (or load) and evaluate one SAE per hook; write the quality table and figures."""
     manifest = _collect_manifest(acts_dir)
     hooks = hooks_to_train(cfg, manifest)
+    collected = manifest.get("config", {}).get("inference", {})
+    if cfg.sae.source == "train" and collected.get("positions") != "all":
+        logger.warning("the activations hold only the %r position of each prompt: SAEs need many more tokens; "
+                       "collect with inference.positions: all and store_response_activations: true",
+                       collected.get("positions"))
     _prepare(out_dir, _fingerprint(cfg, manifest), cfg, force, dist)
     torch.set_num_threads(cfg.sae.num_threads)
     sequences = heldout_sequences(loaded, acts_dir, cfg.sae.heldout_fraction, cfg.sae.eval_prompts,
