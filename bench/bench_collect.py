@@ -117,7 +117,7 @@ def _report_collection(args, times, written, n_prompts, n_tokens, bs) -> None:
     base = statistics.median(times["HF forward, sdpa (baseline)"])
     print(f"\n## Collection ({args.model}, {n_prompts} prompts, {n_tokens} tokens, batches of {bs}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats})")
-    print(f"| variant | s | prompts/s | tokens/s | MB/s written | x baseline |\n|---|---|---|---|---|---|")
+    print("| variant | s | prompts/s | tokens/s | MB/s written | x baseline |\n|---|---|---|---|---|---|")
     for name, ts in times.items():
         t = statistics.median(ts)
         mb = written.get("last" if "last" in name else "all", 0) / 1e6 / t if name.startswith("collect") else 0
