@@ -149,6 +149,10 @@ def test_bad_configs(tiny_run, tmp_path):
         load_config(None, ["sae.source=path"])
     with pytest.raises(SAEConfigError, match="sae.k=300 is larger than d_sae=256"):
         run_sae_stage(with_sae(cfg, k=300), loaded, root / "activations", tmp_path / "k", show_progress=False)
+    assert not (tmp_path / "k").exists()  # nothing half-written
+    with pytest.raises(SAEConfigError, match="less than one batch"):
+        run_sae_stage(with_sae(cfg, training_tokens=10), loaded, root / "activations", tmp_path / "t",
+                      show_progress=False)
     with pytest.raises(SAEStageError, match=r"no activations for hook\(s\) \['blocks.0.hook_resid_post'\]"):
         run_sae_stage(with_sae(cfg, hooks=("residuals_0-1",)), loaded, root / "activations", tmp_path / "h",
                       show_progress=False)

@@ -37,7 +37,7 @@ from refusal_lens.hooks import parse_hook_name, resolve_layer_specs
 from refusal_lens.saes.data import activation_batches, is_heldout, split_rows
 from refusal_lens.saes.evaluate import reconstruction_metrics, splice_metrics
 from refusal_lens.saes.plots import write_figures
-from refusal_lens.saes.train import build_training_sae, train_sae
+from refusal_lens.saes.train import build_training_sae, check_sae_config, train_sae
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,9 @@ def run_sae_stage(
         logger.warning("the activations hold only the %r position of each prompt: SAEs need many more tokens; "
                        "collect with inference.positions: all and store_response_activations: true",
                        collected.get("positions"))
+    if cfg.sae.source == "train":
+        for hook in hooks:  # bad settings fail before anything is written
+            check_sae_config(cfg.sae, int(manifest["widths"][hook]))
     _prepare(out_dir, _fingerprint(cfg, manifest), cfg, force, dist)
     torch.set_num_threads(cfg.sae.num_threads)
     sequences = heldout_sequences(loaded, acts_dir, cfg.sae.heldout_fraction, cfg.sae.eval_prompts,

@@ -28,6 +28,21 @@ class SAEConfigError(UserError, ValueError):
     """An SAE setting that does not fit the activations (e.g. k larger than d_sae)."""
 
 
+def check_sae_config(cfg: SAEConfig, d_in: int) -> None:
+    """Settings that depend on the activations' width, checked before anything is trained or written."""
+    d_sae = d_in * cfg.expansion_factor
+    if cfg.architecture in ("topk", "batchtopk") and cfg.k > d_sae:
+        raise SAEConfigError(
+            f"sae.k={cfg.k} is larger than d_sae={d_sae} (d_in {d_in} x sae.expansion_factor "
+            f"{cfg.expansion_factor}); allowed: 1..{d_sae}"
+        )
+    if cfg.training_tokens < cfg.train_batch_size_tokens:
+        raise SAEConfigError(
+            f"sae.training_tokens={cfg.training_tokens} is less than one batch (sae.train_batch_size_tokens="
+            f"{cfg.train_batch_size_tokens})"
+        )
+
+
 def build_training_sae(cfg: SAEConfig, d_in: int, hook: str, model_name: str):
     """The SAE-Lens training SAE of ``cfg.architecture`` for activations of width ``d_in``."""
     from sae_lens import (
@@ -42,12 +57,8 @@ def build_training_sae(cfg: SAEConfig, d_in: int, hook: str, model_name: str):
     )
     from sae_lens.saes.sae import SAEMetadata
 
+    check_sae_config(cfg, d_in)
     d_sae = d_in * cfg.expansion_factor
-    if cfg.architecture in ("topk", "batchtopk") and cfg.k > d_sae:
-        raise SAEConfigError(
-            f"sae.k={cfg.k} is larger than d_sae={d_sae} (d_in {d_in} x sae.expansion_factor "
-            f"{cfg.expansion_factor}); allowed: 1..{d_sae}"
-        )
     common = dict(
         d_in=d_in,
         d_sae=d_sae,
@@ -133,11 +144,6 @@ def train_sae(
     hook = sae.cfg.metadata.hook_name
     total = cfg.training_tokens
     steps = math.ceil(total / cfg.train_batch_size_tokens)  # the trainer stops once `total` vectors are seen
-    if total < cfg.train_batch_size_tokens:
-        raise SAEConfigError(
-            f"sae.training_tokens={total} is less than one batch (sae.train_batch_size_tokens="
-            f"{cfg.train_batch_size_tokens})"
-        )
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total,
         train_batch_size_samples=cfg.train_batch_size_tokens,
