@@ -91,3 +91,20 @@ def tiny_loaded(request, tiny_model_dir):
 
     return load_model(ModelConfig(name=str(tiny_model_dir), backend=request.param))
 
+
+
+def run_cli(args: list[str], nproc: int = 1, port: int = 29517):
+    """``python -m refusal_lens ARGS`` in a subprocess, or under ``torchrun --nproc_per_node nproc``;
+    asserts it succeeded and returns the completed process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc),
+                    "--master_port", str(port)]
+    proc = subprocess.run([*launcher, "-m", "refusal_lens", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -3,10 +3,6 @@ torchrun, SAE-Lens compatibility."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -19,6 +15,8 @@ from refusal_lens.chat import encode_prompt
 from refusal_lens.collect import ResultsMismatchError, collect, format_rates, refusal_rates
 from refusal_lens.config import Config, DataConfig, InferenceConfig, ModelConfig, dump_config
 from refusal_lens.prompts import Prompt
+
+from conftest import run_cli
 
 TEXTS = [
     "hello world",
@@ -263,17 +261,8 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
     )
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    one = subprocess.run([sys.executable, "-m", "refusal_lens", "collect", "--config", str(path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "refusal_lens", "collect",
-         "--config", str(path), "--set", "output.run_name=two"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli(["collect", "--config", str(path)])
+    run_cli(["collect", "--config", str(path), "--set", "output.run_name=two"], nproc=2, port=29517)
     files = sorted(p.name for p in (tmp_path / "two" / "activations" / "prompts").glob("*.arrow"))
     assert any(f.startswith("shard-001-") for f in files)  # rank 1 wrote its own shards
     for sub in ["prompts", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]:

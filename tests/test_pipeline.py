@@ -52,23 +52,14 @@ def test_scripts_wrappers_and_module_entry_point(tmp_path):
 
 
 def test_torchrun_splits_sae_hooks_across_ranks(tiny_model_dir, tmp_path):
-    import os
-
     import torch
     from safetensors.torch import load_file
 
+    from conftest import run_cli
+
     config = write_config(tmp_path, tiny_model_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    one = subprocess.run([sys.executable, "-m", "refusal_lens", "run", "--config", str(config)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", "-m", "refusal_lens", "run",
-         "--config", str(config), "--set", "output.run_name=two"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli(["run", "--config", str(config)])
+    run_cli(["run", "--config", str(config), "--set", "output.run_name=two"], nproc=2, port=29519)
     for hook in ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"):
         a = load_file(tmp_path / "results" / "tiny" / "saes" / hook / "sae_weights.safetensors")
         b = load_file(tmp_path / "results" / "two" / "saes" / hook / "sae_weights.safetensors")

@@ -141,8 +141,7 @@ def _rows(acts: HookActivations, cfg: Config, prefix: int, special_ids: Sequence
     )
 
 
-def _train_one(hook: str, cfg: Config, acts_dir: Path, tmp: Path, show_progress: bool, rows) -> dict:
-    acts = HookActivations(acts_dir / hook)
+def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_progress: bool, rows) -> dict:
     train_rows, _ = rows(acts)
     if len(train_rows) == 0:
         raise SAEStageError(f"{hook}: every prompt is held out (sae.heldout_fraction={cfg.sae.heldout_fraction})")
@@ -158,10 +157,9 @@ def _train_one(hook: str, cfg: Config, acts_dir: Path, tmp: Path, show_progress:
             "train_rows": summary.train_rows}
 
 
-def _evaluate_one(hook: str, cfg: Config, acts_dir: Path, folder: Path, loaded, sequences, rows,
+def _evaluate_one(hook: str, cfg: Config, acts: HookActivations, folder: Path, loaded, sequences, rows,
                   splice_from: int, special: Sequence[int]) -> dict:
     sae = _load_sae(folder, cfg.sae.device)
-    acts = HookActivations(acts_dir / hook)
     if sae.cfg.d_in != acts.width:
         raise SAEStageError(f"{folder}: SAE d_in={sae.cfg.d_in} does not match the activations of {hook} ({acts.width})")
     _, held_rows = rows(acts)
@@ -217,6 +215,7 @@ def run_sae_stage(
         tmp = out_dir / f".{hook}.partial"
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted hook restarts cleanly
         tmp.mkdir(parents=True)
+        acts = HookActivations(acts_dir / hook)
         if cfg.sae.source == "path":
             src = Path(cfg.sae.path).expanduser() / hook
             if not (src / "cfg.json").is_file():
@@ -225,9 +224,9 @@ def run_sae_stage(
             shutil.copytree(src, tmp)
             info = {"source": str(src)}
         else:
-            info = _train_one(hook, cfg, acts_dir, tmp, show_progress, rows)
+            info = _train_one(hook, cfg, acts, tmp, show_progress, rows)
         metrics = {**info, **_evaluate_one(
-            hook, cfg, acts_dir, tmp, loaded, sequences, rows,
+            hook, cfg, acts, tmp, loaded, sequences, rows,
             prefix if cfg.sae.exclude_template_prefix else 0, special if cfg.sae.exclude_special_tokens else (),
         )}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
