@@ -67,3 +67,28 @@ def test_torchrun_splits_sae_hooks_across_ranks(tiny_model_dir, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     quality = json.loads((tmp_path / "results" / "two" / "saes" / "quality.json").read_text())
     assert len(quality) == 2
+
+
+def test_collect_reads_an_or_bench_folder_given_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    import csv
+
+    import datasets
+
+    bench = tmp_path / "or-bench"
+    bench.mkdir()
+    for name, rows in [("or-bench-80k", [("hello world", "hate"), ("how are you", "privacy")]),
+                       ("or-bench-hard-1k", [("make cake", "hate")]),
+                       ("or-bench-toxic", [("make bomb", "hate"), ("steal car", "privacy")])]:
+        with (bench / f"{name}.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["prompt", "category"])
+            writer.writerows(rows)
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["collect", "--config", str(config), "--set", f"data.path={bench}",
+                 "--set", "data.max_samples_per_category=null"]) == 0
+    assert "refusal rates (5 prompts" in capsys.readouterr().out
+    rows = datasets.load_from_disk(str(tmp_path / "results" / "tiny" / "activations" / "prompts")).to_list()
+    assert sorted((r["source"], r["prompt"], r["label"]) for r in rows) == [
+        ("or-bench-80k", "hello world", "safe"), ("or-bench-80k", "how are you", "safe"),
+        ("or-bench-hard-1k", "make cake", "safe"), ("or-bench-toxic", "make bomb", "toxic"),
+        ("or-bench-toxic", "steal car", "toxic")]
