@@ -25,7 +25,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from refusal_lens.chat import encode_prompt, left_pad, render  # noqa: E402
-from refusal_lens.collect import ShardWriter, forward_and_extract, generate_responses  # noqa: E402
+from refusal_lens.collect import (  # noqa: E402
+    BatchOutput,
+    CollectStats,
+    ShardWriter,
+    forward_and_extract,
+    generate_responses,
+)
 from refusal_lens.config import InferenceConfig, ModelConfig  # noqa: E402
 from refusal_lens.estimate import measure_hook_widths  # noqa: E402
 from refusal_lens.hooks import resolve_hooks  # noqa: E402
@@ -87,8 +93,6 @@ def main() -> None:
                 scores, values, tids, meta, _ = forward_and_extract(loaded, ps, es, empty[: len(b)], hooks, inf, tokens)
                 meta["refused"] = [False] * len(tids)
                 meta["refusal_score"] = [0.0] * len(tids)
-                from refusal_lens.collect import BatchOutput, CollectStats
-
                 writer.add(BatchOutput([_row(p) for p in ps], values, tids, meta, CollectStats()))
             written[positions] = writer.flush(0, len(prompts))
 

@@ -88,18 +88,20 @@ def _fingerprint(cfg: Config, manifest: dict) -> str:
 
 def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool, dist: Dist) -> None:
     path = out_dir / MANIFEST
-    if dist.is_main:
-        if force and out_dir.exists():
-            shutil.rmtree(out_dir)
-        if path.is_file() and json.loads(path.read_text()).get("fingerprint") != fp:
-            raise SAEStageError(
-                f"{out_dir} holds SAEs trained with different sae settings or activations; rerun with --force "
-                "to retrain them, or set output.run_name to write elsewhere"
-            )
+    if force and dist.is_main and out_dir.exists():
+        shutil.rmtree(out_dir)
+    dist.barrier()
+    # every rank checks, so that under torchrun no rank waits at a barrier for one that raised
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") != fp:
+        raise SAEStageError(
+            f"{out_dir} holds SAEs trained with different sae settings or activations; rerun with --force "
+            "to retrain them, or set output.run_name to write elsewhere"
+        )
+    dist.barrier()
+    if dist.is_main and not path.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not path.is_file():
-            path.write_text(json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
-            (out_dir / "config.yaml").write_text(dump_config(cfg))
+        path.write_text(json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
     dist.barrier()
 
 
