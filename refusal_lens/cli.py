@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from refusal_lens.config import load_config
 from refusal_lens.errors import UserError
+from refusal_lens.status import STATUS_FILE, StageOutcome, StatusFile, format_status, rates_summary, read_status
 
 logger = logging.getLogger("refusal_lens")
 
@@ -48,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the embedded models and whether they are installed")
 
+    p = sub.add_parser("status", help=f"show the live status of the main job (<run>/{STATUS_FILE})")
+    p.add_argument("folder", help="a run folder (<output.result_dir>/<run>) or a results folder holding several runs")
+    p.add_argument("--json", action="store_true", help="print the status of every run found as a JSON list")
+
     for name, help_text in [
         ("collect", "collect prompts, responses, refusal judgements and activations"),
         ("train-saes", "train one SAE per collected hook"),
         ("discover", "discover refusal circuits by attribution patching"),
         ("analyze", "analyse circuits and write the report"),
-        ("run", "the main job: every stage in order (collect, train-saes; discover and analyze to come)"),
+        ("run", "the main job: every stage in order (collect, train-saes, discover, analyze)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
@@ -99,56 +104,118 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect(cfg, dist, models, force: bool) -> None:
+def _cmd_status(args: argparse.Namespace) -> int:
+    statuses = read_status(args.folder)
+    if not statuses:
+        raise UserError(f"no {STATUS_FILE} in {args.folder} or its subfolders: give a run folder "
+                        f"(<output.result_dir>/<run>) or a results folder of a command that has started")
+    if args.json:
+        sys.stdout.write(json.dumps(statuses, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n\n".join(format_status(s) for s in statuses) + "\n")
+    return 0
+
+
+def _collect(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
     from refusal_lens.collect import format_rates
     from refusal_lens.pipeline import run_collect
 
-    result = run_collect(cfg, dist, models, force=force)
+    result = run_collect(cfg, dist, models, force=force, status=status)
     if dist.is_main:
         sys.stdout.write(f"refusal rates ({result.n_prompts} prompts; safe = over-refusal, toxic = correct refusal):\n")
         sys.stdout.write(format_rates(result.rates) + "\n")
         sys.stdout.write(f"activations: {result.folder} ({len(result.hooks)} hooks)\n")
+    return StageOutcome("skipped" if result.skipped else "done",
+                        {"prompts": result.n_prompts, "hooks": len(result.hooks),
+                         "refusal_rate": rates_summary(result.rates)})
 
 
-def _train_saes(cfg, dist, models, force: bool) -> None:
+def _train_saes(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
     from refusal_lens.pipeline import run_train_saes
     from refusal_lens.saes.stage import format_quality
 
-    result = run_train_saes(cfg, dist, models, force=force)
+    result = run_train_saes(cfg, dist, models, force=force, status=status)
     if dist.is_main:
         sys.stdout.write(f"SAE quality on held-out prompts (bar: explained variance >= {cfg.sae.min_explained_variance}, "
                          f"CE loss recovered >= {cfg.sae.min_ce_recovered}):\n")
         sys.stdout.write(format_quality(result.quality) + "\n")
         sys.stdout.write(f"SAEs: {result.folder} (trained {len(result.trained)} here, already done {len(result.skipped)})\n")
+    return StageOutcome("skipped" if result.skipped and not result.trained else "done",
+                        {"saes": len(result.quality), "passing": sum(bool(q["passes"]) for q in result.quality),
+                         "trained_here": len(result.trained), "already_done_here": len(result.skipped)})
 
 
-#: the stages of each pipeline command, in order; `run` grows as later stages land.
-STAGES = {"collect": (_collect,), "train-saes": (_train_saes,), "run": (_collect, _train_saes)}
+def _discover(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
+    from refusal_lens.circuits.stage import format_summary
+    from refusal_lens.pipeline import run_discover
+
+    result = run_discover(cfg, dist, models, force=force, status=status)
+    if dist.is_main:
+        sys.stdout.write(format_summary(result.summary) + "\n")
+        sys.stdout.write(f"circuits: {result.folder}\n")
+    groups = result.summary["circuits"]
+    return StageOutcome("done", {"circuits": len(groups), "method": result.summary["method"]})
+
+
+def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
+    from refusal_lens.pipeline import run_analyze
+
+    result = run_analyze(cfg, dist, models, force=force, status=status)
+    if dist.is_main:
+        verdicts = result.summary["modularity"]["verdicts"]
+        for kind, counts in verdicts.items():
+            shown = ", ".join(f"{n} {k}" for k, n in counts.items() if k != "median_similarity" and n)
+            sys.stdout.write(f"modularity {kind}: {shown or 'no pairs'}\n")
+        for key, hook in result.summary["emergence"].items():
+            sys.stdout.write(f"emergence {key}: {hook}\n")
+        sys.stdout.write(f"report: {result.report}\n")
+    return StageOutcome("done", {"report": str(result.report)})
+
+
+#: the stages of each pipeline command, in order; `run` grows as later stages land. A stage is
+#: ``stage(cfg, dist, models, force, status) -> StageOutcome | None``, named after its function (see _stage_name).
+STAGES = {"collect": (_collect,), "train-saes": (_train_saes,), "discover": (_discover,), "analyze": (_analyze,),
+          "run": (_collect, _train_saes, _discover, _analyze)}
+
+
+def _stage_name(stage) -> str:
+    """The status name of a stage function: ``_train_saes`` -> ``train-saes``."""
+    return stage.__name__.strip("_").replace("_", "-")
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
     from refusal_lens.distributed import distributed
-    from refusal_lens.pipeline import Models
+    from refusal_lens.pipeline import Models, run_dir
 
     cfg = load_config(args.config, args.overrides)
+    stages = STAGES[args.command]
     with distributed() as dist:  # one process group for every stage of the command
         models = Models(cfg, dist)
-        for stage in STAGES[args.command]:
-            stage(cfg, dist, models, args.force)
+        status = StatusFile(run_dir(cfg) / STATUS_FILE, enabled=dist.is_main)
+        status.begin(args.command, [_stage_name(stage) for stage in stages])
+        try:
+            for stage in stages:
+                status.start_stage(_stage_name(stage))
+                outcome = stage(cfg, dist, models, args.force, status) or StageOutcome()
+                status.finish_stage(_stage_name(stage), outcome.state, outcome.summary)
+        except KeyboardInterrupt:
+            status.finish("interrupted")
+            raise
+        except Exception as err:
+            status.finish("failed", error=str(err) or type(err).__name__)
+            raise
+        status.finish("done")
     return 0
-
-
-def _not_yet(args: argparse.Namespace) -> int:
-    load_config(args.config, args.overrides)  # still validate the config
-    logger.error("`%s` is not implemented yet", args.command)
-    return 3
 
 
 COMMANDS = {
     "hooks": _cmd_hooks,
     "models": _cmd_models,
+    "status": _cmd_status,
     "collect": _cmd_stages,
     "train-saes": _cmd_stages,
+    "discover": _cmd_stages,
+    "analyze": _cmd_stages,
     "run": _cmd_stages,
 }
 
@@ -162,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("WANDB_MODE", "disabled")
-    handler = COMMANDS.get(args.command, _not_yet)
+    handler = COMMANDS[args.command]
     try:
         return handler(args)
     except UserError as err:

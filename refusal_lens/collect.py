@@ -51,6 +51,7 @@ from refusal_lens.hooks import resolve_hooks
 from refusal_lens.models.loading import LoadedModel
 from refusal_lens.prompts import Prompt
 from refusal_lens.refusal import RefusalTokens, build_refusal_tokens, is_refusal, refusal_score
+from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
@@ -480,15 +481,21 @@ def collect(
     force: bool = False,
     dist: Dist = Dist(),
     show_progress: bool = True,
+    status: StatusFile | None = None,
 ) -> CollectResult:
-    """Run the collect stage into ``folder``; resumes a partial run, skips a finished one."""
+    """Run the collect stage into ``folder``; resumes a partial run, skips a finished one.
+
+    ``status`` gets the prompts done of this rank's block per batch, and the refusal rates once known."""
     folder = Path(folder)
+    status = status if status is not None else StatusFile(None)
     hooks = resolve_hooks(loaded.model, cfg.model.activation_layers)
     fp = fingerprint(cfg, hooks, dist.world)
     done = _prepare_folder(folder, fp, cfg, force, dist)
     if done is not None:
         rates = json.loads((folder / "refusal_rates.json").read_text())
         logger.info("collect: %s is complete (--force to redo)", folder)
+        status.progress(done["n_prompts"], done["n_prompts"], "prompt")
+        status.set(rates=rates)
         return CollectResult(folder, hooks, done["n_prompts"], rates, skipped=True)
 
     inf = cfg.inference
@@ -518,6 +525,9 @@ def collect(
     shard_start = done_n
     bar = tqdm(total=len(mine), initial=done_n, unit="prompt", desc=f"collect[{dist.rank}]",
                disable=not show_progress or not dist.is_main)
+    if dist.world > 1:
+        status.set(message=f"collect progress counts rank 0's block: {len(mine)} of {len(prompts)} prompts")
+    status.progress(done_n, len(mine), "prompt", initial=done_n)
     t_start = time.perf_counter()
     i = done_n
     while i < len(mine):
@@ -543,6 +553,7 @@ def collect(
         bar.update(len(idx))
         elapsed = time.perf_counter() - t_start
         bar.set_postfix(prompts_s=f"{stats.prompts / elapsed:.2f}", tok_s=f"{stats.forward_tokens / elapsed:.0f}")
+        status.progress(i, len(mine))
     t0 = time.perf_counter()
     stats.bytes_written += writer.flush(shard_start, len(mine))
     stats.write_s += time.perf_counter() - t0
@@ -561,6 +572,8 @@ def collect(
             versions=_versions(), stats_rank0=asdict(stats),
         )
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        status.progress(len(prompts), len(prompts), "prompt")
+        status.set(rates=rates)
     dist.barrier()
     if not dist.is_main:
         rates = json.loads((folder / "refusal_rates.json").read_text())

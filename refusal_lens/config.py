@@ -187,12 +187,143 @@ class SAEConfig:
 
 
 @dataclass(frozen=True)
+class CircuitConfig:
+    """Stage 3, discover: attribution patching over SAE features (see docs/circuits.md)."""
+
+    #: hooks to splice SAEs into (layer specs); empty = every hook whose SAE passes the quality bar.
+    hooks: tuple[str | int, ...] = ()
+    #: ``refusal_score``: logsumexp(refusal-start logits) - logsumexp(compliance-start logits) at the first
+    #: response position; ``direction_projection``: projection of the last prompt token's residual stream
+    #: at ``direction_layer`` onto the difference-in-means refusal direction.
+    metric: Literal["refusal_score", "direction_projection"] = "refusal_score"
+    #: layer of the refusal direction (resid_post); null = the collected layer whose direction best
+    #: separates held-out toxic from safe prompts (AUROC, then effect size).
+    direction_layer: int | None = None
+    #: what a node is patched to: its ``mean`` over the reference prompts, ``zero``, or its value in the
+    #: run with the refusal direction projected out of every layer (``direction_ablated``).
+    baseline: Literal["mean", "zero", "direction_ablated"] = "mean"
+    #: the reference prompts of the mean baseline: safe prompts the model answered, all safe, or all.
+    reference: Literal["safe_complied", "safe", "all"] = "safe_complied"
+    #: node effects summed over the prompt's positions, or one node per position among the last
+    #: ``window`` prompt tokens (position -1 = the last prompt token).
+    positions: Literal["sum", "per_position"] = "sum"
+    window: int = 6
+    #: estimator the circuits are built from: linear attribution patching (one backward pass for all
+    #: nodes), integrated gradients (``ig_steps`` forward/backward passes per hooked layer) or exact
+    #: activation patching (one forward pass per node: small node sets only).
+    method: Literal["atp", "ig", "exact"] = "atp"
+    ig_steps: int = 10
+    #: error nodes (one per hook, large moves that linear estimates get wrong) patched exactly (one
+    #: forward pass per hook and batch) or estimated like the features.
+    error_nodes: Literal["exact", "estimate"] = "exact"
+    #: circuits per category and label (safe, toxic), and pooled over categories.
+    labels: tuple[Literal["safe", "toxic"], ...] = ("safe", "toxic")
+    #: categories to build circuits for (each must have prompts); empty = every category in the data.
+    categories: tuple[str, ...] = ()
+    #: which prompts of a group: those the model refused (the decision to refuse; on safe prompts,
+    #: over-refusal), all of them, or those it answered.
+    select: Literal["all", "refused", "complied"] = "refused"
+    #: node selection: the ``top_k`` nodes by |effect|, nodes with |effect| >= ``node_threshold``, or the
+    #: smallest of ``faithfulness_sizes`` whose faithfulness reaches ``target_faithfulness``.
+    rule: Literal["top_k", "threshold", "faithfulness"] = "top_k"
+    top_k: int = 20
+    node_threshold: float = 0.05
+    target_faithfulness: float = 0.8
+    #: bootstrap resamples over prompts for each node's confidence interval.
+    bootstrap: int = 1000
+    #: validation: exact patching of ``agreement_nodes`` nodes per hook (half the top, half random) on
+    #: ``agreement_prompts`` prompts, against AtP and IG.
+    agreement_prompts: int = 8
+    agreement_nodes: int = 8
+    #: faithfulness / completeness curves of the pooled circuits at these sizes, on up to
+    #: ``faithfulness_prompts`` prompts, with ``random_controls`` random node sets of each size.
+    faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
+    faithfulness_prompts: int = 16
+    random_controls: int = 2
+    #: faithfulness is (m(C) - m(empty)) / (m(model) - m(empty)); below this gap (metric units) between
+    #: the model and every node at baseline, the ratio is noise and is reported as null.
+    faithfulness_min_gap: float = 0.25
+    #: behaviour: greedy generation on up to ``behaviour_prompts`` refused toxic prompts with the pooled
+    #: toxic circuit's features ablated, against random feature sets of the same size and the refusal
+    #: direction ablated; 0 = skip.
+    behaviour_prompts: int = 16
+    batch_size: int = 8
+    seed: int = 0
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("window", "ig_steps", "top_k", "bootstrap", "batch_size", "num_threads",
+                     "agreement_prompts", "agreement_nodes", "faithfulness_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: a positive integer")
+        for name in ("random_controls", "behaviour_prompts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: an integer >= 0")
+        if not self.labels:
+            raise ConfigError("circuits.labels is empty; allowed: one or both of 'safe', 'toxic'")
+        if not self.faithfulness_sizes or any(s < 1 for s in self.faithfulness_sizes):
+            raise ConfigError(f"circuits.faithfulness_sizes={list(self.faithfulness_sizes)}; allowed: positive integers")
+        if not 0.0 < self.target_faithfulness <= 1.0:
+            raise ConfigError(f"circuits.target_faithfulness={self.target_faithfulness}; allowed: a number in (0, 1]")
+        if self.hooks:
+            try:
+                check_layer_specs(self.hooks)
+            except LayerSpecError as err:
+                raise ConfigError(f"circuits.hooks: {err}") from None
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Stage 4, analyze: layer-by-layer and cross-category analysis of the circuits, and the report."""
+
+    #: "where refusal emerges": the first hook (in depth order) where the cumulative share of the total
+    #: |effect| reaches this.
+    emergence_share: float = 0.5
+    #: circuit similarity: weighted overlap of node effects over the union of both circuits' top nodes.
+    similarity_top_k: int = 50
+    permutations: int = 1000
+    bootstrap: int = 200
+    alpha: float = 0.05
+    #: verdict per category pair: similarity >= monolithic_threshold (and p < alpha) = monolithic,
+    #: >= partial_threshold (and p < alpha) = partially modular, else modular.
+    monolithic_threshold: float = 0.5
+    partial_threshold: float = 0.2
+    #: pairs whose groups have fewer prompts than this are "insufficient" (no verdict).
+    min_prompts: int = 2
+    #: top features shown per pooled circuit, with their most activating prompt tokens.
+    top_features: int = 8
+    top_examples: int = 5
+    #: generation on up to this many harmless prompts with the refusal direction added (0 = skip).
+    direction_prompts: int = 8
+    #: scale of the added direction (1 = the difference in means itself).
+    direction_scale: float = 1.0
+    #: also compare with the other runs in output.result_dir that have circuits.
+    compare_runs: bool = True
+    #: check the report renders in headless Chromium when it is installed.
+    check_render: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("similarity_top_k", "permutations", "bootstrap", "top_features", "top_examples", "min_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"analysis.{name}={getattr(self, name)}; allowed: a positive integer")
+        for name in ("emergence_share", "alpha", "monolithic_threshold", "partial_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"analysis.{name}={getattr(self, name)}; allowed: a number in (0, 1]")
+        if self.partial_threshold > self.monolithic_threshold:
+            raise ConfigError("analysis.partial_threshold must not exceed analysis.monolithic_threshold")
+        if self.direction_prompts < 0:
+            raise ConfigError(f"analysis.direction_prompts={self.direction_prompts}; allowed: an integer >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
+    circuits: CircuitConfig = field(default_factory=CircuitConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +505,8 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = [
+    "AnalysisConfig",
+    "CircuitConfig",
     "Config",
     "ConfigError",
     "DataConfig",

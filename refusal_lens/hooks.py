@@ -256,3 +256,56 @@ def resolve_hooks(model: HookedModelLike, specs: str | int | Sequence[str | int]
 def layers_of(hook_names: Iterable[str]) -> list[int]:
     """Distinct block indices touched by ``hook_names``, sorted."""
     return sorted({s.layer for s in map(parse_hook_name, hook_names) if s is not None})
+
+
+#: hook points after the last attention layer, per position: the metric's logits are cut to the last
+#: position there (first one the model has wins: the bridge's hook_out, HookedTransformer's hook_normalized;
+#: editing the bridge's hook_normalized leaves HF's native norm path).
+FINAL_NORM_HOOKS = ("ln_final.hook_out", "ln_final.hook_normalized")
+
+
+def final_norm_hook(model: HookedModelLike) -> str:
+    """The final norm's output hook (per-position work only follows it: the unembedding)."""
+    for name in FINAL_NORM_HOOKS:
+        if name in model.hook_dict:
+            return name
+    raise LayerSpecError(f"the model has none of the final-norm hooks {list(FINAL_NORM_HOOKS)}")
+
+
+def ablation_hooks(n_layers: int) -> list[str]:
+    """Every hook that writes into the residual stream, plus the embedding's: ``resid_pre`` of each
+    block, and each block's ``attn_out`` and ``mlp_out`` (projecting a direction out of all of them
+    removes it from the residual stream everywhere, as in Arditi et al. 2024)."""
+    names = []
+    for layer in range(n_layers):
+        names += [hook_name("resid_pre", layer), hook_name("attention", layer), hook_name("mlp", layer)]
+    return names
+
+
+def hf_decoder_layers(hf_model) -> Sequence:
+    """The decoder blocks of a Hugging Face causal LM (``model.layers`` of Llama/Qwen2/Mistral/Gemma)."""
+    inner = getattr(hf_model, "model", hf_model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise LayerSpecError(f"{type(hf_model).__name__}: no decoder layers at .model.layers; "
+                             "generation with hooks supports Llama-style Hugging Face models")
+    return layers
+
+
+def hf_hook_target(hf_model, name: str) -> tuple[object, str]:
+    """The Hugging Face module and hook kind carrying TransformerLens hook ``name`` (Llama-style blocks):
+    ``resid_pre`` = the block's input (a forward pre-hook), ``resid_post`` = its output, ``attn_out`` =
+    the attention module's output (before the residual add), ``mlp_out`` = the MLP's output."""
+    site = parse_hook_name(name)
+    if site is None:
+        raise LayerSpecError(f"{name!r}: only blocks.<i>.hook_* sites can be hooked during generation")
+    layer = hf_decoder_layers(hf_model)[site.layer]
+    if site.point == "hook_resid_pre":
+        return layer, "pre"
+    if site.point == "hook_resid_post":
+        return layer, "post"
+    if site.point == "hook_attn_out":
+        return layer.self_attn, "post"
+    if site.point == "hook_mlp_out":
+        return layer.mlp, "post"
+    raise LayerSpecError(f"{name!r}: generation hooks support resid_pre, resid_post, attn_out and mlp_out")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from refusal_lens.config import Config
 from refusal_lens.distributed import Dist
+from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +48,47 @@ class Models:
         return self._loaded
 
 
-def run_collect(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True):
+def run_collect(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
+                status: StatusFile | None = None):
     """Stage 1: load the prompts (bad data fails before the model loads), collect into ``<run>/activations``."""
     from refusal_lens.collect import collect
     from refusal_lens.prompts import load_prompts
 
     prompts = load_prompts(cfg.data)
-    return collect(models.get(), prompts, cfg, activations_dir(cfg), force=force, dist=dist, show_progress=show_progress)
+    return collect(models.get(), prompts, cfg, activations_dir(cfg), force=force, dist=dist,
+                   show_progress=show_progress, status=status)
 
 
 def saes_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "saes"
 
 
-def run_train_saes(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True):
+def run_train_saes(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
+                   status: StatusFile | None = None):
     """Stage 2: one SAE per collected hook into ``<run>/saes`` (the model serves the splice metrics)."""
     from refusal_lens.saes.stage import run_sae_stage
 
     return run_sae_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), force=force, dist=dist,
-                         show_progress=show_progress)
+                         show_progress=show_progress, status=status)
+
+
+def circuits_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "circuits"
+
+
+def run_discover(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
+                 status: StatusFile | None = None):
+    """Stage 3: refusal circuits over the SAEs into ``<run>/circuits``."""
+    from refusal_lens.circuits.stage import run_discover_stage
+
+    return run_discover_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), circuits_dir(cfg), force=force,
+                              dist=dist, show_progress=show_progress, status=status)
+
+
+def run_analyze(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
+                status: StatusFile | None = None):
+    """Stage 4: analysis and the HTML report into ``<run>/analysis`` (the model loads only if needed)."""
+    from refusal_lens.analysis.stage import run_analysis_stage
+
+    return run_analysis_stage(cfg, models.get, run_dir(cfg), force=force, dist=dist, show_progress=show_progress,
+                              status=status)

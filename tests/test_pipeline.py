@@ -36,8 +36,19 @@ def test_run_end_to_end_then_skip(tiny_model_dir, tmp_path, capsys):
     assert json.loads((run / "saes" / "manifest.json").read_text())["status"] == "complete"
     assert sorted(q["hook"] for q in json.loads((run / "saes" / "quality.json").read_text())) == [
         "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    status = json.loads((run / "status.json").read_text())  # the live status, as left by the finished job
+    assert (status["state"], status["command"], status["error"], status["current_stage"]) == ("done", "run", None, None)
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [("collect", "done"), ("train-saes", "done")]
+    collect, saes = status["stages"]
+    assert collect["progress"] == {"done": 40, "total": 40, "unit": "prompt"} and collect["summary"]["prompts"] == 40
+    assert saes["progress"] == {"done": 2, "total": 2, "unit": "hook"} and saes["summary"]["saes"] == 2
+    assert status["rates"] == json.loads((run / "activations" / "refusal_rates.json").read_text())
+    assert main(["status", str(tmp_path / "results")]) == 0
+    assert "40/40 prompt (100%)" in capsys.readouterr().out
     assert main(["run", "--config", str(config)]) == 0
     assert "(trained 0 here, already done 2)" in capsys.readouterr().out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and [s["state"] for s in status["stages"]] == ["skipped", "skipped"]
 
 
 def test_scripts_wrappers_and_module_entry_point(tmp_path):

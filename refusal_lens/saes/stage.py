@@ -38,6 +38,7 @@ from refusal_lens.saes.data import activation_batches, is_heldout, split_rows
 from refusal_lens.saes.evaluate import reconstruction_metrics, splice_metrics
 from refusal_lens.saes.plots import write_figures
 from refusal_lens.saes.train import build_training_sae, check_sae_config, train_sae
+from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,12 @@ def run_sae_stage(
     force: bool = False,
     dist: Dist = Dist(),
     show_progress: bool = True,
+    status: StatusFile | None = None,
 ) -> SAEStageResult:
-    """Train (or load) and evaluate one SAE per hook; write the quality table and figures."""
+    """Train (or load) and evaluate one SAE per hook; write the quality table and figures.
+
+    ``status`` gets the hooks done of this rank's share after each hook (finished hooks count as done)."""
+    status = status if status is not None else StatusFile(None)
     manifest = _collect_manifest(acts_dir)
     hooks = hooks_to_train(cfg, manifest)
     collected = manifest.get("config", {}).get("inference", {})
@@ -206,6 +211,10 @@ def run_sae_stage(
         return _rows(acts, cfg, prefix, special)
 
     trained, skipped = [], []
+    n_mine = len(hooks[dist.rank::dist.world])
+    if dist.world > 1:
+        status.set(message=f"train-saes progress counts rank 0's share: {n_mine} of {len(hooks)} hooks")
+    status.progress(0, n_mine, "hook")
     for i, hook in enumerate(hooks):
         if i % dist.world != dist.rank:
             continue
@@ -213,6 +222,7 @@ def run_sae_stage(
         if (final / "metrics.json").is_file():
             skipped.append(hook)
             logger.info("%s: SAE already trained and evaluated (--force retrains)", hook)
+            status.progress(len(trained) + len(skipped), initial=len(skipped))
             continue
         tmp = out_dir / f".{hook}.partial"
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted hook restarts cleanly
@@ -234,6 +244,7 @@ def run_sae_stage(
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         tmp.rename(final)
         trained.append(hook)
+        status.progress(len(trained) + len(skipped))
         logger.info("%s: held-out explained variance %.3f, CE loss recovered %.3f, L0 %.1f", hook,
                     metrics["explained_variance"], metrics.get("ce_loss_recovered", float("nan")), metrics["l0"])
     dist.barrier()
@@ -245,6 +256,7 @@ def run_sae_stage(
         state.update(status="complete", hooks=hooks, architecture=cfg.sae.architecture,
                      heldout_fraction=cfg.sae.heldout_fraction)
         (out_dir / MANIFEST).write_text(json.dumps(state, indent=2))
+        status.progress(len(hooks), len(hooks), "hook")
     dist.barrier()
     if not dist.is_main:
         quality = json.loads((out_dir / "quality.json").read_text())
