@@ -41,6 +41,7 @@ class ModelConfig:
     backend: Literal["bridge", "hooked"] = "bridge"
     #: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda when available).
     device: str = "cpu"
+    #: dtype the model runs in (float32 on CPU; bfloat16/float16 on GPU).
     torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     #: layer specs, see docs/layer_specs.md.
     activation_layers: tuple[str | int, ...] = ("residuals_all",)
@@ -63,6 +64,7 @@ class InferenceConfig:
     batch_size: int | Literal["auto"] = 8
     #: greedy response length used to judge refusal.
     max_new_tokens: int = 20
+    #: store activations (false: responses and refusal judgements only).
     save_activations: bool = True
     #: positions stored: the last prompt token, every prompt token, or the template's post-instruction tokens.
     positions: Literal["last", "all", "post_instruction"] = "last"
@@ -89,11 +91,13 @@ class DataConfig:
     path: str | None = None
     #: categories to keep; empty = all.
     categories: tuple[str, ...] = ()
+    #: at most this many prompts per category and label (null = all), drawn with ``seed``.
     max_samples_per_category: int | None = None
     #: ``use_all`` keeps every row; ``balance_labels`` equalises safe and toxic rows per category.
     category_balance_strategy: Literal["use_all", "balance_labels"] = "use_all"
     #: OR-Bench files to read (empty = all three).
     splits: tuple[Literal["or-bench-80k", "or-bench-hard-1k", "or-bench-toxic"], ...] = ()
+    #: seed of the per-category sampling.
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +125,7 @@ class SAEConfig:
     path: str | None = None
     #: layer specs of the hooks to train; empty = every collected hook.
     hooks: tuple[str | int, ...] = ()
+    #: SAE-Lens architecture.
     architecture: Literal["standard", "topk", "batchtopk", "jumprelu"] = "topk"
     #: d_sae = d_in x expansion_factor.
     expansion_factor: int = 4
@@ -130,14 +135,19 @@ class SAEConfig:
     l1_coefficient: float = 5.0
     #: jumprelu: L0 coefficient, initial threshold and bandwidth of the straight-through estimator.
     l0_coefficient: float = 1.0
+    #: jumprelu: initial threshold.
     jumprelu_init_threshold: float = 0.01
+    #: jumprelu: bandwidth of the straight-through estimator.
     jumprelu_bandwidth: float = 0.05
+    #: Adam learning rate.
     lr: float = 4e-4
     #: learning rate at the end of the decay; null = lr / 10.
     lr_end: float | None = None
+    #: linear warm-up steps at the start.
     lr_warm_up_steps: int = 0
     #: steps of linear decay at the end of training (0 = constant).
     lr_decay_steps: int = 0
+    #: activation vectors per training step.
     train_batch_size_tokens: int = 1024
     #: total activation vectors each SAE sees (several epochs of a small prompt set).
     training_tokens: int = 200_000
@@ -149,22 +159,29 @@ class SAEConfig:
     #: and special tokens (attention sinks with huge norms) from training and evaluation, as SAE-Lens's
     #: ``exclude_special_tokens`` does; otherwise they dominate the variance.
     exclude_template_prefix: bool = True
+    #: leave special tokens (attention sinks) out of training and evaluation.
     exclude_special_tokens: bool = True
     #: share of prompts (by a hash of their id) kept out of training for evaluation.
     heldout_fraction: float = 0.2
     #: training metrics (loss, MSE, L0, explained variance, dead features) logged every N steps.
     log_every: int = 20
+    #: steps without firing after which a feature counts as dead (TopK's AuxK revives it).
     dead_feature_window: int = 1000
+    #: seed of the SAE's initialisation and batch order.
     seed: int = 0
+    #: device of SAE training (cpu, cuda, cuda:N).
     device: str = "cpu"
     #: torch threads for training (on 2 shared cores, 2 threads ran 7x slower than 1).
     num_threads: int = 1
+    #: log training to Weights & Biases (off by default; nothing leaves the machine otherwise).
     wandb: bool = False
+    #: Weights & Biases project name.
     wandb_project: str = "refusal_lens"
     #: held-out prompts used for CE loss recovered / KL with the SAE spliced in.
     eval_prompts: int = 24
     #: "selective layers": the bar a hook's SAE must pass for later stages.
     min_explained_variance: float = 0.5
+    #: the bar's minimum CE loss recovered (with min_explained_variance).
     min_ce_recovered: float = 0.5
 
     def __post_init__(self) -> None:
@@ -207,11 +224,13 @@ class CircuitConfig:
     #: node effects summed over the prompt's positions, or one node per position among the last
     #: ``window`` prompt tokens (position -1 = the last prompt token).
     positions: Literal["sum", "per_position"] = "sum"
+    #: per_position: how many of the prompt's last tokens are nodes.
     window: int = 6
     #: estimator the circuits are built from: linear attribution patching (one backward pass for all
     #: nodes), integrated gradients (``ig_steps`` forward/backward passes per hooked layer) or exact
     #: activation patching (one forward pass per node: small node sets only).
     method: Literal["atp", "ig", "exact"] = "atp"
+    #: integrated gradients: midpoint steps per hook.
     ig_steps: int = 10
     #: error nodes (one per hook, large moves that linear estimates get wrong) patched exactly (one
     #: forward pass per hook and batch) or estimated like the features.
@@ -226,19 +245,30 @@ class CircuitConfig:
     #: node selection: the ``top_k`` nodes by |effect|, nodes with |effect| >= ``node_threshold``, or the
     #: smallest of ``faithfulness_sizes`` whose faithfulness reaches ``target_faithfulness``.
     rule: Literal["top_k", "threshold", "faithfulness"] = "top_k"
+    #: rule top_k: nodes kept per circuit.
     top_k: int = 20
+    #: rule threshold: minimum |effect| (metric units).
     node_threshold: float = 0.05
+    #: rule faithfulness: the faithfulness the circuit must reach.
     target_faithfulness: float = 0.8
     #: bootstrap resamples over prompts for each node's confidence interval.
     bootstrap: int = 1000
+    #: edges between the nodes of the pooled circuits at consecutive spliced hooks (positions summed),
+    #: on up to ``edge_prompts`` of the group's prompts; kept when |edge| >= ``edge_threshold`` x the largest.
+    edges: bool = True
+    edge_threshold: float = 0.05
+    edge_prompts: int = 16
     #: validation: exact patching of ``agreement_nodes`` nodes per hook (half the top, half random) on
     #: ``agreement_prompts`` prompts, against AtP and IG.
     agreement_prompts: int = 8
+    #: nodes per hook compared with exact patching (plus the hook's error node).
     agreement_nodes: int = 8
     #: faithfulness / completeness curves of the pooled circuits at these sizes, on up to
     #: ``faithfulness_prompts`` prompts, with ``random_controls`` random node sets of each size.
     faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
+    #: prompts per group on which faithfulness is measured (a random subset when more).
     faithfulness_prompts: int = 16
+    #: random node sets per size (faithfulness) and random feature sets (behaviour).
     random_controls: int = 2
     #: faithfulness is (m(C) - m(empty)) / (m(model) - m(empty)); below this gap (metric units) between
     #: the model and every node at baseline, the ratio is noise and is reported as null.
@@ -247,12 +277,15 @@ class CircuitConfig:
     #: toxic circuit's features ablated, against random feature sets of the same size and the refusal
     #: direction ablated; 0 = skip.
     behaviour_prompts: int = 16
+    #: prompts per forward pass.
     batch_size: int = 8
+    #: seed of every random choice of the stage (samples, random controls, bootstrap).
     seed: int = 0
+    #: torch threads for the stage.
     num_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("window", "ig_steps", "top_k", "bootstrap", "batch_size", "num_threads",
+        for name in ("window", "ig_steps", "top_k", "bootstrap", "batch_size", "num_threads", "edge_prompts",
                      "agreement_prompts", "agreement_nodes", "faithfulness_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: a positive integer")
@@ -281,17 +314,22 @@ class AnalysisConfig:
     emergence_share: float = 0.5
     #: circuit similarity: weighted overlap of node effects over the union of both circuits' top nodes.
     similarity_top_k: int = 50
+    #: permutation draws per similarity test.
     permutations: int = 1000
+    #: bootstrap resamples per similarity interval.
     bootstrap: int = 200
+    #: significance level of the verdicts.
     alpha: float = 0.05
     #: verdict per category pair: similarity >= monolithic_threshold (and p < alpha) = monolithic,
     #: >= partial_threshold (and p < alpha) = partially modular, else modular.
     monolithic_threshold: float = 0.5
+    #: similarity bar of 'partially modular' (see monolithic_threshold).
     partial_threshold: float = 0.2
     #: pairs whose groups have fewer prompts than this are "insufficient" (no verdict).
     min_prompts: int = 2
     #: top features shown per pooled circuit, with their most activating prompt tokens.
     top_features: int = 8
+    #: most activating prompt tokens shown per top feature.
     top_examples: int = 5
     #: generation on up to this many harmless prompts with the refusal direction added (0 = skip).
     direction_prompts: int = 8

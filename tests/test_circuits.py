@@ -269,3 +269,52 @@ def test_similarity_permutation_matches_the_direct_computation():
     c = np.zeros_like(a)
     c[rng.choice(300, 30, replace=False)] = rng.normal(size=30)
     assert permutation_pvalue(a, c, 20, np.arange(300), 200, np.random.default_rng(2))[0] > 0.05
+
+
+def test_edges_match_the_change_of_downstream_attribution_under_small_patches(bridge):
+    """e(u -> d) = (dm/dd)(dd/du) delta_u must equal sum_pos g_d (d(patched u) - d(clean)) for small deltas."""
+    hooks = RESID[:2]
+    space = make_space(bridge, hooks)
+    batch = prompt_batch(bridge)
+    runner = Runner(bridge.model, space, linear_metric(bridge))
+    m, values = runner.clean(batch)
+    base = nearby_baseline(values, eps=1e-2)
+    _, grads = runner.gradients(batch)
+    up = nodes_to_check(space, values, per_hook=3)
+    up = [i for _, i in up if space.locate(i)[0] == hooks[0]]
+    down = [space.offset(hooks[1]) + j for j in
+            torch.argwhere((values.f[hooks[1]] != 0).flatten(0, 1).any(0)).flatten()[:3].tolist()]
+    down.append(space.offset(hooks[1]) + space.d_sae(hooks[1]))  # the error node
+    edges = {(u, d): w for u, d, w in runner.edges(batch, values, base, up + down, grads)}
+    sae = space.saes[hooks[1]]
+    g = grads[hooks[1]]
+    g_feat = g @ sae.W_dec.T
+    sites = batch.sites[..., None]
+
+    def downstream_values(edits):
+        xs = {}
+
+        def grab(x, hook):  # noqa: ARG001
+            xs["x"] = x
+            return x
+
+        with torch.no_grad():
+            runner.forward(batch, [*edits, (hooks[1], grab)])
+        f = sae.encode(xs["x"]) * sites
+        return f, (xs["x"] - sae.decode(f)) * sites
+
+    f0, e0 = downstream_values([])
+    checked = 0
+    for u in up:
+        sel = runner.select_nodes([(0, u)])
+        f1, e1 = downstream_values([(hooks[0], runner.node_edit(batch, base, hooks[0], sel[hooks[0]]))])
+        for d in down:
+            j = space.locate(d)[1]
+            if j == space.d_sae(hooks[1]):
+                exact = float((g * (e1 - e0)).sum()) / len(batch)
+            else:
+                exact = float((g_feat[..., j] * (f1[..., j] - f0[..., j])).sum()) / len(batch)
+            est = edges[(u, d)]
+            assert est == pytest.approx(exact, rel=0.05, abs=1e-6), (u, d)
+            checked += abs(exact) > 1e-6
+    assert checked >= 4

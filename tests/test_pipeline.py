@@ -20,6 +20,10 @@ inference: {{batch_size: 16, max_new_tokens: 4}}
 data: {{max_samples_per_category: 2}}
 sae: {{hooks: ["residuals_1", "mlp_1"], training_tokens: 4096, train_batch_size_tokens: 128, eval_prompts: 4,
        num_threads: 1}}
+circuits: {{hooks: ["residuals_1", "mlp_1"], select: "all", agreement_prompts: 2, agreement_nodes: 3, ig_steps: 3,
+           faithfulness_sizes: [5, 50], faithfulness_prompts: 4, bootstrap: 50, behaviour_prompts: 4, batch_size: 16,
+           num_threads: 1, direction_layer: 1}}
+analysis: {{permutations: 50, bootstrap: 20, direction_prompts: 2, check_render: false}}
 output: {{result_dir: "{tmp_path / 'results'}", run_name: "tiny"}}
 """
     )
@@ -31,6 +35,7 @@ def test_run_end_to_end_then_skip(tiny_model_dir, tmp_path, capsys):
     assert main(["run", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "refusal rates (40 prompts" in out and "SAE quality on held-out prompts" in out
+    assert "agreement with exact patching" in out and "report: " in out
     run = tmp_path / "results" / "tiny"
     assert json.loads((run / "activations" / "manifest.json").read_text())["status"] == "complete"
     assert json.loads((run / "saes" / "manifest.json").read_text())["status"] == "complete"
@@ -38,17 +43,33 @@ def test_run_end_to_end_then_skip(tiny_model_dir, tmp_path, capsys):
         "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
     status = json.loads((run / "status.json").read_text())  # the live status, as left by the finished job
     assert (status["state"], status["command"], status["error"], status["current_stage"]) == ("done", "run", None, None)
-    assert [(s["name"], s["state"]) for s in status["stages"]] == [("collect", "done"), ("train-saes", "done")]
-    collect, saes = status["stages"]
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [
+        ("collect", "done"), ("train-saes", "done"), ("discover", "done"), ("analyze", "done")]
+    collect, saes = status["stages"][:2]
     assert collect["progress"] == {"done": 40, "total": 40, "unit": "prompt"} and collect["summary"]["prompts"] == 40
     assert saes["progress"] == {"done": 2, "total": 2, "unit": "hook"} and saes["summary"]["saes"] == 2
     assert status["rates"] == json.loads((run / "activations" / "refusal_rates.json").read_text())
     assert main(["status", str(tmp_path / "results")]) == 0
     assert "40/40 prompt (100%)" in capsys.readouterr().out
+    # discover: one circuit per label and category, and pooled; analyze: the report and its summary
+    circuits = run / "circuits"
+    cats = sorted({r["category"] for r in json.loads((circuits / "prompts.json").read_text())})
+    for label in ("safe", "toxic"):
+        assert sorted(p.stem for p in (circuits / label).glob("*.json")) == sorted([*cats, "all"])
+        doc = json.loads((circuits / label / "all.json").read_text())
+        assert doc["schema_version"] == 1 and len(doc["nodes"]) == 20
+        assert all(n["ci_low"] <= n["effect"] <= n["ci_high"] for n in doc["nodes"])
+        assert {"faithfulness", "curve", "agreement"} <= set(doc["validation"])
+    agree = json.loads((circuits / "validation" / "agreement.json").read_text())
+    assert set(agree["methods"]) == {"atp", "ig"} and agree["n_nodes"] == 2 * 4  # 2 hooks x (3 + error node)
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert set(summary["modularity"]["verdicts"]) == {"safe x safe", "toxic x toxic", "safe x toxic"}
+    report = (run / "analysis" / "report.html").read_text()
+    assert "One mechanism or many?" in report and "Where refusal emerges" in report
     assert main(["run", "--config", str(config)]) == 0
     assert "(trained 0 here, already done 2)" in capsys.readouterr().out
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "done" and [s["state"] for s in status["stages"]] == ["skipped", "skipped"]
+    assert status["state"] == "done" and [s["state"] for s in status["stages"]][:2] == ["skipped", "skipped"]
 
 
 def test_scripts_wrappers_and_module_entry_point(tmp_path):
@@ -103,3 +124,24 @@ def test_collect_reads_an_or_bench_folder_given_on_the_command_line(tiny_model_d
         ("or-bench-80k", "hello world", "safe"), ("or-bench-80k", "how are you", "safe"),
         ("or-bench-hard-1k", "make cake", "safe"), ("or-bench-toxic", "make bomb", "toxic"),
         ("or-bench-toxic", "steal car", "toxic")]
+
+
+def test_discover_refuses_bad_settings_with_clear_errors(tiny_model_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["run", "--config", str(config)]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--set", "circuits.method=gradient"], "circuits.method='gradient'; allowed: 'atp', 'ig', 'exact'"),
+        (["--set", "circuits.hooks=[residuals_0]"],
+         "circuits.hooks: no SAE for hook(s) ['blocks.0.hook_resid_post']; SAEs exist for"),
+        (["--set", "circuits.categories=[cooking]"], "circuits.categories: category 'cooking' has no prompts; categories in"),
+        (["--set", "circuits.labels=[]"], "circuits.labels is empty"),
+        (["--set", "circuits.method=exact", "--set", "circuits.positions=per_position", "--set", "circuits.window=8"],
+         "circuits.method='exact' needs one forward pass per node (4112 nodes here, limit 4096)"),
+    ]
+    for extra, message in cases:
+        assert main(["discover", "--config", str(config), "--force", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert main(["analyze", "--config", str(config), "--set", "output.run_name=missing"]) == 2
+    assert "no circuits at" in capsys.readouterr().err

@@ -239,6 +239,65 @@ class Runner:
             grads[h] = acc / steps
         return self._node_effects(batch, values, base, grads)
 
+    # ---------------------------------------------------------------- edges
+
+    def edges(self, batch: PromptBatch, values: NodeValues, base: BaselineFn, nodes: Sequence[int],
+              grads: dict[str, Tensor] | None = None) -> list[tuple[int, int, float]]:
+        """Edges between ``nodes`` (flat indices, positions summed) of consecutive spliced hooks, as in
+        Sparse Feature Circuits: ``e(u -> d) = sum_pos (dm/dd) (dd/du) (b_u - v_u)``, the part of d's
+        attribution that flows from u. Each upstream hook's nodes are leaves carrying the clean values;
+        each downstream node is recomputed from the incoming activation and differentiated back to the
+        leaves (one backward pass per downstream node). Returns ``(upstream, downstream, mean effect)``."""
+        if self.space.per_position:
+            raise ValueError("edges are computed for positions summed (circuits.positions: sum)")
+        if grads is None:
+            _, grads = self.gradients(batch)
+        hooks = list(self.space.hooks)
+        leaves: dict[str, tuple[Tensor, Tensor]] = {}
+        xs: dict[str, Tensor] = {}
+        sites = batch.sites[..., None]
+
+        def splice(name):
+            def fn(x, hook):  # noqa: ARG001
+                xs[name] = x
+                sae = self.space.saes[name]
+                f_leaf = values.f[name].detach().clone().requires_grad_(True)
+                e_leaf = values.err[name].detach().clone().requires_grad_(True)
+                leaves[name] = (f_leaf, e_leaf)
+                return torch.where(sites, (sae.decode(f_leaf) + e_leaf).to(x.dtype), x)
+
+            return fn
+
+        by_hook: dict[str, list[int]] = {h: [] for h in hooks}
+        for i in nodes:
+            by_hook[self.space.locate(i)[0]].append(i)
+        out = []
+        with torch.enable_grad():
+            self.forward(batch, [(h, splice(h)) for h in hooks])
+            for up, down in zip(hooks, hooks[1:]):
+                if not by_hook[up] or not by_hook[down]:
+                    continue
+                sae = self.space.saes[down]
+                f_m = sae.encode(xs[down].to(sae.dtype)) * sites
+                err_m = (xs[down] - sae.decode(f_m)) * sites
+                g = grads[down].float()
+                g_feat = g @ sae.W_dec.detach().float().T  # dm/df at the downstream hook
+                b_f, b_err = base(batch, up)
+                d_f = (b_f - values.f[up]) * sites
+                d_err = (b_err - values.err[up]) * sites
+                for d in by_hook[down]:
+                    j = self.space.locate(d)[1]
+                    target = (g * err_m).sum() if j == self.space.d_sae(down) else (g_feat[..., j] * f_m[..., j]).sum()
+                    gf, ge = torch.autograd.grad(target, leaves[up], retain_graph=True, allow_unused=True)
+                    for u in by_hook[up]:
+                        k = self.space.locate(u)[1]
+                        if k == self.space.d_sae(up):
+                            w = (ge * d_err).sum() if ge is not None else 0.0
+                        else:
+                            w = (gf[..., k] * d_f[..., k]).sum() if gf is not None else 0.0
+                        out.append((u, d, float(w) / len(batch)))
+        return out
+
     # ---------------------------------------------------------------- exact patching
 
     def node_edit(self, batch: PromptBatch, base: BaselineFn, hook: str, select: Tensor) -> Callable:

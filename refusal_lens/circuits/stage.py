@@ -456,6 +456,27 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         faith_path.write_text(json.dumps(faith, indent=2))
     status.set(message="circuits written; behaviour checks next")
 
+    # ---- 3b. edges of the pooled circuits (features of consecutive hooks)
+    edges_path = val_dir / "edges.json"
+    edges = json.loads(edges_path.read_text()) if edges_path.is_file() else {}
+    if c.edges and window == 1:
+        for g in groups:
+            if g.category != "all" or g.key in edges:
+                continue
+            sub = g.rows if len(g.rows) <= c.edge_prompts else sorted(
+                int(i) for i in np.random.default_rng(c.seed).choice(g.rows, c.edge_prompts, replace=False))
+            total: dict[tuple[int, int], float] = {}
+            for b in tqdm(batches_of(sub), desc=f"edges {g.key}", disable=not show_progress):
+                _, values = runner.clean(b)
+                for u, d, w in runner.edges(b, values, base, [i for _, i in circuits[g.key]]):
+                    total[(u, d)] = total.get((u, d), 0.0) + w * len(b)
+            weights = {k: v / len(sub) for k, v in total.items()}
+            top = max((abs(v) for v in weights.values()), default=0.0)
+            edges[g.key] = [{"from": space.node_id(u), "to": space.node_id(d), "effect": w}
+                            for (u, d), w in sorted(weights.items(), key=lambda kv: -abs(kv[1]))
+                            if top > 0 and abs(w) >= c.edge_threshold * top]
+            edges_path.write_text(json.dumps(edges, indent=2))
+
     # ---- 4. behaviour: generation with the pooled toxic circuit's features ablated
     behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of, rng, unit,
                            int(manifest["n_layers"]), val_dir / "behaviour.json", show_progress)
@@ -475,7 +496,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         if g.key == "toxic/all" and behaviour:
             validation["behaviour"] = behaviour
         doc = circuit_document(space, g, [rows[i]["prompt_id"] for i in g.rows], m_clean[g.rows].tolist(), nodes,
-                               settings, validation)
+                               settings, validation, edges.get(g.key))
         path = out_dir / g.label / f"{_safe_name(g.category)}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=1))
@@ -485,6 +506,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
                                "completeness": f.get("completeness"),
                                "random_faithfulness": f.get("random_faithfulness"), "gap": f.get("gap"),
                                "error_nodes": sum(1 for n in nodes if n["kind"] == "err"),
+                               "edges": len(edges.get(g.key, [])),
                                "file": str(path.relative_to(out_dir))})
     summary = {
         "method": c.method, "metric": c.metric, "baseline": c.baseline, "hooks": list(hooks), "window": window,

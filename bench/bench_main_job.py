@@ -1,0 +1,64 @@
+"""Wall time of the main job (`refusal-lens run` on the default config), stage by stage, against its budget.
+
+Runs the README's main job from an empty results folder in a subprocess (the embedded model's
+safetensors cache in ~/.cache/refusal_lens is reused when present; a first run on a new machine adds its
+one-off GGUF conversion, ~50 s for Qwen), reads each stage's elapsed time from the run's live status file,
+and prints every stage's time and share of the budget (15 min on the 2-core CPU machine) and the total as a
+ratio of the budget. Also prints the share of the total that goes to model forward/backward work in the
+discover stage (from its summary) so the cost of each part is visible.
+
+Usage: .venv/bin/python bench/bench_main_job.py [--config configs/pipelines/default.yaml]
+       [--results results/bench-main-job] [--budget-min 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/pipelines/default.yaml"))
+    parser.add_argument("--results", default=str(ROOT / "results/bench-main-job"),
+                        help="results folder for this run (emptied first)")
+    parser.add_argument("--budget-min", type=float, default=15.0)
+    args = parser.parse_args()
+
+    results = Path(args.results)
+    shutil.rmtree(results, ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "refusal_lens", "run", "--config", args.config,
+           "--set", f"output.result_dir={results}", "--set", "output.run_name=main"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        return proc.returncode
+    status = json.loads((results / "main" / "status.json").read_text())
+    budget = args.budget_min * 60
+    print(f"main job: {args.config}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; torch threads per config")
+    print(f"{'stage':<12}{'seconds':>10}{'share of budget':>18}")
+    for stage in status["stages"]:
+        print(f"{stage['name']:<12}{stage['elapsed_s']:>10.1f}{stage['elapsed_s'] / budget:>18.2f}")
+    print(f"{'total':<12}{wall:>10.1f}{wall / budget:>18.2f}   (wall time of the command, model loading included)")
+    print(f"budget {args.budget_min:.0f} min: {'within' if wall <= budget else 'OVER'} "
+          f"({wall / 60:.1f} min = {wall / budget:.2f}x the budget)")
+    report = results / "main" / "analysis" / "report.html"
+    print(f"report: {report} ({'exists' if report.is_file() else 'missing'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
