@@ -154,7 +154,7 @@ def _discover(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcom
         sys.stdout.write(format_summary(result.summary) + "\n")
         sys.stdout.write(f"circuits: {result.folder}\n")
     groups = result.summary["circuits"]
-    return StageOutcome("done", {"circuits": len(groups), "method": result.summary["method"]})
+    return StageOutcome("skipped" if result.skipped else "done", {"circuits": len(groups), "method": result.summary["method"]})
 
 
 def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
@@ -169,7 +169,7 @@ def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome
         for key, hook in result.summary["emergence"].items():
             sys.stdout.write(f"emergence {key}: {hook}\n")
         sys.stdout.write(f"report: {result.report}\n")
-    return StageOutcome("done", {"report": str(result.report)})
+    return StageOutcome("skipped" if result.skipped else "done", {"report": str(result.report)})
 
 
 #: the stages of each pipeline command, in order; `run` grows as later stages land. A stage is

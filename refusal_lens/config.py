@@ -254,7 +254,8 @@ class CircuitConfig:
     #: bootstrap resamples over prompts for each node's confidence interval.
     bootstrap: int = 1000
     #: edges between the nodes of the pooled circuits at consecutive spliced hooks (positions summed),
-    #: on up to ``edge_prompts`` of the group's prompts; kept when |edge| >= ``edge_threshold`` x the largest.
+    #: on up to ``edge_prompts`` of the group's prompts; kept when |edge| >= ``edge_threshold`` x the largest
+    #: edge between two features (edges between error nodes are far larger and would hide the rest).
     edges: bool = True
     edge_threshold: float = 0.05
     edge_prompts: int = 16

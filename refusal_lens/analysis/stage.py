@@ -39,7 +39,7 @@ from refusal_lens.analysis.metrics import (
     verdict,
 )
 from refusal_lens.collect import MANIFEST
-from refusal_lens.config import Config
+from refusal_lens.config import Config, config_to_dict
 from refusal_lens.direction import add_direction_hooks, last_prompt_rows
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
@@ -59,6 +59,7 @@ class AnalysisResult:
     folder: Path
     report: Path
     summary: dict
+    skipped: bool = False  # the analysis of these circuits was already written
 
 
 def _load(path: Path, what: str):
@@ -89,9 +90,10 @@ def run_analysis_stage(cfg: Config, loaded_fn, run_dir: Path, *, force: bool = F
     done = out_dir / "summary.json"
     if done.is_file() and not force:
         prev = json.loads(done.read_text())
-        if prev.get("circuits_fingerprint") == c_manifest["fingerprint"]:
+        if prev.get("circuits_fingerprint") == c_manifest["fingerprint"] and \
+                prev.get("analysis_settings") == config_to_dict(cfg.analysis):
             logger.info("analysis already written for these circuits (--force redoes it): %s", out_dir / "report.html")
-            return AnalysisResult(out_dir, out_dir / "report.html", prev)
+            return AnalysisResult(out_dir, out_dir / "report.html", prev, skipped=True)
     if not dist.is_main:
         dist.barrier()
         return AnalysisResult(out_dir, out_dir / "report.html", json.loads(done.read_text()))
@@ -201,6 +203,7 @@ def _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status
                   "circuits": c_summary["circuits"]}
     summary = {
         "run": str(run_dir), "model": cfg.model.name, "circuits_fingerprint": c_manifest["fingerprint"],
+        "analysis_settings": config_to_dict(cfg.analysis),
         "refusal_rates": rates, "sae_quality": [{k: q.get(k) for k in ("hook", "explained_variance", "ce_loss_recovered",
                                                                        "passes")} for q in quality],
         "method": c_summary["method"], "metric": c_summary["metric"], "baseline": c_summary["baseline"],

@@ -79,6 +79,7 @@ class CircuitError(UserError, RuntimeError):
 class DiscoverResult:
     folder: Path
     summary: dict
+    skipped: bool = False  # the circuits were already complete
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +264,9 @@ def run_discover_stage(cfg: Config, loaded, acts_dir: Path, saes_dir: Path, out_
     if dist.is_main:
         _prepare(out_dir, _fingerprint(cfg, saes_dir, hooks), cfg, force)
     dist.barrier()
+    if json.loads((out_dir / MANIFEST).read_text()).get("status") == "complete" and (out_dir / "summary.json").is_file():
+        logger.info("circuits already complete in %s (--force redoes them)", out_dir)
+        return DiscoverResult(out_dir, json.loads((out_dir / "summary.json").read_text()), skipped=True)
     if not dist.is_main:
         dist.barrier()
         return DiscoverResult(out_dir, json.loads((out_dir / "summary.json").read_text()))
@@ -351,7 +355,17 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     batches = batches_of(wanted)
     shard_dir = out_dir / "effects"
     shard_dir.mkdir(exist_ok=True)
-    status.progress(0, len(batches), "batch")
+    # progress: one step per attribution batch, then the validation parts
+    parts = ["agreement with exact patching", "faithfulness", "edges", "behaviour (generation)", "writing circuits"]
+    n_steps = len(batches) + len(parts)
+
+    def part_done(k: int) -> None:
+        status.progress(len(batches) + k + 1, n_steps)
+        if k + 1 < len(parts):
+            status.set(message=f"discover: {parts[k + 1]}")
+
+    status.progress(0, n_steps, "step")
+    status.set(message=f"discover: attribution ({c.method}) of {len(wanted)} prompts in {len(batches)} batches")
     effects = torch.zeros(len(rows), window, space.n_nodes)
     m_clean = torch.full((len(rows),), float("nan"))
     for bi, batch in enumerate(tqdm(batches, desc=f"attribution ({c.method})", disable=not show_progress)):
@@ -416,6 +430,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         result.update({"n_prompts": len(sample), "ig_steps": c.ig_steps, "seconds": time.perf_counter() - t0})
         agree_path.write_text(json.dumps(result, indent=2))
     agree = json.loads(agree_path.read_text())
+    part_done(0)
 
     # ---- 3. circuits per group; faithfulness curves of the pooled circuits; every circuit's faithfulness
     group_means = {g.key: effects[g.rows].mean(0) for g in groups}
@@ -454,7 +469,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
                 runner, batches_of(sorted(group_of_row)), base, group_of_row, {g.key: circuits[g.key] for g in part},
                 {g.key: ranked[g.key] for g in part}, m_clean, rng, c.faithfulness_min_gap))
         faith_path.write_text(json.dumps(faith, indent=2))
-    status.set(message="circuits written; behaviour checks next")
+    part_done(1)
 
     # ---- 3b. edges of the pooled circuits (features of consecutive hooks)
     edges_path = val_dir / "edges.json"
@@ -471,15 +486,22 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
                 for u, d, w in runner.edges(b, values, base, [i for _, i in circuits[g.key]]):
                     total[(u, d)] = total.get((u, d), 0.0) + w * len(b)
             weights = {k: v / len(sub) for k, v in total.items()}
-            top = max((abs(v) for v in weights.values()), default=0.0)
+            # the bar is relative to the largest edge between two features: edges between error nodes
+            # (whole residual-stream remainders) are orders of magnitude larger and would hide the rest
+            feature_edges = [abs(v) for (u, d), v in weights.items() if not (_is_error(space, u) or _is_error(space, d))]
+            top = max(feature_edges or [abs(v) for v in weights.values()] or [0.0])
             edges[g.key] = [{"from": space.node_id(u), "to": space.node_id(d), "effect": w}
                             for (u, d), w in sorted(weights.items(), key=lambda kv: -abs(kv[1]))
                             if top > 0 and abs(w) >= c.edge_threshold * top]
             edges_path.write_text(json.dumps(edges, indent=2))
 
+    part_done(2)
+
     # ---- 4. behaviour: generation with the pooled toxic circuit's features ablated
     behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of, rng, unit,
                            int(manifest["n_layers"]), val_dir / "behaviour.json", show_progress)
+
+    part_done(3)
 
     # ---- 5. write the circuits
     groups_sorted = sorted(groups, key=lambda g: (g.category != "all", g.label, g.category))
@@ -521,6 +543,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     from refusal_lens.circuits.plots import write_figures
 
     write_figures(out_dir, agree, faith, behaviour)
+    part_done(4)
     shutil.rmtree(shard_dir, ignore_errors=True)
     manifest_path = out_dir / MANIFEST
     man = json.loads(manifest_path.read_text())
@@ -563,6 +586,11 @@ def _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_o
     out["random_features_refusal_rate_mean"] = float(np.mean(rand))
     path.write_text(json.dumps(out, indent=2))
     return out
+
+
+def _is_error(space: NodeSpace, index: int) -> bool:
+    hook, local = space.locate(index)
+    return local == space.d_sae(hook)
 
 
 def _edits(runner: Runner, batch: PromptBatch, base, selection: dict) -> list:
