@@ -30,10 +30,11 @@ import torch  # noqa: E402
 from refusal_lens.chat import encode_prompt  # noqa: E402
 from refusal_lens.circuits.attribution import RefusalScoreMetric, Runner, fixed_baseline, frozen_parameters  # noqa: E402
 from refusal_lens.circuits.nodes import NodeSpace, make_batch  # noqa: E402
-from refusal_lens.circuits.stage import _refusal_tokens, load_saes, reference_means  # noqa: E402
+from refusal_lens.circuits.stage import load_saes, reference_means  # noqa: E402
 from refusal_lens.circuits.validate import pearson, sample_agreement_nodes, spearman  # noqa: E402
 from refusal_lens.config import load_config  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
+from refusal_lens.refusal import RefusalTokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def main() -> int:
     seqs = [encode_prompt(loaded.tokenizer, texts[p["prompt_id"]], cfg.inference.max_prompt_tokens).ids for p in chosen]
     batch = make_batch(seqs, list(range(len(seqs))), loaded.tokenizer.pad_token_id, site_from=space_info["site_from"],
                        skip_token_ids=special, window=1)
-    runner = Runner(loaded.model, space, RefusalScoreMetric(_refusal_tokens(manifest)))
+    runner = Runner(loaded.model, space, RefusalScoreMetric(RefusalTokens.from_dict(manifest["refusal_tokens"])))
     with frozen_parameters(loaded.model):
         m, values = runner.clean(batch)
         t_fwd, _ = timed(lambda: runner.clean(batch), args.repeats)

@@ -135,19 +135,23 @@ def _eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
-def generate_responses(loaded: LoadedModel, encoded: Sequence[EncodedPrompt], max_new_tokens: int) -> list[list[int]]:
-    """Greedy responses (token ids up to, not including, the first end-of-sequence token)."""
-    pad = loaded.tokenizer.pad_token_id
-    ids, mask = left_pad([e.ids for e in encoded], pad)
+def hf_generate(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy generation with the untouched HF model (KV cache); the new tokens ``[batch, new]``."""
     with torch.no_grad():
         out = loaded.hf_model.generate(
             input_ids=ids.to(loaded.device),
             attention_mask=mask.to(loaded.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=pad,
+            pad_token_id=loaded.tokenizer.pad_token_id,
         )
-    new = out[:, ids.shape[1] :].tolist()
+    return out[:, ids.shape[1] :]
+
+
+def generate_responses(loaded: LoadedModel, encoded: Sequence[EncodedPrompt], max_new_tokens: int) -> list[list[int]]:
+    """Greedy responses (token ids up to, not including, the first end-of-sequence token)."""
+    ids, mask = left_pad([e.ids for e in encoded], loaded.tokenizer.pad_token_id)
+    new = hf_generate(loaded, ids, mask, max_new_tokens).tolist()
     eos = _eos_ids(loaded)
     responses = []
     for row in new:

@@ -71,6 +71,12 @@ class RefusalTokens:
             "compliance": dict(zip(self.compliance_words, self.compliance_ids)),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RefusalTokens:
+        """The inverse of :meth:`to_dict` (as stored in the collect stage's manifest)."""
+        return cls(tuple(d["refusal"]), tuple(d["compliance"]), tuple(d["refusal"].values()),
+                   tuple(d["compliance"].values()))
+
 
 def response_start_ids(tokenizer, prefix_text: str, words: Sequence[str], kind: str) -> tuple[int, ...]:
     """Token id of each word as the first token of a response that follows ``prefix_text``.

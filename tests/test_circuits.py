@@ -318,3 +318,34 @@ def test_edges_match_the_change_of_downstream_attribution_under_small_patches(br
             assert est == pytest.approx(exact, rel=0.05, abs=1e-6), (u, d)
             checked += abs(exact) > 1e-6
     assert checked >= 4
+
+
+def test_generation_with_hooks_runs_the_edits_at_every_step(bridge):
+    from refusal_lens.circuits.validate import feature_selection, generate
+    from refusal_lens.collect import generate_responses
+
+    batch = prompt_batch(bridge)
+    encoded = [encode_prompt(bridge.tokenizer, p, 64) for p in PROMPTS]
+    clean = generate(bridge, batch, 5)
+    assert clean == bridge.tokenizer.batch_decode(generate_responses(bridge, encoded, 5), skip_special_tokens=True)
+    widths = []
+
+    def zero(x, hook):  # noqa: ARG001
+        widths.append(x.shape[1])
+        return torch.zeros_like(x)
+
+    edited = generate(bridge, batch, 5, [("blocks.2.hook_resid_post", zero)])
+    assert widths[0] == batch.ids.shape[1] and set(widths[1:]) == {1} and len(widths) >= 2
+    assert edited != clean
+    # circuit features at their baseline during generation: prefill at sites, then every new token
+    space = make_space(bridge, RESID)
+    runner = Runner(bridge.model, space, refusal_metric(bridge))
+    _, values = runner.clean(batch)
+    s = batch.sites
+    base = fixed_baseline({h: (values.f[h][s].mean(0), values.err[h][s].mean(0)) for h in RESID})
+    features = [(0, space.offset(h) + j) for h in RESID for j in range(space.d_sae(h))]
+    sel = feature_selection(runner, features)
+    ablated = generate(bridge, batch, 5, [(h, runner.node_edit(batch, base, h, sel[h])) for h in RESID])
+    assert ablated != clean
+    nothing = {h: torch.zeros(1, space.size(h)) for h in RESID}
+    assert generate(bridge, batch, 5, [(h, runner.node_edit(batch, base, h, nothing[h])) for h in RESID]) == clean

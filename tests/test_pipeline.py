@@ -136,12 +136,17 @@ def test_discover_refuses_bad_settings_with_clear_errors(tiny_model_dir, tmp_pat
          "circuits.hooks: no SAE for hook(s) ['blocks.0.hook_resid_post']; SAEs exist for"),
         (["--set", "circuits.categories=[cooking]"], "circuits.categories: category 'cooking' has no prompts; categories in"),
         (["--set", "circuits.labels=[]"], "circuits.labels is empty"),
+        (["--set", "circuits.direction_layer=7"], "circuits.direction_layer=7: no resid_post activations there; "
+                                                   "collected layers: [0, 1, 2]"),
         (["--set", "circuits.method=exact", "--set", "circuits.positions=per_position", "--set", "circuits.window=8"],
          "circuits.method='exact' needs one forward pass per node (4112 nodes here, limit 4096)"),
     ]
+    circuits_manifest = (tmp_path / "results" / "tiny" / "circuits" / "manifest.json").read_text()
     for extra, message in cases:
-        assert main(["discover", "--config", str(config), "--force", *extra]) == 2, extra
+        assert main(["discover", "--config", str(config), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
+        # nothing half-written: the finished circuits are untouched
+        assert (tmp_path / "results" / "tiny" / "circuits" / "manifest.json").read_text() == circuits_manifest
     assert main(["analyze", "--config", str(config), "--set", "output.run_name=missing"]) == 2
     assert "no circuits at" in capsys.readouterr().err

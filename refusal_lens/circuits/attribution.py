@@ -129,6 +129,19 @@ def fixed_baseline(values: dict[str, tuple[Tensor, Tensor]]) -> BaselineFn:
 # --------------------------------------------------------------------------------------------
 
 
+def capture(names: Sequence[str], store: dict[str, Tensor]) -> list[Hook]:
+    """Hooks that record each named activation (detached) into ``store`` under the name asked for (the
+    bridge calls hooks with its canonical alias, so the name is bound here, not read from the hook)."""
+    def grab(name: str):
+        def fn(x, hook):  # noqa: ARG001
+            store[name] = x.detach()
+            return x
+
+        return fn
+
+    return [(name, grab(name)) for name in names]
+
+
 @contextmanager
 def frozen_parameters(model) -> Iterator[None]:
     """No parameter gradients while attributing (only activations need them); flags restored after."""
@@ -164,15 +177,7 @@ class Runner:
     @torch.no_grad()
     def clean(self, batch: PromptBatch) -> tuple[Tensor, NodeValues]:
         xs: dict[str, Tensor] = {}
-
-        def grab(name):  # bind the name: the bridge calls hooks with its canonical alias
-            def fn(x, hook):  # noqa: ARG001
-                xs[name] = x.detach()
-                return x
-
-            return fn
-
-        m, _ = self.forward(batch, [(h, grab(h)) for h in self.space.hooks])
+        m, _ = self.forward(batch, capture(self.space.hooks, xs))
         f, err = {}, {}
         for h in self.space.hooks:
             f[h], err[h] = split_nodes(self.space.saes[h], xs[h], batch.sites)

@@ -41,6 +41,7 @@ from refusal_lens.circuits.attribution import (
     ProjectionMetric,
     RefusalScoreMetric,
     Runner,
+    capture,
     fixed_baseline,
     frozen_parameters,
     split_nodes,
@@ -61,7 +62,7 @@ from refusal_lens.config import Config, config_to_dict, dump_config
 from refusal_lens.direction import ablate_direction_hooks, choose_layer, refusal_directions
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
-from refusal_lens.hooks import hook_name, hook_sort_key, resolve_layer_specs
+from refusal_lens.hooks import hook_name, hook_sort_key, parse_hook_name, resolve_layer_specs
 from refusal_lens.refusal import RefusalTokens, is_refusal
 from refusal_lens.status import StatusFile
 
@@ -147,12 +148,6 @@ def load_saes(saes_dir: Path, hooks: Sequence[str], device) -> dict:
     return saes
 
 
-def _refusal_tokens(manifest: dict) -> RefusalTokens:
-    t = manifest["refusal_tokens"]
-    return RefusalTokens(tuple(t["refusal"]), tuple(t["compliance"]), tuple(t["refusal"].values()),
-                         tuple(t["compliance"].values()))
-
-
 def prompt_groups(rows: Sequence[dict], cfg: Config) -> tuple[list[Group], list[str]]:
     """Circuit groups (label x category, and label x all) with the configured prompt selection.
     Returns the non-empty groups and notes on the skipped ones."""
@@ -227,18 +222,10 @@ class DirectionAblatedBaseline:
     def __call__(self, batch: PromptBatch, hook: str):
         key = tuple(batch.rows)
         if key not in self._cache:
-            xs = {}
-
-            def grab(name):
-                def fn(x, hook):  # noqa: ARG001
-                    xs[name] = x.detach()
-                    return x
-
-                return fn
-
+            xs: dict[str, torch.Tensor] = {}
             with torch.no_grad():
-                # the ablation hooks run first; the grab then sees the ablated activation
-                self.runner.forward(batch, [*self.hooks, *[(h, grab(h)) for h in self.runner.space.hooks]])
+                # the ablation hooks run first; the capture then sees the ablated activation
+                self.runner.forward(batch, [*self.hooks, *capture(self.runner.space.hooks, xs)])
             self._cache = {key: {h: split_nodes(self.runner.space.saes[h], xs[h], batch.sites) for h in xs}}
         return self._cache[key][hook]
 
@@ -261,6 +248,7 @@ def run_discover_stage(cfg: Config, loaded, acts_dir: Path, saes_dir: Path, out_
 
     rows = datasets.load_from_disk(str(acts_dir / PROMPTS_DIR)).to_list()
     groups, skipped = prompt_groups(rows, cfg)
+    _check_settings(cfg, manifest, saes_dir, hooks)  # before anything is written
     if dist.is_main:
         _prepare(out_dir, _fingerprint(cfg, saes_dir, hooks), cfg, force)
     dist.barrier()
@@ -282,6 +270,23 @@ def run_discover_stage(cfg: Config, loaded, acts_dir: Path, saes_dir: Path, out_
     return DiscoverResult(out_dir, summary)
 
 
+def _check_settings(cfg: Config, manifest: dict, saes_dir: Path, hooks: Sequence[str]) -> None:
+    c = cfg.circuits
+    window = c.window if c.positions == "per_position" else 1
+    n_nodes = sum(int(json.loads((saes_dir / h / "cfg.json").read_text())["d_sae"]) + 1 for h in hooks)
+    if c.method == "exact" and n_nodes * window > EXACT_MAX_NODES:
+        raise CircuitError(f"circuits.method='exact' needs one forward pass per node ({n_nodes * window} nodes "
+                           f"here, limit {EXACT_MAX_NODES}); use 'atp' or 'ig' and exact patching for validation")
+    layers = sorted(site.layer for site in map(parse_hook_name, manifest["hooks"])
+                    if site is not None and site.point == "hook_resid_post")
+    if not layers:
+        raise CircuitError("the refusal direction needs resid_post activations: add residual layers to "
+                           "model.activation_layers and collect again")
+    if c.direction_layer is not None and c.direction_layer not in layers:
+        raise CircuitError(f"circuits.direction_layer={c.direction_layer}: no resid_post activations there; "
+                           f"collected layers: {layers}")
+
+
 def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, saes_dir, out_dir, show_progress, status):
     c = cfg.circuits
     t_start = time.perf_counter()
@@ -290,9 +295,6 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     saes = load_saes(saes_dir, hooks, device)
     window = c.window if c.positions == "per_position" else 1
     space = NodeSpace(tuple(hooks), saes, window)
-    if c.method == "exact" and space.n_nodes * window > EXACT_MAX_NODES:
-        raise CircuitError(f"circuits.method='exact' needs one forward pass per node ({space.n_nodes * window} nodes "
-                           f"here, limit {EXACT_MAX_NODES}); use 'atp' or 'ig' and exact patching for validation")
     from refusal_lens.saes.stage import template_prefix
 
     prefix = 0
@@ -304,9 +306,6 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     # refusal direction (from stored activations; no model run)
     directions = refusal_directions(acts_dir, manifest["hooks"], cfg.sae.heldout_fraction)
     layer = c.direction_layer if c.direction_layer is not None else choose_layer(directions, n_layers)
-    if layer not in directions:
-        raise CircuitError(f"circuits.direction_layer={layer}: no resid_post activations there; "
-                           f"collected layers: {sorted(directions)}")
     unit = directions[layer].unit.to(device)
     (out_dir / "direction.json").write_text(json.dumps(
         {"layer": layer, "chosen_by": "config" if c.direction_layer is not None
@@ -314,7 +313,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
          "layers": [d.summary() for d in directions.values()]}, indent=2))
     save_file({f"layer_{k}": d.direction.contiguous() for k, d in directions.items()}, str(out_dir / "directions.safetensors"))
 
-    metric = (RefusalScoreMetric(_refusal_tokens(manifest)) if c.metric == "refusal_score"
+    metric = (RefusalScoreMetric(RefusalTokens.from_dict(manifest["refusal_tokens"])) if c.metric == "refusal_score"
               else ProjectionMetric(hook_name("residuals", layer), unit))
     runner = Runner(loaded.model, space, metric)
 

@@ -25,6 +25,7 @@ import torch
 
 from refusal_lens.circuits.attribution import BaselineFn, Runner
 from refusal_lens.circuits.nodes import NodeSpace, PromptBatch
+from refusal_lens.collect import hf_generate
 from refusal_lens.hooks import hf_hook_target, parse_hook_name
 
 logger = logging.getLogger(__name__)
@@ -243,13 +244,11 @@ def generate(loaded, batch: PromptBatch, max_new_tokens: int, hooks: Sequence = 
             module, kind = hf_hook_target(loaded.hf_model, name)
             handles.append(module.register_forward_pre_hook(pre(fn), with_kwargs=True) if kind == "pre"
                            else module.register_forward_hook(post(fn)))
-        with torch.no_grad():
-            out = loaded.hf_model.generate(input_ids=batch.ids, attention_mask=batch.mask, max_new_tokens=max_new_tokens,
-                                           do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+        new = hf_generate(loaded, batch.ids, batch.mask, max_new_tokens)
     finally:
         for h in handles:
             h.remove()
-    return loaded.tokenizer.batch_decode(out[:, batch.ids.shape[1]:], skip_special_tokens=True)
+    return loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def feature_selection(runner: Runner, features: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
