@@ -150,3 +150,25 @@ def test_discover_refuses_bad_settings_with_clear_errors(tiny_model_dir, tmp_pat
         assert (tmp_path / "results" / "tiny" / "circuits" / "manifest.json").read_text() == circuits_manifest
     assert main(["analyze", "--config", str(config), "--set", "output.run_name=missing"]) == 2
     assert "no circuits at" in capsys.readouterr().err
+
+
+def test_discover_other_metric_baseline_and_rule(tiny_model_dir, tmp_path, capsys):
+    """The projection metric, the direction-ablated baseline, per-position nodes and the faithfulness rule,
+    end to end on the tiny model."""
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["run", "--config", str(config)]) == 0
+    settings = ["--set", "circuits.metric=direction_projection", "--set", "circuits.baseline=direction_ablated",
+                "--set", "circuits.rule=faithfulness", "--set", "circuits.target_faithfulness=0.5",
+                "--set", "circuits.positions=per_position", "--set", "circuits.window=2"]
+    assert main(["discover", "--config", str(config), "--force", *settings]) == 0
+    circuits = tmp_path / "results" / "tiny" / "circuits"
+    space = json.loads((circuits / "space.json").read_text())
+    assert (space["metric"], space["baseline"], space["window"]) == ("direction_projection", "direction_ablated", 2)
+    doc = json.loads((circuits / "toxic" / "all.json").read_text())
+    sizes = [p["size"] for p in doc["validation"]["curve"]["points"]]
+    reached = [p["size"] for p in doc["validation"]["curve"]["points"] if (p["faithfulness"] or 0) >= 0.5]
+    assert len(doc["nodes"]) == (reached[0] if reached else sizes[-1])
+    assert {n["position"] for n in doc["nodes"]} <= {-1, -2}
+    assert json.loads((circuits / "summary.json").read_text())["behaviour"] is None  # no generation with this baseline
+    assert main(["analyze", "--config", str(config), *settings]) == 0
+    assert "report: " in capsys.readouterr().out

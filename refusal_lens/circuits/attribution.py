@@ -316,7 +316,7 @@ class Runner:
         """
         sae = self.space.saes[hook]
         cols = node_positions(batch, self.space.window)
-        name = hook
+        b_f, b_err = base(batch, hook)  # before any forward pass: a baseline may run the model itself
 
         def fn(x, hook):  # noqa: ARG001 (TransformerLens passes its hook point)
             sel = select.to(x.device)
@@ -326,7 +326,6 @@ class Runner:
             else:  # generated positions
                 sites = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
                 w = sel[..., -1:, :]
-            b_f, b_err = base(batch, name)
             if b_f.dim() == 3 and b_f.shape[1] != x.shape[1]:  # per-position baselines have no generated positions
                 raise ValueError("a per-prompt baseline cannot be used during generation")
             f, err = split_nodes(sae, x, sites)
