@@ -172,3 +172,11 @@ def test_discover_other_metric_baseline_and_rule(tiny_model_dir, tmp_path, capsy
     assert json.loads((circuits / "summary.json").read_text())["behaviour"] is None  # no generation with this baseline
     assert main(["analyze", "--config", str(config), *settings]) == 0
     assert "report: " in capsys.readouterr().out
+    # a second run in the same results folder shows up side by side in the report
+    import shutil
+
+    shutil.copytree(tmp_path / "results" / "tiny", tmp_path / "results" / "other-model")
+    assert main(["analyze", "--config", str(config), "--force", *settings]) == 0
+    summary = json.loads((tmp_path / "results" / "tiny" / "analysis" / "summary.json").read_text())
+    assert summary["compared_runs"] == ["other-model", "tiny"]
+    assert "Runs side by side" in (tmp_path / "results" / "tiny" / "analysis" / "report.html").read_text()
