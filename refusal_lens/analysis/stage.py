@@ -119,7 +119,7 @@ def _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status
     data = load_file(str(circuits_dir / "effects.safetensors"))
     effects = data["effects"].sum(1).numpy()  # [prompts, nodes]: per-position nodes summed for the analysis
     index_of = {p["prompt_id"]: p["index"] for p in prompts}
-    labels = sorted({d.split("/")[0] for d in (g["label"] + "/" for g in c_summary["circuits"])})
+    labels = sorted({g["label"] for g in c_summary["circuits"]})
     groups = _groups(circuits_dir, labels)
     rows_of = {k: np.asarray([index_of[p] for p in g["prompt_ids"]]) for k, g in groups.items()}
     means = {k: effects[r].mean(0) for k, r in rows_of.items()}
