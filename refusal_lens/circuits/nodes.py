@@ -81,9 +81,6 @@ class NodeSpace:
             start += self.size(h)
         return out
 
-    def hook_of_nodes(self) -> list[str]:
-        return [h for h in self.hooks for _ in range(self.size(h))]
-
 
 @dataclass
 class PromptBatch:

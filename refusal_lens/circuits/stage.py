@@ -392,10 +392,11 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         status.progress(bi + 1)
     save_file({"effects": effects.contiguous(), "metric_clean": m_clean}, str(out_dir / "effects.safetensors"))
     t_attr = time.perf_counter() - t_start
+    attributed = set(wanted)
     (out_dir / "prompts.json").write_text(json.dumps([
         {"index": i, "prompt_id": r["prompt_id"], "category": r["category"], "label": r["label"],
          "refused": bool(r["refused"]), "refusal_score": r["refusal_score"],
-         "metric_clean": None if i not in set(wanted) else float(m_clean[i])} for i, r in enumerate(rows)], indent=1))
+         "metric_clean": float(m_clean[i]) if i in attributed else None} for i, r in enumerate(rows)], indent=1))
 
     rng = np.random.default_rng(c.seed)
     val_dir = out_dir / "validation"

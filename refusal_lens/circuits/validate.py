@@ -166,9 +166,10 @@ def group_faithfulness(runner: Runner, batches: Sequence[PromptBatch], base: Bas
                                          for g in circuits}
 
     def per_row(batch: PromptBatch, make) -> dict[str, torch.Tensor]:
+        masks = {g: make(g) for g in {group_of_row[row] for row in batch.rows}}  # once per group, not per prompt
         sel = {h: torch.zeros(len(batch), runner.space.window, runner.space.size(h)) for h in runner.space.hooks}
         for b, row in enumerate(batch.rows):
-            for h, mask in make(group_of_row[row]).items():
+            for h, mask in masks[group_of_row[row]].items():
                 sel[h][b] = mask
         return sel
 
@@ -176,8 +177,8 @@ def group_faithfulness(runner: Runner, batches: Sequence[PromptBatch], base: Bas
         return _keep_only(runner, circuits[g])
 
     def ablate(g):
-        return {h: runner.select_nodes(circuits[g]).get(h, torch.zeros(runner.space.window, runner.space.size(h)))
-                for h in runner.space.hooks}
+        chosen = runner.select_nodes(circuits[g])
+        return {h: chosen.get(h, torch.zeros(runner.space.window, runner.space.size(h))) for h in runner.space.hooks}
 
     def keep_random(g):
         return _keep_only(runner, random_sets[g])
