@@ -1,0 +1,73 @@
+"""The embedded prompt sets: counts per category and label, no duplicates, the large set holds the sample set."""
+
+import csv
+import re
+import tomllib
+from collections import Counter
+from fnmatch import fnmatch
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from refusal_lens.prompts import CATEGORIES, OR_BENCH_FILES, read_prompts, sample_set_path
+
+DATA = Path(str(resources.files("refusal_lens") / "data"))
+LARGE = DATA / "or_bench_large"
+HARMLESS = DATA / "harmless" / "harmless.csv"
+#: rows per category in each file of the large set
+LARGE_PER_CATEGORY = {"or-bench-toxic": 60, "or-bench-80k": 20, "or-bench-hard-1k": 20}
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def read_harmless() -> tuple[list[str], list[dict]]:
+    with HARMLESS.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def large():
+    return read_prompts(LARGE)
+
+
+def test_large_set_counts_per_file_category_and_label(large):
+    counts = Counter((p.source, p.category) for p in large)
+    assert counts == Counter({(s, c): n for s, n in LARGE_PER_CATEGORY.items() for c in CATEGORIES})
+    assert {p.source: p.label for p in large} == OR_BENCH_FILES
+    assert Counter(p.label for p in large) == {"toxic": 600, "safe": 400}
+
+
+def test_large_set_has_no_duplicates_within_or_across_files(large):
+    seen = Counter(normalise(p.prompt) for p in large)
+    assert [t for t, n in seen.items() if n > 1] == []
+
+
+def test_large_set_contains_every_sample_row(large):
+    rows = {(p.source, p.prompt, p.category) for p in large}
+    sample = read_prompts(sample_set_path())
+    assert len(sample) == 120  # the sample set: 30 + 30 safe, 60 toxic
+    assert [p.prompt for p in sample if (p.source, p.prompt, p.category) not in rows] == []
+
+
+def test_harmless_rows_topics_and_no_overlap_with_large_set(large):
+    columns, rows = read_harmless()
+    assert columns == ["prompt", "category"]
+    assert len(rows) >= 260
+    assert all(r["prompt"].strip() and r["category"].strip() for r in rows)
+    topics = Counter(r["category"] for r in rows)
+    assert len(topics) >= 10 and not set(topics) & set(CATEGORIES)
+    texts = Counter(normalise(r["prompt"]) for r in rows)
+    assert [t for t, n in texts.items() if n > 1] == []
+    assert set(texts) & {normalise(p.prompt) for p in large} == set()
+
+
+def test_every_embedded_csv_is_package_data():
+    with (Path(__file__).parents[1] / "pyproject.toml").open("rb") as fh:
+        globs = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["refusal_lens"]
+    files = sorted(p.relative_to(DATA.parent).as_posix() for p in DATA.rglob("*.csv"))
+    assert len(files) == 7
+    assert [f for f in files if not any(fnmatch(f, g) for g in globs)] == []
