@@ -2,8 +2,16 @@
 
 Prompts go through the tokenizer's own chat template with the generation prompt, and are tokenized
 without special tokens (the template brings its own BOS), left-padded with an explicit attention mask.
-The *post-instruction* tokens are those after the user's message (e.g. ``<|im_end|>\\n<|im_start|>
-assistant\\n``), where refusal_direction finds the refusal direction.
+
+Every token of a chat-formatted prompt is in one *position class*, derived from the rendered template
+(the offsets of the user's text in it), not by counting tokens by hand:
+
+* the **opening**: the template's tokens before the user's text (e.g. Qwen's default system prompt and
+  ``<|im_start|>user\\n``); identical in every prompt, so their activations carry nothing of the prompt;
+* the **content**: the user's text;
+* the **post-instruction** tokens after the user's text (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``),
+  where refusal_direction finds the refusal direction; each of them is its own class, by its index;
+* **generated** tokens (responses, teacher-forced or generated) form one more class.
 """
 
 from __future__ import annotations
@@ -23,12 +31,23 @@ def render(tokenizer, user_text: str) -> str:
     )
 
 
+#: position classes (see the module docstring); post-instruction token ``j`` is ``POST + j``.
+PAD, OPENING, CONTENT, GENERATED, POST = -1, 0, 1, 2, 3
+
+
 @dataclass(frozen=True)
 class EncodedPrompt:
     text: str  # the chat-formatted prompt
     ids: list[int]  # its tokens, no padding
     n_post_instruction: int  # tokens after the user's message
     truncated: bool
+    n_opening: int = 0  # template tokens before the user's message
+
+    def position_classes(self, n_generated: int = 0) -> list[int]:
+        """The class of each token (prompt, then ``n_generated`` generated tokens)."""
+        n_content = len(self.ids) - self.n_opening - self.n_post_instruction
+        return ([OPENING] * self.n_opening + [CONTENT] * n_content
+                + [POST + j for j in range(self.n_post_instruction)] + [GENERATED] * n_generated)
 
 
 def encode_prompt(tokenizer, user_text: str, max_tokens: int) -> EncodedPrompt:
@@ -50,9 +69,12 @@ def encode_prompt(tokenizer, user_text: str, max_tokens: int) -> EncodedPrompt:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         truncated = True
-    end = text.rfind(user_text) + len(user_text)
+    begin = text.rfind(user_text)
+    end = begin + len(user_text)
     n_post = sum(1 for start, _ in enc["offset_mapping"] if start >= end)
-    return EncodedPrompt(text, ids, max(n_post, 1), truncated)
+    n_open = sum(1 for _, stop in enc["offset_mapping"] if stop <= begin)
+    n_post = max(n_post, 1)
+    return EncodedPrompt(text, ids, n_post, truncated, min(n_open, len(ids) - n_post))
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

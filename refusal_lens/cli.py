@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status of every run found as a JSON list")
 
     for name, help_text in [
-        ("collect", "collect prompts, responses, refusal judgements and activations"),
+        ("collect", "collect prompts, responses, refusal judgements, the split and activations"),
+        ("direction", "select the refusal direction by cause (validation) and evaluate it (test)"),
         ("train-saes", "train one SAE per collected hook"),
         ("discover", "discover refusal circuits by attribution patching"),
         ("analyze", "analyse circuits and write the report"),
-        ("run", "the main job: every stage in order (collect, train-saes, discover, analyze)"),
+        ("run", "the main job: every stage in order (collect, direction, train-saes, discover, analyze)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
@@ -130,6 +131,18 @@ def _collect(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome
                          "refusal_rate": rates_summary(result.rates)})
 
 
+def _direction(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
+    from refusal_lens.direction.stage import format_summary
+    from refusal_lens.pipeline import run_direction
+
+    result = run_direction(cfg, dist, models, force=force, status=status)
+    if dist.is_main:
+        sys.stdout.write(format_summary(result.summary) + "\n")
+        sys.stdout.write(f"direction: {result.folder}\n")
+    d = result.summary["direction"]
+    return StageOutcome("skipped" if result.skipped else "done", {"hook": d["hook"], "position": d["position"]})
+
+
 def _train_saes(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
     from refusal_lens.pipeline import run_train_saes
     from refusal_lens.saes.stage import format_quality
@@ -174,8 +187,8 @@ def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome
 
 #: the stages of each pipeline command, in order; `run` grows as later stages land. A stage is
 #: ``stage(cfg, dist, models, force, status) -> StageOutcome | None``, named after its function (see _stage_name).
-STAGES = {"collect": (_collect,), "train-saes": (_train_saes,), "discover": (_discover,), "analyze": (_analyze,),
-          "run": (_collect, _train_saes, _discover, _analyze)}
+STAGES = {"collect": (_collect,), "direction": (_direction,), "train-saes": (_train_saes,), "discover": (_discover,),
+          "analyze": (_analyze,), "run": (_collect, _direction, _train_saes, _discover, _analyze)}
 
 
 def _stage_name(stage) -> str:
@@ -213,6 +226,7 @@ COMMANDS = {
     "models": _cmd_models,
     "status": _cmd_status,
     "collect": _cmd_stages,
+    "direction": _cmd_stages,
     "train-saes": _cmd_stages,
     "discover": _cmd_stages,
     "analyze": _cmd_stages,

@@ -1,20 +1,26 @@
 """Stage 1, collect: responses, refusal judgements and activations of every prompt.
 
-For each batch of chat-formatted prompts:
+The prompts are OR-Bench's (``safe``, ``toxic``) and the harmless contrast set (``harmless``). Two passes:
 
-1. responses are generated greedily with the untouched HF model (``inference.max_new_tokens``) and
-   judged by the keyword rule (:mod:`refusal_lens.refusal`);
-2. one plain forward pass, ``run_with_cache(names_filter=<resolved hooks>)`` with an explicit
-   attention mask (never inside ``generate``), gives the activations and, at the last prompt token,
-   the refusal score (logits of the first response position);
-3. the kept positions (``last``, ``all`` or ``post_instruction``; padding never) are appended to
-   per-hook Arrow buffers, written as shard files once ``inference.shard_mb`` is reached.
+1. **Responses**: greedy responses of every prompt (``inference.max_new_tokens``, on
+   ``loaded.gen_model``), judged ``refused`` / ``complied`` / ``incoherent`` (:mod:`refusal_lens.judge`),
+   committed batch by batch in ``responses/``.
+2. **The split and the refusal tokens**, once every response is judged: each prompt goes to
+   ``discovery`` / ``validation`` / ``test`` (:mod:`refusal_lens.splits`, stratified by label x category x
+   refused), and the refusal score's token set is learned from the *discovery* responses
+   (:func:`refusal_lens.refusal.learn_refusal_tokens`).
+3. **Activations**: one plain forward pass per batch, ``run_with_cache(names_filter=<resolved hooks>)``
+   with an explicit attention mask (never inside ``generate``), on the prompt and (optionally) its
+   response; it gives the activations and, at the last prompt token, the refusal score. The kept
+   positions (``last``, ``all`` or ``post_instruction``; padding never) are appended to per-hook Arrow
+   buffers, written as shard files once ``inference.shard_mb`` is reached.
 
-Output folder (``activations/``): ``prompts/`` (one row per prompt with its response and judgement),
-one dataset per hook (:mod:`refusal_lens.activations.store`), ``manifest.json``, ``config.yaml``,
-``refusal_rates.json`` / ``.csv``. Progress is committed shard by shard in ``progress/rank-*.json``:
-kill the process at any moment and the same command resumes after the last committed shard (files of
-an uncommitted shard are deleted first), giving the same rows as an uninterrupted run.
+Output folder (``activations/``): ``prompts/`` (one row per prompt: response, outcome, judge rule, split,
+refusal score), one dataset per hook (:mod:`refusal_lens.activations.store`), ``split.json``,
+``manifest.json`` (with the refusal tokens), ``config.yaml``, ``refusal_rates.json`` / ``.csv``. Progress is
+committed batch by batch (responses) and shard by shard (activations, ``progress/rank-*.json``): kill the
+process at any moment and the same command resumes after the last committed batch or shard (files of an
+uncommitted shard are deleted first), giving the same rows as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from refusal_lens.activations.store import (
     write_arrow_file,
 )
 from refusal_lens.chat import EncodedPrompt, encode_prompt, left_pad, render
+from refusal_lens.intervene import Intervener
+from refusal_lens.judge import judge
 from refusal_lens.config import Config, InferenceConfig, config_to_dict, dump_config
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
@@ -50,13 +58,16 @@ from refusal_lens.estimate import estimate_for_config, measure_hook_widths
 from refusal_lens.hooks import resolve_hooks
 from refusal_lens.models.loading import LoadedModel
 from refusal_lens.prompts import Prompt
-from refusal_lens.refusal import RefusalTokens, build_refusal_tokens, is_refusal, refusal_score
+from refusal_lens.refusal import RefusalTokens, auroc, family_refusal_tokens, learn_refusal_tokens, refusal_score
+from refusal_lens.splits import SPLITS, assign_splits, split_counts
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
 PROMPTS_DIR = "prompts"
+RESPONSES_DIR = "responses"
 MANIFEST = "manifest.json"
+SPLIT_FILE = "split.json"
 
 
 class ResultsMismatchError(UserError, RuntimeError):
@@ -74,11 +85,16 @@ def prompt_features():
             "label": Value("string"),
             "source": Value("string"),
             "response": Value("string"),
+            "outcome": Value("string"),
+            "judge_rule": Value("string"),
             "refused": Value("bool"),
+            "split": Value("string"),
             "refusal_score": Value("float32"),
             "n_prompt_tokens": Value("int32"),
             "n_response_tokens": Value("int32"),
             "truncated": Value("bool"),
+            "n_opening_tokens": Value("int32"),
+            "n_post_instruction_tokens": Value("int32"),
         }
     )
 
@@ -127,37 +143,57 @@ class BatchOutput:
     stats: CollectStats
 
 
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids = loaded.hf_model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return ids
+@dataclass
+class Judged:
+    """The response of one prompt and its judgement (pass 1)."""
+
+    index: int  # position in the stage's prompt list
+    prompt_id: str
+    response_ids: list[int]
+    response: str
+    outcome: str
+    rule: str
+
+    @property
+    def refused(self) -> bool:
+        return self.outcome == "refused"
 
 
-def hf_generate(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy generation with the untouched HF model (KV cache); the new tokens ``[batch, new]``."""
-    with torch.no_grad():
-        out = loaded.hf_model.generate(
-            input_ids=ids.to(loaded.device),
-            attention_mask=mask.to(loaded.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
-    return out[:, ids.shape[1] :]
+class ResponseLog:
+    """Pass 1's commits: one JSON file per batch of judged responses of this rank, written atomically."""
+
+    def __init__(self, folder: Path, rank: int):
+        self.folder = folder / RESPONSES_DIR
+        self.rank = rank
+
+    def files(self, rank: int | None = None) -> list[Path]:
+        pattern = f"rank-{self.rank if rank is None else rank:03d}-*.json"
+        return sorted(self.folder.glob(pattern)) if self.folder.is_dir() else []
+
+    def read(self, rank: int | None = None) -> list[Judged]:
+        out = []
+        for path in self.files(rank):
+            out += [Judged(**row) for row in json.loads(path.read_text())]
+        return out
+
+    def commit(self, judged: Sequence[Judged]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"rank-{self.rank:03d}-{len(self.files()):05d}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([asdict(j) for j in judged]))
+        tmp.replace(path)
 
 
-def generate_responses(loaded: LoadedModel, encoded: Sequence[EncodedPrompt], max_new_tokens: int) -> list[list[int]]:
-    """Greedy responses (token ids up to, not including, the first end-of-sequence token)."""
-    ids, mask = left_pad([e.ids for e in encoded], loaded.tokenizer.pad_token_id)
-    new = hf_generate(loaded, ids, mask, max_new_tokens).tolist()
-    eos = _eos_ids(loaded)
-    responses = []
-    for row in new:
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        responses.append(row[:cut])
-    return responses
+def judge_batch(intervener: Intervener, indices: Sequence[int], prompts: Sequence[Prompt],
+                encoded: Sequence[EncodedPrompt], max_new_tokens: int) -> list[Judged]:
+    """Greedy responses of the given prompts, judged."""
+    responses = intervener.generate([encoded[i] for i in indices], max_new_tokens)
+    texts = intervener.decode(responses)
+    out = []
+    for i, ids, text in zip(indices, responses, texts):
+        j = judge(text)
+        out.append(Judged(i, prompts[i].id, list(ids), text, j.outcome, j.rule))
+    return out
 
 
 def positions_to_keep(mode: str, n_prompt: int, n_post: int, n_response: int, with_response: bool) -> list[int]:
@@ -221,19 +257,16 @@ def process_batch(
     loaded: LoadedModel,
     prompts: Sequence[Prompt],
     encoded: Sequence[EncodedPrompt],
+    judged: Sequence[Judged],
+    splits: dict[str, str],
     hooks: Sequence[str],
     cfg: Config,
     tokens: RefusalTokens,
 ) -> BatchOutput:
-    """Generate and judge the responses of a batch, then collect its activations."""
+    """Collect the activations and refusal scores of a batch of judged prompts (pass 3)."""
     inf = cfg.inference
-    stats = CollectStats(prompts=len(prompts))
-    t0 = time.perf_counter()
-    responses = generate_responses(loaded, encoded, inf.max_new_tokens)
-    stats.generate_s = time.perf_counter() - t0
-    stats.generated_tokens = sum(len(r) for r in responses)
-    texts = loaded.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    refused = [is_refusal(t) for t in texts]
+    stats = CollectStats(prompts=len(prompts), generated_tokens=sum(len(j.response_ids) for j in judged))
+    responses = [j.response_ids for j in judged]
     t0 = time.perf_counter()
     scores, values, token_ids, meta, n_tokens = forward_and_extract(
         loaded, prompts, encoded, responses, hooks, inf, tokens
@@ -241,7 +274,7 @@ def process_batch(
     stats.forward_s = time.perf_counter() - t0
     stats.forward_tokens = n_tokens
     by_prompt = {p.id: b for b, p in enumerate(prompts)}
-    meta["refused"] = [refused[by_prompt[pid]] for pid in meta.get("prompt_id", [])]
+    meta["refused"] = [judged[by_prompt[pid]].refused for pid in meta.get("prompt_id", [])]
     meta["refusal_score"] = [scores[by_prompt[pid]] for pid in meta.get("prompt_id", [])]
     prompt_rows = [
         {
@@ -250,14 +283,19 @@ def process_batch(
             "category": p.category,
             "label": p.label,
             "source": p.source,
-            "response": text,
-            "refused": ref,
+            "response": j.response,
+            "outcome": j.outcome,
+            "judge_rule": j.rule,
+            "refused": j.refused,
+            "split": splits[p.id],
             "refusal_score": score,
             "n_prompt_tokens": len(e.ids),
-            "n_response_tokens": len(r),
+            "n_response_tokens": len(j.response_ids),
             "truncated": e.truncated,
+            "n_opening_tokens": e.n_opening,
+            "n_post_instruction_tokens": e.n_post_instruction,
         }
-        for p, e, r, text, ref, score in zip(prompts, encoded, responses, texts, refused, scores)
+        for p, e, j, score in zip(prompts, encoded, judged, scores)
     ]
     return BatchOutput(prompt_rows, values, token_ids, meta, stats)
 
@@ -354,7 +392,7 @@ def fingerprint(cfg: Config, hooks: Sequence[str], world: int) -> str:
     inf.pop("shard_mb")
     blob = json.dumps(
         {"model": config_to_dict(cfg.model), "data": config_to_dict(cfg.data), "inference": inf,
-         "hooks": list(hooks), "world": world},
+         "harmless": [cfg.direction.harmless, cfg.direction.harmless_samples], "hooks": list(hooks), "world": world},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -410,20 +448,27 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 
 def refusal_rates(prompt_rows: Sequence[dict]) -> list[dict]:
-    """Refusal rate per category and label (safe: over-refusal; toxic: correct refusal), plus totals."""
-    groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    """Outcome counts per split ("all" and each split), category and label (safe: over-refusal; toxic: correct
+    refusal; harmless: should be 0), plus per-split totals over categories (category "ALL")."""
+    groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for row in prompt_rows:
-        groups[(row["category"], row["label"])].append(bool(row["refused"]))
-        groups[("ALL", row["label"])].append(bool(row["refused"]))
+        outcome = row.get("outcome") or ("refused" if row["refused"] else "complied")
+        for split in ("all", row.get("split", "all")):
+            groups[(split, row["category"], row["label"])].append(outcome)
+            groups[(split, "ALL", row["label"])].append(outcome)
     out = []
-    for (category, label), refused in sorted(groups.items(), key=lambda kv: (kv[0][0] == "ALL", kv[0])):
-        out.append({"category": category, "label": label, "n": len(refused), "refused": sum(refused),
-                    "rate": sum(refused) / len(refused)})
+    order = {s: i for i, s in enumerate(("all", *SPLITS))}
+    for (split, category, label), outcomes in sorted(groups.items(),
+                                                     key=lambda kv: (order[kv[0][0]], kv[0][1] == "ALL", kv[0][1:])):
+        n = len(outcomes)
+        out.append({"split": split, "category": category, "label": label, "n": n, "refused": outcomes.count("refused"),
+                    "incoherent": outcomes.count("incoherent"), "rate": outcomes.count("refused") / n})
     return out
 
 
-def format_rates(rates: Sequence[dict]) -> str:
-    """A plain-text table: category x (safe over-refusal, toxic refusal)."""
+def format_rates(rates: Sequence[dict], split: str = "all") -> str:
+    """A plain-text table of one split: category x (safe over-refusal, toxic refusal, harmless refusal)."""
+    rates = [r for r in rates if r.get("split", "all") == split]
     labels = sorted({r["label"] for r in rates})
     cats = list(dict.fromkeys(r["category"] for r in rates))
     cell = {(r["category"], r["label"]): r for r in rates}
@@ -464,7 +509,7 @@ def _finalize(folder: Path, hooks: Sequence[str], writer: ShardWriter, widths: d
     rates = refusal_rates(rows)
     (folder / "refusal_rates.json").write_text(json.dumps(rates, indent=2))
     with (folder / "refusal_rates.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["category", "label", "n", "refused", "rate"])
+        w = csv.DictWriter(fh, fieldnames=["split", "category", "label", "n", "refused", "incoherent", "rate"])
         w.writeheader()
         w.writerows(rates)
     return rates
@@ -474,6 +519,56 @@ def _initial_batch_size(cfg: Config, device: torch.device) -> int:
     if isinstance(cfg.inference.batch_size, int):
         return cfg.inference.batch_size
     return 64 if device.type == "cuda" else 8
+
+
+def _with_oom_halving(batch_size: int, what: str):
+    """Run ``fn(batch_size)`` and halve the batch size on out-of-memory until it fits (or is 1)."""
+    def run(fn):
+        nonlocal batch_size
+        while True:
+            try:
+                return fn(batch_size), batch_size
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                logger.warning("out of memory (%s): batch size halved to %d", what, batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    return run
+
+
+def _split_and_tokens(folder: Path, loaded, prompts: Sequence[Prompt], cfg: Config, world: int) -> dict:
+    """Pass 2 (rank 0): the split of every prompt and the refusal tokens learned from the discovery responses."""
+    judged: list[Judged] = []
+    log = ResponseLog(folder, 0)
+    for r in range(world):
+        judged += log.read(r)
+    by_index = {j.index: j for j in judged}
+    if len(by_index) != len(prompts):
+        raise RuntimeError(f"collect: {len(by_index)} judged responses for {len(prompts)} prompts")  # a bug, not input
+    rows = [{"prompt_id": p.id, "label": p.label, "category": p.category, "refused": by_index[i].refused}
+            for i, p in enumerate(prompts)]
+    d = cfg.data
+    splits = assign_splits(rows, d.split_fractions, d.split_seed)
+    fallback = family_refusal_tokens(loaded.tokenizer, render(loaded.tokenizer, "Hello"), loaded.family.refusal_words)
+    if cfg.inference.refusal_tokens == "learned":
+        disc = [by_index[i] for i, p in enumerate(prompts) if splits[p.id] == "discovery" and by_index[i].response_ids]
+        tokens = learn_refusal_tokens([j.response_ids[0] for j in disc], [j.refused for j in disc], fallback,
+                                      loaded.tokenizer, cfg.inference.refusal_token_min_count,
+                                      cfg.inference.refusal_token_share)
+    else:
+        tokens = fallback
+    for r in rows:
+        r["split"] = splits[r["prompt_id"]]
+    info = {"splits": splits, "counts": split_counts(rows), "fractions": list(d.split_fractions), "seed": d.split_seed,
+            "stratified_by": ["label", "category", "refused"], "refusal_tokens": tokens.to_dict()}
+    tmp = folder / (SPLIT_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(folder / SPLIT_FILE)
+    logger.info("split: %s; refusal tokens (%s): %s", {s: c.get("all", 0) for s, c in info["counts"].items()},
+                tokens.source, list(tokens.tokens))
+    return info
 
 
 def collect(
@@ -489,7 +584,8 @@ def collect(
 ) -> CollectResult:
     """Run the collect stage into ``folder``; resumes a partial run, skips a finished one.
 
-    ``status`` gets the prompts done of this rank's block per batch, and the refusal rates once known."""
+    ``status`` gets this rank's progress (responses, then activations: two steps per prompt) and the refusal
+    rates once known."""
     folder = Path(folder)
     status = status if status is not None else StatusFile(None)
     hooks = resolve_hooks(loaded.model, cfg.model.activation_layers)
@@ -498,7 +594,7 @@ def collect(
     if done is not None:
         rates = json.loads((folder / "refusal_rates.json").read_text())
         logger.info("collect: %s is complete (--force to redo)", folder)
-        status.progress(done["n_prompts"], done["n_prompts"], "prompt")
+        status.progress(2 * done["n_prompts"], 2 * done["n_prompts"], "step")
         status.set(rates=rates)
         return CollectResult(folder, hooks, done["n_prompts"], rates, skipped=True)
 
@@ -512,52 +608,78 @@ def collect(
     estimate = estimate_for_config(widths, inf, cfg.model.torch_dtype, mean_len)
     for line in estimate.lines():
         logger.info("estimate: %s", line)
-    tokens = build_refusal_tokens(
-        loaded.tokenizer, render(loaded.tokenizer, "Hello"), loaded.family.refusal_words, loaded.family.compliance_words
-    )
     start, mine = dist.block(list(range(len(prompts))))
+    stats = CollectStats()
+    batch_size = _initial_batch_size(cfg, loaded.device)
+    steps = 2 * len(mine)
+    if dist.world > 1:
+        status.set(message=f"collect progress counts rank 0's block: {len(mine)} of {len(prompts)} prompts")
+
+    # ---- pass 1: responses, judged
+    log = ResponseLog(folder, dist.rank)
+    judged = {j.index: j for j in log.read()}
+    todo = [i for i in mine if i not in judged]
+    if judged:
+        logger.info("collect: resuming the responses of rank %d at %d of %d", dist.rank, len(mine) - len(todo), len(mine))
+    intervener = Intervener(loaded)
+    bar = tqdm(total=steps, initial=len(mine) - len(todo), unit="step", desc=f"collect[{dist.rank}]",
+               disable=not show_progress or not dist.is_main)
+    status.progress(len(mine) - len(todo), steps, "step", initial=len(mine) - len(todo))
+    t0 = time.perf_counter()
+    while todo:
+        def respond(bs: int):
+            intervener.batch_size = bs
+            return judge_batch(intervener, todo[:bs], prompts, encoded_all, inf.max_new_tokens)
+
+        batch, batch_size = _with_oom_halving(batch_size, "generation")(respond)
+        log.commit(batch)
+        for j in batch:
+            judged[j.index] = j
+        todo = todo[len(batch):]
+        bar.update(len(batch))
+        status.progress(len(mine) - len(todo), steps)
+    stats.generate_s = time.perf_counter() - t0
+
+    # ---- pass 2: split and refusal tokens (once, on rank 0)
+    dist.barrier()
+    if dist.is_main and not (folder / SPLIT_FILE).is_file():
+        _split_and_tokens(folder, loaded, prompts, cfg, dist.world)
+    dist.barrier()
+    info = json.loads((folder / SPLIT_FILE).read_text())
+    splits, tokens = info["splits"], RefusalTokens.from_dict(info["refusal_tokens"])
+
+    # ---- pass 3: activations and refusal scores, shard by shard
     writer = ShardWriter(folder, hooks, widths, inf.storage_dtype, dist.rank, inf.shard_mb << 20)
     removed = writer.remove_uncommitted()
     if removed:
         logger.info("collect: removed %d file(s) of an interrupted shard", removed)
     done_n = writer.next_prompt
     if done_n:
-        logger.info("collect: resuming rank %d at prompt %d of %d", dist.rank, done_n, len(mine))
-
-    stats = CollectStats()
-    batch_size = _initial_batch_size(cfg, loaded.device)
+        logger.info("collect: resuming the activations of rank %d at prompt %d of %d", dist.rank, done_n, len(mine))
+    bar.update(done_n)
+    status.progress(len(mine) + done_n, steps)
     shard_start = done_n
-    bar = tqdm(total=len(mine), initial=done_n, unit="prompt", desc=f"collect[{dist.rank}]",
-               disable=not show_progress or not dist.is_main)
-    if dist.world > 1:
-        status.set(message=f"collect progress counts rank 0's block: {len(mine)} of {len(prompts)} prompts")
-    status.progress(done_n, len(mine), "prompt", initial=done_n)
     t_start = time.perf_counter()
     i = done_n
     while i < len(mine):
-        idx = mine[i : i + batch_size]
-        try:
-            out = process_batch(loaded, [prompts[j] for j in idx], [encoded_all[j] for j in idx], hooks, cfg, tokens)
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            logger.warning("out of memory: batch size halved to %d", batch_size)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
+        def forward(bs: int):
+            idx = mine[i : i + bs]
+            return process_batch(loaded, [prompts[j] for j in idx], [encoded_all[j] for j in idx],
+                                 [judged[j] for j in idx], splits, hooks, cfg, tokens)
+
+        out, batch_size = _with_oom_halving(batch_size, "activations")(forward)
         t0 = time.perf_counter()
         writer.add(out)
-        i += len(idx)
+        i += out.stats.prompts
         if writer.full():
             out.stats.bytes_written += writer.flush(shard_start, i)
             shard_start = i
         out.stats.write_s = time.perf_counter() - t0
         stats.add(out.stats)
-        bar.update(len(idx))
+        bar.update(out.stats.prompts)
         elapsed = time.perf_counter() - t_start
-        bar.set_postfix(prompts_s=f"{stats.prompts / elapsed:.2f}", tok_s=f"{stats.forward_tokens / elapsed:.0f}")
-        status.progress(i, len(mine))
+        bar.set_postfix(tok_s=f"{stats.forward_tokens / elapsed:.0f}")
+        status.progress(len(mine) + i, steps)
     t0 = time.perf_counter()
     stats.bytes_written += writer.flush(shard_start, len(mine))
     stats.write_s += time.perf_counter() - t0
@@ -568,20 +690,36 @@ def collect(
     rates: list[dict] = []
     if dist.is_main:
         rates = _finalize(folder, hooks, writer, widths, cfg, dist.world)
+        import datasets
+
+        rows = datasets.load_from_disk(str(folder / PROMPTS_DIR)).to_list()
         manifest = json.loads((folder / MANIFEST).read_text())
         manifest.update(
             status="complete", n_prompts=len(prompts), n_layers=loaded.n_layers, hooks=list(hooks), widths=widths,
             template_prefix_tokens=shared_prefix_length([e.ids for e in encoded_all]),
-            refusal_tokens=tokens.to_dict(), estimate=estimate.to_dict(),
-            versions=_versions(), stats_rank0=asdict(stats),
+            opening_tokens=min((e.n_opening for e in encoded_all), default=0),
+            post_instruction_tokens=max((e.n_post_instruction for e in encoded_all), default=0),
+            refusal_tokens=tokens.to_dict(), score_auroc=score_auroc(rows), split_counts=info["counts"],
+            estimate=estimate.to_dict(), versions=_versions(), stats_rank0=asdict(stats),
         )
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        status.progress(len(prompts), len(prompts), "prompt")
+        status.progress(steps, steps)
         status.set(rates=rates)
     dist.barrier()
     if not dist.is_main:
         rates = json.loads((folder / "refusal_rates.json").read_text())
     return CollectResult(folder, hooks, len(prompts), rates, stats=stats)
+
+
+def score_auroc(rows: Sequence[dict]) -> dict[str, dict]:
+    """How well the refusal score separates refused from complied responses (incoherent ones left out), per
+    split: AUROC with the counts (the test split's is the one the report states)."""
+    out = {}
+    for split in SPLITS:
+        pos = [r["refusal_score"] for r in rows if r["split"] == split and r["outcome"] == "refused"]
+        neg = [r["refusal_score"] for r in rows if r["split"] == split and r["outcome"] == "complied"]
+        out[split] = {"auroc": auroc(pos, neg), "n_refused": len(pos), "n_complied": len(neg)}
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -594,3 +732,41 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+@dataclass
+class Collected:
+    """A finished collection as later stages read it."""
+
+    folder: Path
+    manifest: dict
+    rows: list[dict]  # the prompts table, in collection order
+    tokens: RefusalTokens
+
+    def split_rows(self, split: str, label: str | None = None, refused: bool | None = None) -> list[int]:
+        """Indices of the rows of ``split`` (optionally of one label, refused or not)."""
+        return [i for i, r in enumerate(self.rows) if r["split"] == split and (label is None or r["label"] == label)
+                and (refused is None or bool(r["refused"]) == refused)]
+
+    def encoded(self, tokenizer, max_tokens: int, rows: Sequence[int]) -> list[EncodedPrompt]:
+        return [encode_prompt(tokenizer, self.rows[i]["prompt"], max_tokens) for i in rows]
+
+    def response_ids(self, tokenizer, rows: Sequence[int]) -> list[list[int]]:
+        """The judged responses of ``rows`` as token ids (as collected, from ``responses/``)."""
+        judged = {}
+        log = ResponseLog(self.folder, 0)
+        for r in range(int(self.manifest.get("world", 1))):
+            judged.update({j.prompt_id: j.response_ids for j in log.read(r)})
+        return [judged[self.rows[i]["prompt_id"]] for i in rows]
+
+
+def load_collected(acts_dir: Path) -> Collected:
+    """The prompts table, manifest and refusal tokens of a finished collect stage (an error otherwise)."""
+    import datasets
+
+    path = Path(acts_dir) / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if manifest.get("status") != "complete":
+        raise UserError(f"no finished activations in {acts_dir}: run `refusal-lens collect` with this config first")
+    rows = datasets.load_from_disk(str(Path(acts_dir) / PROMPTS_DIR)).to_list()
+    return Collected(Path(acts_dir), manifest, rows, RefusalTokens.from_dict(manifest["refusal_tokens"]))

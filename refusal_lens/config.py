@@ -41,8 +41,12 @@ class ModelConfig:
     backend: Literal["bridge", "hooked"] = "bridge"
     #: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda when available).
     device: str = "cpu"
-    #: dtype the model runs in (float32 on CPU; bfloat16/float16 on GPU).
+    #: dtype the model runs in (float32 on CPU; bfloat16/float16 on GPU): activations, attribution.
     torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    #: dtype of the copy of the model that runs greedy generation and every intervention pass (responses,
+    #: direction selection and evaluation, behaviour checks); ``same`` = torch_dtype. On CPUs with AVX512-BF16
+    #: bfloat16 runs ~2.9x faster than float32 (bench/bench_interventions.py).
+    intervention_dtype: Literal["same", "float32", "float16", "bfloat16"] = "same"
     #: layer specs, see docs/layer_specs.md.
     activation_layers: tuple[str | int, ...] = ("residuals_all",)
 
@@ -74,6 +78,14 @@ class InferenceConfig:
     max_prompt_tokens: int = 256
     #: also store the activations of the generated response tokens (SAE training wants many tokens).
     store_response_activations: bool = False
+    #: the refusal score's token set R: ``learned`` from the discovery responses' first tokens (a token whose
+    #: responses are refused in at least ``refusal_token_share`` of ``refusal_token_min_count`` or more cases), or
+    #: the model family's words (``family``; also the fallback when nothing qualifies).
+    refusal_tokens: Literal["learned", "family"] = "learned"
+    #: learned refusal tokens: minimum number of discovery responses starting with the token.
+    refusal_token_min_count: int = 2
+    #: learned refusal tokens: minimum share of those responses judged refused.
+    refusal_token_share: float = 0.8
     #: buffered activations are written as a shard once they reach this many MiB (bounds memory).
     shard_mb: int = 256
 
@@ -99,12 +111,31 @@ class DataConfig:
     splits: tuple[Literal["or-bench-80k", "or-bench-hard-1k", "or-bench-toxic"], ...] = ()
     #: seed of the per-category sampling.
     seed: int = 0
+    #: share of prompts in the discovery split (everything is fitted and ranked there), stratified by label x
+    #: category x refused (refusal_lens/splits.py); the three shares sum to 1.
+    split_discovery: float = 0.4
+    #: share of prompts in the validation split (every choice among candidates is made there).
+    split_validation: float = 0.2
+    #: share of prompts in the test split (every reported result is measured there).
+    split_test: float = 0.4
+    #: seed of the split (a hash of the seed and the prompt id; independent of prompt order).
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_samples_per_category is not None and self.max_samples_per_category < 1:
             raise ConfigError(
                 f"data.max_samples_per_category={self.max_samples_per_category}; allowed: a positive integer or null"
             )
+        from refusal_lens.splits import SplitError, check_fractions
+
+        try:
+            check_fractions(self.split_fractions)
+        except SplitError as err:
+            raise ConfigError(str(err)) from None
+
+    @property
+    def split_fractions(self) -> tuple[float, float, float]:
+        return (self.split_discovery, self.split_validation, self.split_test)
 
 
 @dataclass(frozen=True)
@@ -201,6 +232,70 @@ class SAEConfig:
                 check_layer_specs(self.hooks)
             except LayerSpecError as err:
                 raise ConfigError(f"sae.hooks: {err}") from None
+
+
+@dataclass(frozen=True)
+class DirectionConfig:
+    """The refusal direction of Arditi et al. 2024: contrast, candidates, selection by cause (docs/direction.md)."""
+
+    #: harmless contrast prompts: null = the embedded set written by the project (refusal_lens/data/harmless),
+    #: or a CSV/JSONL/parquet file or a datasets folder with a ``prompt`` column (e.g. Alpaca). Collected with
+    #: label ``harmless`` (responses, judgements, activations) and split like every prompt.
+    harmless: str | None = None
+    #: at most this many harmless prompts, drawn with data.seed (null = all).
+    harmless_samples: int | None = None
+    #: which prompts the model "agrees with" (the contrast keeps only those): ``score`` = the reference's filter
+    #: (refusal score > 0 for harmful, < 0 for harmless), ``judged`` = harmful prompts it refused and harmless
+    #: ones it did not (by the judge of the responses), ``both`` = both conditions.
+    keep: Literal["score", "judged", "both"] = "score"
+    #: candidates whose selection scores are measured exactly (by intervention) on the validation split, after
+    #: the linear screen of every candidate: the best ``exact_per_layer`` positions of each layer below the layer
+    #: filter, plus the best ``exact_candidates`` overall (null = every candidate).
+    exact_candidates: int | None = 8
+    #: see exact_candidates.
+    exact_per_layer: int = 1
+    #: prompts per side (harmful, harmless) of the validation split used for the selection scores (null = all).
+    selection_prompts: int | None = 32
+    #: selection filter: KL(clean || ablated) of harmless last-position logits at most this.
+    kl_max: float = 0.1
+    #: selection filter: induce score (harmless prompts with the vector added) above this; when no candidate
+    #: passes, the filter is dropped and the report says so.
+    induce_min: float = 0.0
+    #: selection filter: layer < this x n_layers (the last layers write the output, not the decision).
+    max_layer_fraction: float = 0.8
+    #: random directions (ablated) and random vectors of the same norm (added): the control distribution.
+    random_directions: int = 20
+    #: per-category directions, their cosines and the cross-ablation matrix.
+    per_category: bool = True
+    #: the over-refusal direction (refused safe - refused toxic) and its ablation / subtraction.
+    over_refusal: bool = True
+    #: emergence by intervention: the direction ablated from layer l on, for every ``emergence_stride``-th layer.
+    emergence_stride: int = 1
+    #: greedy tokens per response in the evaluations (null = inference.max_new_tokens).
+    max_new_tokens: int | None = None
+    #: bootstrap resamples (prompts) of every interval of a mean.
+    bootstrap: int = 1000
+    #: prompts per forward pass.
+    batch_size: int = 16
+    #: seed of every random choice of the stage.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("harmless_samples", "exact_candidates", "selection_prompts", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"direction.{name}={value}; allowed: a positive integer or null")
+        for name in ("emergence_stride", "bootstrap", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
+        if self.exact_per_layer < 0:
+            raise ConfigError(f"direction.exact_per_layer={self.exact_per_layer}; allowed: an integer >= 0")
+        if self.random_directions < 0:
+            raise ConfigError(f"direction.random_directions={self.random_directions}; allowed: an integer >= 0")
+        if not 0.0 < self.max_layer_fraction <= 1.0:
+            raise ConfigError(f"direction.max_layer_fraction={self.max_layer_fraction}; allowed: a number in (0, 1]")
+        if self.kl_max <= 0:
+            raise ConfigError(f"direction.kl_max={self.kl_max}; allowed: a positive number")
 
 
 @dataclass(frozen=True)
@@ -326,8 +421,11 @@ class AnalysisConfig:
     monolithic_threshold: float = 0.5
     #: similarity bar of 'partially modular' (see monolithic_threshold).
     partial_threshold: float = 0.2
-    #: pairs whose groups have fewer prompts than this are "insufficient" (no verdict).
-    min_prompts: int = 2
+    #: the power floor: a comparison whose groups have fewer test prompts than this is "insufficient" (no verdict).
+    min_prompts: int = 10
+    #: equivalence margin of "shared": the lower confidence bound of the normalised similarity (circuits) or of
+    #: the transfer (cross-ablation) must reach it.
+    shared_margin: float = 0.8
     #: top features shown per pooled circuit, with their most activating prompt tokens.
     top_features: int = 8
     #: most activating prompt tokens shown per top feature.
@@ -361,6 +459,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
     circuits: CircuitConfig = field(default_factory=CircuitConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
@@ -549,6 +648,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DirectionConfig",
     "InferenceConfig",
     "ModelConfig",
     "OutputConfig",

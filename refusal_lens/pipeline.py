@@ -1,10 +1,11 @@
 """The main job, stage by stage. Only this module (with the CLI) knows where results go:
 
     <output.result_dir>/<run>/
-        activations/   stage 1: prompts, responses, refusal judgements, activations per hook
-        saes/          stage 2 (train-saes)
-        circuits/      stage 3 (discover)
-        analysis/      stage 4 (analyze)
+        activations/   stage 1: prompts, responses, refusal judgements, the split, activations per hook
+        direction/     stage 2: the refusal direction (selected on validation, evaluated on test)
+        saes/          stage 3 (train-saes)
+        circuits/      stage 4 (discover)
+        analysis/      stage 5 (analyze)
 
 ``<run>`` is ``output.run_name``, or the model name made path-safe. Each stage skips when its
 folder is complete and ``force`` is false. Stages take the process's :class:`Dist` (one torchrun
@@ -52,11 +53,25 @@ def run_collect(cfg: Config, dist: Dist, models: Models, *, force: bool = False,
                 status: StatusFile | None = None):
     """Stage 1: load the prompts (bad data fails before the model loads), collect into ``<run>/activations``."""
     from refusal_lens.collect import collect
-    from refusal_lens.prompts import load_prompts
+    from refusal_lens.prompts import load_harmless, load_prompts
 
-    prompts = load_prompts(cfg.data)
+    prompts = load_prompts(cfg.data) + load_harmless(cfg.direction.harmless, cfg.direction.harmless_samples,
+                                                     cfg.data.seed)
     return collect(models.get(), prompts, cfg, activations_dir(cfg), force=force, dist=dist,
                    show_progress=show_progress, status=status)
+
+
+def direction_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "direction"
+
+
+def run_direction(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
+                  status: StatusFile | None = None):
+    """Stage 2: the refusal direction, selected on validation and evaluated on test, into ``<run>/direction``."""
+    from refusal_lens.direction.stage import run_direction_stage
+
+    return run_direction_stage(cfg, models.get(), activations_dir(cfg), direction_dir(cfg), force=force, dist=dist,
+                               show_progress=show_progress, status=status)
 
 
 def saes_dir(cfg: Config) -> Path:

@@ -3,6 +3,10 @@
 Every row becomes a :class:`Prompt` with ``source`` (file it came from) and ``label``
 (``safe``: seemingly toxic but answerable; ``toxic``: should be refused). OR-Bench's
 ``or-bench-80k.csv`` and ``or-bench-hard-1k.csv`` are *safe*, ``or-bench-toxic.csv`` is *toxic*.
+
+The *harmless* prompts of the refusal-direction contrast (plain instructions, label ``harmless``) come
+from ``direction.harmless``: the embedded set (``refusal_lens/data/harmless/harmless.csv``) or any file or
+datasets folder with a ``prompt`` column (:func:`load_harmless`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ OR_BENCH_FILES: dict[str, str] = {
     "or-bench-toxic": "toxic",
 }
 LABELS = ("safe", "toxic")
+HARMLESS = "harmless"
 UNLABELED = "unlabeled"
 SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
@@ -65,6 +70,18 @@ class Prompt:
 def sample_set_path() -> Path:
     """The embedded OR-Bench-shaped sample folder shipped in the package."""
     return Path(str(resources.files("refusal_lens") / "data" / "sample_or_bench"))
+
+
+#: ``data.path`` / ``direction.harmless`` values naming an embedded set instead of a path.
+EMBEDDED_SETS = {"embedded:sample": "sample_or_bench", "embedded:large": "or_bench_large",
+                 "embedded:harmless": "harmless/harmless.csv"}
+
+
+def embedded_set_path(name: str) -> Path:
+    """The package folder (or file) of an embedded prompt set, ``embedded:<name>``."""
+    if name not in EMBEDDED_SETS:
+        raise DataError(f"unknown embedded prompt set {name!r}; allowed: {', '.join(EMBEDDED_SETS)}")
+    return Path(str(resources.files("refusal_lens") / "data" / EMBEDDED_SETS[name]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +187,8 @@ def _read_or_bench_folder(path: Path, splits: Sequence[str]) -> list[Prompt]:
 
 def read_prompts(path: str | Path | None, splits: Sequence[str] = ()) -> list[Prompt]:
     """Read every prompt at ``path`` (None = the embedded sample set), before any filtering."""
+    if path is not None and str(path).startswith("embedded:"):
+        path = embedded_set_path(str(path))
     root = sample_set_path() if path is None else Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data.path={str(root)!r} does not exist")
@@ -270,3 +289,35 @@ def load_prompts(cfg: DataConfig) -> list[Prompt]:
         ", ".join(f"{label} {sum(n for (c, lab), n in counts.items() if lab == label)}" for label in sorted({p.label for p in selected})),
     )
     return selected
+
+
+def read_harmless(path: str | Path | None) -> list[Prompt]:
+    """Plain harmless instructions: ``path`` (a file or datasets folder with a ``prompt`` column; ``category``
+    optional) or, when None, the embedded set. Labelled ``harmless``; category ``harmless`` when absent."""
+    root = embedded_set_path("embedded:harmless") if path is None or str(path) == "embedded:harmless" \
+        else Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"direction.harmless={str(root)!r} does not exist")
+    if root.is_dir():
+        columns, rows = _read_datasets_folder(root)
+    else:
+        columns, rows = _read_file(root)
+    if "prompt" not in columns:
+        raise DataError(f"direction.harmless={str(root)!r}: no 'prompt' column; found columns {columns}")
+    out = []
+    for i, row in enumerate(rows):
+        text = row.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"direction.harmless={str(root)!r}: row {i} has no prompt text ({text!r})")
+        category = row.get("category") if isinstance(row.get("category"), str) and row.get("category") else HARMLESS
+        out.append(Prompt(f"{HARMLESS}:{i}", text.strip(), category.strip(), HARMLESS, root.stem))
+    return out
+
+
+def load_harmless(path: str | Path | None, samples: int | None, seed: int) -> list[Prompt]:
+    """The harmless contrast prompts, de-duplicated, at most ``samples`` of them drawn with ``seed``."""
+    prompts = deduplicate(read_harmless(path))
+    if samples is not None and len(prompts) > samples:
+        prompts = random.Random(seed).sample(prompts, samples)
+    logger.info("%d harmless prompts", len(prompts))
+    return prompts

@@ -14,6 +14,7 @@ from refusal_lens.activations.store import load_hook_tensor
 from refusal_lens.chat import encode_prompt
 from refusal_lens.collect import ResultsMismatchError, collect, format_rates, refusal_rates
 from refusal_lens.config import Config, DataConfig, InferenceConfig, ModelConfig, dump_config
+from refusal_lens.judge import judge
 from refusal_lens.prompts import Prompt
 
 from conftest import run_cli
@@ -83,11 +84,10 @@ def test_activations_equal_direct_run_with_cache(tiny_loaded, tiny_model_dir, tm
             assert cols["token_ids"][rows].tolist() == [enc.ids[k] for k in expected_pos]
             # padded batch of 3 vs a single unpadded prompt: equal up to fp32 op-order noise
             torch.testing.assert_close(values[rows], ref[hook][expected_pos], rtol=1e-4, atol=1e-4)
-    # refusal score: from the first response position of the same forward pass
-    tokens = collect_mod.build_refusal_tokens(
-        tiny_loaded.tokenizer, collect_mod.render(tiny_loaded.tokenizer, "Hello"),
-        tiny_loaded.family.refusal_words, tiny_loaded.family.compliance_words,
-    )
+    # refusal score: from the first response position of the same forward pass, with the tokens of the manifest
+    manifest = json.loads((tmp_path / "acts" / "manifest.json").read_text())
+    tokens = collect_mod.RefusalTokens.from_dict(manifest["refusal_tokens"])
+    assert manifest["refusal_tokens"]["source"] in ("learned", "family")
     for row, p in zip(table, ps):
         _, logits, _ = direct_cache(tiny_loaded, p.prompt, [])
         expected = collect_mod.refusal_score(logits[-1], tokens).item()
@@ -109,7 +109,8 @@ def test_responses_match_single_prompt_generation(bridge, tiny_model_dir, tmp_pa
         new = new[: new.index(eos)] if eos in new else new
         assert row["response"] == bridge.tokenizer.decode(new, skip_special_tokens=True)
         assert row["n_response_tokens"] == len(new)
-        assert row["refused"] == collect_mod.is_refusal(row["response"])
+        assert (row["outcome"], row["judge_rule"]) == (judge(row["response"]).outcome, judge(row["response"]).rule)
+        assert row["refused"] == (row["outcome"] == "refused")
 
 
 def test_response_activations_are_stored_when_asked(bridge, tiny_model_dir, tmp_path):
@@ -280,12 +281,43 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
 
 def test_refusal_rates_table():
     rows = [
-        {"category": "hate", "label": "toxic", "refused": True},
-        {"category": "hate", "label": "toxic", "refused": False},
-        {"category": "hate", "label": "safe", "refused": False},
+        {"category": "hate", "label": "toxic", "refused": True, "outcome": "refused", "split": "test"},
+        {"category": "hate", "label": "toxic", "refused": False, "outcome": "incoherent", "split": "test"},
+        {"category": "hate", "label": "safe", "refused": False, "outcome": "complied", "split": "discovery"},
     ]
     rates = refusal_rates(rows)
-    assert {(r["category"], r["label"]): r["rate"] for r in rates} == {
-        ("hate", "safe"): 0.0, ("hate", "toxic"): 0.5, ("ALL", "safe"): 0.0, ("ALL", "toxic"): 0.5}
+    assert {(r["split"], r["category"], r["label"]): (r["rate"], r["incoherent"]) for r in rates} == {
+        ("all", "hate", "safe"): (0.0, 0), ("all", "hate", "toxic"): (0.5, 1), ("all", "ALL", "safe"): (0.0, 0),
+        ("all", "ALL", "toxic"): (0.5, 1), ("discovery", "hate", "safe"): (0.0, 0),
+        ("discovery", "ALL", "safe"): (0.0, 0), ("test", "hate", "toxic"): (0.5, 1), ("test", "ALL", "toxic"): (0.5, 1)}
     text = format_rates(rates)
     assert "1/2" in text and "50.0%" in text and text.splitlines()[-1].startswith("ALL")
+    assert "0/1" in format_rates(rates, "discovery")
+
+
+def test_split_is_stratified_disjoint_and_stable(bridge, tiny_model_dir, tmp_path):
+    """Every prompt in exactly one split, each split holds its share of every stratum, and the split is a function
+    of the ids alone (another order, the same split)."""
+    from refusal_lens.splits import SPLITS, assign_splits
+
+    cfg = make_cfg(tiny_model_dir)
+    ps = prompts(30)
+    collect(bridge, ps, cfg, tmp_path / "acts", show_progress=False)
+    info = json.loads((tmp_path / "acts" / "split.json").read_text())
+    table = datasets.load_from_disk(str(tmp_path / "acts" / "prompts")).to_list()
+    assert sorted(info["splits"]) == sorted(p.id for p in ps) and set(info["splits"].values()) <= set(SPLITS)
+    assert all(r["split"] == info["splits"][r["prompt_id"]] for r in table)
+    rows = [{"prompt_id": r["prompt_id"], "label": r["label"], "category": r["category"], "refused": r["refused"]}
+            for r in table]
+    assert assign_splits(rows[::-1], (0.4, 0.2, 0.4), 0) == info["splits"]
+    # stratified: in every stratum of n prompts, each split holds its share up to one prompt
+    big = [{"prompt_id": f"p{i}", "label": "toxic" if i % 2 else "safe", "category": f"c{i % 3}", "refused": i % 5 == 0}
+           for i in range(3000)]
+    assignment = assign_splits(big, (0.5, 0.2, 0.3), 7)
+    strata: dict = {}
+    for r in big:
+        strata.setdefault((r["label"], r["category"], r["refused"]), []).append(assignment[r["prompt_id"]])
+    for members in strata.values():
+        for split, share in zip(SPLITS, (0.5, 0.2, 0.3)):
+            assert abs(members.count(split) - share * len(members)) <= 1
+    assert assign_splits(big, (0.5, 0.2, 0.3), 8) != assignment  # the seed matters

@@ -1,5 +1,6 @@
 """What differs between model families, in one place: the words a response starts with when it
-refuses or complies (for the refusal score), keyed by the Hugging Face ``config.model_type``.
+refuses (the fallback refusal-token set of the refusal score, see :mod:`refusal_lens.refusal`), keyed
+by the Hugging Face ``config.model_type``.
 
 The chat template itself comes from the tokenizer (it ships with every chat model), so it is not
 repeated here. Words are written as they follow the template's generation prompt: Llama-2's
@@ -15,21 +16,12 @@ from dataclasses import dataclass
 class ModelFamily:
     name: str
     refusal_words: tuple[str, ...]
-    compliance_words: tuple[str, ...]
 
 
-# Refusal words follow refusal_direction (Arditi et al. 2024: "I", "As" for Qwen and Llama-3 style
-# templates); compliance words are the common openings of a helpful answer.
-_CHATML = ModelFamily(
-    name="chatml",
-    refusal_words=("I", "As", "Sorry"),
-    compliance_words=("Sure", "Here", "Certainly", "To", "Yes"),
-)
-_LLAMA2 = ModelFamily(
-    name="llama2",
-    refusal_words=(" I", " As", " Sorry"),
-    compliance_words=(" Sure", " Here", " Certainly", " To", " Yes"),
-)
+# Refusal words follow refusal_direction (Arditi et al. 2024: "I", "As" for Qwen; "I" for Llama-2 and
+# Gemma). The project learns the set per model from its discovery responses and falls back to these.
+_CHATML = ModelFamily(name="chatml", refusal_words=("I", "As"))
+_LLAMA2 = ModelFamily(name="llama2", refusal_words=(" I",))
 
 #: HF model_type -> family. Unknown types get :data:`DEFAULT_FAMILY` (override the words in the config).
 FAMILIES: dict[str, ModelFamily] = {

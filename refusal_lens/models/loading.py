@@ -56,10 +56,15 @@ class LoadedModel:
     backend: str
     model: Any  # TransformerBridge | HookedTransformer
     tokenizer: Any  # our own: left padding, never adds BOS to chat text
-    hf_model: Any  # untouched HF model, used for generation
+    hf_model: Any  # untouched HF model (torch_dtype)
     family: ModelFamily
     device: torch.device
     source: str  # local folder or hub name the weights came from
+    gen_model: Any = None  # the HF model in model.intervention_dtype: generation and interventions
+
+    def __post_init__(self) -> None:
+        if self.gen_model is None:
+            self.gen_model = self.hf_model
 
     @property
     def n_layers(self) -> int:
@@ -198,4 +203,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
     )
     family = family_for_template(hf_model.config.model_type, rendered)
-    return LoadedModel(cfg.name, cfg.backend, model, tokenizer, hf_model, family, device, source)
+    gen_model = hf_model
+    if cfg.intervention_dtype not in ("same", cfg.torch_dtype):
+        gen_model = copy.deepcopy(hf_model).to(DTYPES[cfg.intervention_dtype]).eval()
+        logger.info("generation and interventions run on a %s copy of the model", cfg.intervention_dtype)
+    return LoadedModel(cfg.name, cfg.backend, model, tokenizer, hf_model, family, device, source, gen_model)

@@ -1,0 +1,74 @@
+"""Behaviour under an intervention, as every stage reports it: judged outcomes, rates with intervals, controls.
+
+A *condition* is one intervention (or none) applied while the model answers a set of prompts greedily;
+its responses are judged (:mod:`refusal_lens.judge`) and summarised by :func:`summarise`: the counts of
+``refused`` / ``complied`` / ``incoherent``, the refusal rate with its Wilson interval, and the share of
+incoherent responses (counted apart, never as compliance). :func:`control_summary` compares a
+condition with a distribution of matched random controls (each a rate): their mean and 5-95% range, and
+the empirical p-value ``(1 + #{control <= observed}) / (1 + n)`` of a condition meant to *lower* refusal
+(or ``>=`` for one meant to raise it). :func:`fraction_of` is the share of a reference intervention's
+effect that a condition reaches, ``(clean - condition) / (clean - reference)``.
+
+Every condition's responses are kept (:class:`ResponseAudit`) so that a reader can check the judge.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from refusal_lens.analysis.stats import empirical_pvalue, wilson_interval
+from refusal_lens.judge import OUTCOMES, judge
+
+
+def summarise(texts: Sequence[str]) -> dict:
+    """Counts, refusal rate (Wilson 95% interval) and incoherent share of judged responses."""
+    outcomes = [judge(t).outcome for t in texts]
+    n = len(outcomes)
+    counts = {o: outcomes.count(o) for o in OUTCOMES}
+    lo, hi = wilson_interval(counts["refused"], n) if n else (float("nan"), float("nan"))
+    return {"n": n, **counts, "refusal_rate": counts["refused"] / n if n else float("nan"), "ci": [lo, hi],
+            "incoherent_rate": counts["incoherent"] / n if n else float("nan"),
+            "coherent_rate": 1 - counts["incoherent"] / n if n else float("nan")}
+
+
+def control_summary(observed: float, controls: Sequence[float], alternative: str = "less") -> dict:
+    """The random controls' distribution and the empirical p of ``observed`` against it."""
+    values = np.asarray([c for c in controls if c == c], dtype=float)
+    if len(values) == 0:
+        return {"n": 0, "mean": None, "q05": None, "q95": None, "p_value": None, "values": []}
+    return {"n": int(len(values)), "mean": float(values.mean()), "q05": float(np.quantile(values, 0.05)),
+            "q95": float(np.quantile(values, 0.95)),
+            "p_value": float(empirical_pvalue(observed, values, alternative)), "values": values.tolist()}
+
+
+def fraction_of(clean: float, condition: float, reference: float) -> float | None:
+    """``(clean - condition) / (clean - reference)``; None when the reference moves nothing."""
+    den = clean - reference
+    if not den or den != den:
+        return None
+    return (clean - condition) / den
+
+
+@dataclass
+class ResponseAudit:
+    """Every response of every condition of a stage, written as JSON lines (one file per stage part)."""
+
+    path: Path
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, condition: str, prompt_ids: Sequence[str], texts: Sequence[str], **extra) -> None:
+        for pid, text in zip(prompt_ids, texts):
+            j = judge(text)
+            self.rows.append({"condition": condition, "prompt_id": pid, "response": text, "outcome": j.outcome,
+                              "rule": j.rule, **extra})
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.replace(self.path)
