@@ -71,7 +71,7 @@ def test_training_learns_saves_and_reloads(tiny_run):
         sae = SAE.load_from_disk(str(root / "saes" / hook))
         assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_sae == 256
         assert sorted(p.name for p in (root / "saes" / hook).iterdir()) == [
-            "cfg.json", "metrics.json", "sae_weights.safetensors", "training_log.jsonl"]
+            "cfg.json", "files.json", "metrics.json", "sae_weights.safetensors", "training_log.jsonl"]
     quality = json.loads((root / "saes" / "quality.json").read_text())
     assert [q["hook"] for q in quality] == result.trained
     assert selected_hooks(root / "saes") == [q["hook"] for q in quality if q["passes"]]
