@@ -27,6 +27,7 @@ import logging
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,12 @@ def prompt_groups(rows: Sequence[dict], cfg: Config) -> tuple[list[Group], list[
             else:
                 skipped.append(f"{label}/{cat}: no prompts with circuits.select={c.select!r}")
     return groups, skipped
+
+
+def part_rng(seed: int, *part: str) -> np.random.Generator:
+    """The random generator of one resumable part (agreement, a faithfulness curve, ...): its draws do not
+    depend on which other parts a resumed run skipped."""
+    return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in part)])
 
 
 def _safe_name(name: str) -> str:
@@ -401,13 +408,13 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
          "refused": bool(r["refused"]), "refusal_score": r["refusal_score"],
          "metric_clean": float(m_clean[i]) if i in attributed else None} for i, r in enumerate(rows)], indent=1))
 
-    rng = np.random.default_rng(c.seed)
     val_dir = out_dir / "validation"
     val_dir.mkdir(exist_ok=True)
 
     # ---- 2. agreement with exact patching
     agree_path = val_dir / "agreement.json"
     if not agree_path.is_file():
+        rng = part_rng(c.seed, "agreement")
         t0 = time.perf_counter()
         by_label = {lab: [i for i in wanted if rows[i]["label"] == lab] for lab in c.labels}
         sample: list[int] = []
@@ -451,7 +458,8 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         if g.key not in faith["curves"]:
             sub = sample(g)
             faith["curves"][g.key] = faithfulness_curve(runner, batches_of(sub), base, ranked[g.key], c.faithfulness_sizes,
-                                                        c.random_controls, rng, float(m_clean[sub].mean()),
+                                                        c.random_controls, part_rng(c.seed, "curve", g.key),
+                                                        float(m_clean[sub].mean()),
                                                         c.faithfulness_min_gap)
             durable.write_text(faith_path, json.dumps(faith, indent=2))
     circuits: dict[str, list[tuple[int, int]]] = {}
@@ -470,7 +478,8 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
             group_of_row = {r: g.key for g in part for r in sample(g)}
             faith["circuits"].update(group_faithfulness(
                 runner, batches_of(sorted(group_of_row)), base, group_of_row, {g.key: circuits[g.key] for g in part},
-                {g.key: ranked[g.key] for g in part}, m_clean, rng, c.faithfulness_min_gap))
+                {g.key: ranked[g.key] for g in part}, m_clean, part_rng(c.seed, "faithfulness", str(pooled)),
+                c.faithfulness_min_gap))
         durable.write_text(faith_path, json.dumps(faith, indent=2))
     part_done(1)
 
@@ -501,7 +510,8 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     part_done(2)
 
     # ---- 4. behaviour: generation with the pooled toxic circuit's features ablated
-    behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of, rng, unit,
+    behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of,
+                           part_rng(c.seed, "behaviour"), unit,
                            int(manifest["n_layers"]), val_dir / "behaviour.json", show_progress)
 
     part_done(3)

@@ -174,6 +174,9 @@ def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_pr
     summary = train_sae(sae, batches, cfg.sae, train_rows=len(train_rows), log_path=tmp / "training_log.jsonl",
                         show_progress=show_progress)
     sae.save_inference_model(str(tmp))
+    # SAE-Lens writes cfg.json's keys in an order that varies from process to process: sorted, the
+    # same SAE gives the same bytes (and the same sha256 in files.json)
+    durable.write_text(tmp / "cfg.json", json.dumps(json.loads((tmp / "cfg.json").read_text()), sort_keys=True))
     return {"tokens_seen": summary.tokens_seen, "epochs": summary.epochs, "steps": summary.steps,
             "train_rows": summary.train_rows}
 
