@@ -59,7 +59,7 @@ class StorageError(UserError, OSError):
         if not self.full:
             return text + " (make the folder writable, or point output.result_dir elsewhere)"
         free = free_bytes(self.folder)
-        if self.needed is not None:
+        if self.needed:
             text += f"; {self.what or 'this stage'} needs about {human_bytes(self.needed)} ({self.needed} bytes)"
         if free is not None:
             text += f", {human_bytes(free)} ({free} bytes) free there"
@@ -108,8 +108,8 @@ def storage_error(err: BaseException, folder: Path) -> StorageError | None:
     code = _errno(err)
     if code in FULL_ERRNOS or code in DENIED_ERRNOS:
         filename = getattr(err, "filename", None)
-        return StorageError(folder, os.strerror(code) + (f" ({filename})" if filename else ""),
-                            full=code in FULL_ERRNOS)
+        where = f" ({filename})" if filename and Path(filename) != Path(folder) else ""
+        return StorageError(folder, os.strerror(code) + where, full=code in FULL_ERRNOS)
     return None
 
 

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from refusal_lens import durable
 from refusal_lens.durable import StorageError
 from refusal_lens.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -182,26 +185,27 @@ def test_remove_temporaries(tmp_path):
         str(p.relative_to(tmp_path)) for p in keep)
 
 
-def tmpfs(folder: Path, size: str):
-    """Mount a tmpfs of ``size`` at ``folder`` (root only); pytest.skip where that is not allowed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    return folder
-
-
-def test_a_real_full_disk(tmp_path):
+def test_a_real_full_disk(tmp_path, tmpfs):
     """On a 16 KiB tmpfs (the kernel's ENOSPC, not a simulated one): the old file survives intact."""
     disk = tmpfs(tmp_path / "disk", "16k")
-    try:
-        durable.write_bytes(disk / "f.bin", b"old")
-        with pytest.raises(StorageError, match=f"cannot write to {disk}: No space left on device"):
-            durable.write_bytes(disk / "f.bin", b"x" * 100_000)
-        assert (disk / "f.bin").read_bytes() == b"old"
-        assert [p.name for p in disk.iterdir()] == ["f.bin"]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
+    durable.write_bytes(disk / "f.bin", b"old")
+    with pytest.raises(StorageError, match=f"cannot write to {disk}: No space left on device"):
+        durable.write_bytes(disk / "f.bin", b"x" * 100_000)
+    assert (disk / "f.bin").read_bytes() == b"old"
+    assert [p.name for p in disk.iterdir()] == ["f.bin"]
+
+
+def test_cli_on_a_read_only_folder_says_so(tmp_path, tmpfs):
+    """A read-only results folder (a tmpfs remounted read-only: chmod does not stop root) fails with one
+    clear line and exit status 2 before any work."""
+    results = tmpfs(tmp_path / "results", "64k")
+    subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base: {ROOT / 'configs/pipelines/default.yaml'}\n"
+                      f"output: {{result_dir: {str(results)!r}, run_name: tiny}}\n")
+    proc = subprocess.run([sys.executable, "-m", "refusal_lens", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"refusal-lens run: error: cannot write to {results / 'tiny'}: Read-only file system (make the folder "
+        "writable, or point output.result_dir elsewhere)"]
