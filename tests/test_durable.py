@@ -196,10 +196,17 @@ def test_a_real_full_disk(tmp_path, tmpfs):
 
 
 def test_cli_on_a_read_only_folder_says_so(tmp_path, tmpfs):
-    """A read-only results folder (a tmpfs remounted read-only: chmod does not stop root) fails with one
-    clear line and exit status 2 before any work."""
-    results = tmpfs(tmp_path / "results", "64k")
-    subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+    """A read-only results folder fails with one clear line and exit status 2 before any work: a tmpfs
+    remounted read-only when the tests run as root (chmod does not stop root), else a chmod-ed folder."""
+    if os.geteuid() == 0:
+        results = tmpfs(tmp_path / "results", "64k")
+        subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+        reason = "Read-only file system"
+    else:
+        results = tmp_path / "results"
+        results.mkdir()
+        results.chmod(0o555)
+        reason = "Permission denied"
     config = tmp_path / "c.yaml"
     config.write_text(f"base: {ROOT / 'configs/pipelines/default.yaml'}\n"
                       f"output: {{result_dir: {str(results)!r}, run_name: tiny}}\n")
@@ -207,5 +214,6 @@ def test_cli_on_a_read_only_folder_says_so(tmp_path, tmpfs):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"refusal-lens run: error: cannot write to {results / 'tiny'}: Read-only file system (make the folder "
-        "writable, or point output.result_dir elsewhere)"]
+        f"refusal-lens run: error: cannot write to {results / 'tiny'}: {reason} (make the folder writable, or point "
+        "output.result_dir elsewhere)"]
+    assert list(results.iterdir()) == []
