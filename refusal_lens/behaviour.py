@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refusal_lens import durable
 from refusal_lens.analysis.stats import empirical_pvalue, wilson_interval
 from refusal_lens.judge import OUTCOMES, judge
 
@@ -69,6 +70,4 @@ class ResponseAudit:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        tmp.replace(self.path)
+        durable.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))

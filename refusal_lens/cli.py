@@ -197,12 +197,16 @@ def _stage_name(stage) -> str:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from refusal_lens.distributed import distributed
+    from refusal_lens.distributed import distributed, launch_rank
+    from refusal_lens.lock import run_lock
     from refusal_lens.pipeline import Models, run_dir
 
     cfg = load_config(args.config, args.overrides)
     stages = STAGES[args.command]
-    with distributed() as dist:  # one process group for every stage of the command
+    # one writer per run folder, for the whole command: taken (by rank 0) before torch is imported,
+    # so that a second writer is refused at once and before it touches anything, status.json included
+    with run_lock(run_dir(cfg), args.command, is_main=launch_rank() == 0), \
+            distributed() as dist:  # one process group for every stage of the command
         models = Models(cfg, dist)
         status = StatusFile(run_dir(cfg) / STATUS_FILE, enabled=dist.is_main)
         status.begin(args.command, [_stage_name(stage) for stage in stages])

@@ -20,7 +20,10 @@ refusal score), one dataset per hook (:mod:`refusal_lens.activations.store`), ``
 ``manifest.json`` (with the refusal tokens), ``config.yaml``, ``refusal_rates.json`` / ``.csv``. Progress is
 committed batch by batch (responses) and shard by shard (activations, ``progress/rank-*.json``): kill the
 process at any moment and the same command resumes after the last committed batch or shard (files of an
-uncommitted shard are deleted first), giving the same rows as an uninterrupted run.
+uncommitted shard are deleted first), giving the same rows as an uninterrupted run. Every file is
+written durably (:mod:`refusal_lens.durable`) and each committed shard lists the size and SHA-256 of
+its files: a resume checks them and redoes a damaged shard and the ones after it; a finished
+collection checks the sizes before it is skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from refusal_lens import durable
 from refusal_lens.activations.store import (
     finalize_dataset,
     hook_features,
@@ -178,10 +182,8 @@ class ResponseLog:
 
     def commit(self, judged: Sequence[Judged]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"rank-{self.rank:03d}-{len(self.files()):05d}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([asdict(j) for j in judged]))
-        tmp.replace(path)
+        durable.write_json(self.folder / f"rank-{self.rank:03d}-{len(self.files()):05d}.json",
+                           [asdict(j) for j in judged], indent=None)
 
 
 def judge_batch(intervener: Intervener, indices: Sequence[int], prompts: Sequence[Prompt],
@@ -306,11 +308,15 @@ def process_batch(
 
 
 class ShardWriter:
-    """Buffers batch outputs and writes them as one shard per hook once ``shard_bytes`` is reached."""
+    """Buffers batch outputs and writes them as one shard per hook once ``shard_bytes`` is reached.
+
+    ``bytes_per_prompt`` (the storage estimate) and ``n_prompts`` (this rank's block) size the free-space
+    check made before each shard: the rest of the block must fit (:func:`refusal_lens.durable.space_for`)."""
 
     def __init__(self, folder: Path, hooks: Sequence[str], widths: dict[str, int], storage_dtype: str, rank: int,
-                 shard_bytes: int):
+                 shard_bytes: int, *, bytes_per_prompt: float = 0.0, n_prompts: int = 0):
         self.folder, self.hooks, self.rank, self.shard_bytes = folder, list(hooks), rank, shard_bytes
+        self.bytes_per_prompt, self.n_prompts = bytes_per_prompt, n_prompts
         self.features = {h: hook_features(h, widths[h], storage_dtype) for h in hooks}
         self.prompt_features = prompt_features()
         self.progress_path = folder / "progress" / f"rank-{rank:03d}.json"
@@ -329,6 +335,24 @@ class ShardWriter:
 
     def committed_files(self) -> set[str]:
         return {f for s in self.progress["shards"] for f in s["files"]}
+
+    def verify(self, *, full: bool = True) -> int:
+        """Check the committed shards' files against their recorded size and SHA-256 (``full=False``: the
+        size); drop the first damaged shard and every later one from the progress (they are redone).
+        Returns how many shards were dropped."""
+        shards = self.progress["shards"]
+        for k, shard in enumerate(shards):
+            records = shard.get("records", {})
+            bad = [(f, why) for f in shard["files"]
+                   if (why := durable.check(self.folder / f, records.get(f), full=full)) is not None]
+            if bad:
+                logger.warning("collect: rank %d shard %d is damaged (%s): it and the %d shard(s) after it are redone",
+                               self.rank, shard["index"], "; ".join(f"{f}: {why}" for f, why in bad),
+                               len(shards) - k - 1)
+                self.progress["shards"] = shards[:k]
+                durable.write_json(self.progress_path, self.progress, indent=1)
+                return len(shards) - k
+        return 0
 
     def remove_uncommitted(self) -> int:
         """Delete shard files of this rank that no committed shard lists (an interrupted write)."""
@@ -354,10 +378,20 @@ class ShardWriter:
     def full(self) -> bool:
         return self.buffered >= self.shard_bytes
 
+    def space_for(self, start: int):
+        """The free-space check and full-disk message for prompts ``start``.. of this rank's block."""
+        return durable.space_for(self.folder, int(self.bytes_per_prompt * (self.n_prompts - start)),
+                                 f"collect (rank {self.rank}: {self.n_prompts - start} prompts to go, "
+                                 "activation payload estimate)")
+
     def flush(self, start: int, end: int) -> int:
         """Write the buffered rows (prompts ``start``..``end`` of this rank) and commit them."""
         if not self.prompt_rows:
             return 0
+        with self.space_for(start):
+            return self._write_shard(start, end)
+
+    def _write_shard(self, start: int, end: int) -> int:
         index = len(self.progress["shards"])
         name = f"shard-{self.rank:03d}-{index:05d}.arrow"
         files, written = [], 0
@@ -371,11 +405,10 @@ class ShardWriter:
         table = pa.Table.from_pylist(self.prompt_rows, schema=self.prompt_features.arrow_schema)
         written += write_arrow_file(self.folder / PROMPTS_DIR / name, table.to_batches(), table.schema)
         files.append(f"{PROMPTS_DIR}/{name}")
-        self.progress["shards"].append({"index": index, "start": start, "end": end, "files": files})
-        self.progress_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.progress, indent=1))
-        tmp.replace(self.progress_path)  # the commit point of the shard
+        records = {f: durable.record(self.folder / f) for f in files}
+        self.progress["shards"].append({"index": index, "start": start, "end": end, "files": files,
+                                        "records": records})
+        durable.write_json(self.progress_path, self.progress, indent=1)  # the commit point of the shard
         self._reset()
         return written
 
@@ -398,8 +431,24 @@ def fingerprint(cfg: Config, hooks: Sequence[str], world: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _committed_sizes_ok(folder: Path, world: int) -> bool:
+    """Whether every committed shard file of every rank still has its recorded size (a stat per file)."""
+    for r in range(world):
+        path = folder / "progress" / f"rank-{r:03d}.json"
+        shards = json.loads(path.read_text())["shards"] if path.is_file() else []
+        for shard in shards:
+            for f in shard["files"]:
+                why = durable.check(folder / f, shard.get("records", {}).get(f), full=False)
+                if why is not None:
+                    logger.warning("collect: %s is damaged (%s): the finished collection is resumed to redo it",
+                                   folder / f, why)
+                    return False
+    return True
+
+
 def _prepare_folder(folder: Path, fp: str, cfg: Config, force: bool, dist: Dist) -> dict | None:
-    """Check or create the results folder; returns the manifest of a finished collection, if any."""
+    """Check or create the results folder; returns the manifest of a finished collection, if any (one
+    whose committed files have lost their recorded size is resumed instead)."""
     manifest_path = folder / MANIFEST
     if force and dist.is_main and folder.exists():
         shutil.rmtree(folder)
@@ -417,7 +466,7 @@ def _prepare_folder(folder: Path, fp: str, cfg: Config, force: bool, dist: Dist)
                 f"{', '.join(diffs) or 'hooks or number of processes'}); rerun with --force to replace them, "
                 "or set output.run_name to write elsewhere"
             )
-        if manifest.get("status") == "complete":
+        if manifest.get("status") == "complete" and _committed_sizes_ok(folder, int(manifest.get("world", 1))):
             return manifest
     elif folder.exists() and any(folder.iterdir()):
         raise ResultsMismatchError(
@@ -426,11 +475,9 @@ def _prepare_folder(folder: Path, fp: str, cfg: Config, force: bool, dist: Dist)
         )
     dist.barrier()
     if dist.is_main and not manifest_path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(dump_config(cfg))
-        manifest_path.write_text(
-            json.dumps({"fingerprint": fp, "status": "running", "world": dist.world, "config": config_to_dict(cfg)}, indent=2)
-        )
+        durable.write_text(folder / "config.yaml", dump_config(cfg))
+        durable.write_json(manifest_path, {"fingerprint": fp, "status": "running", "world": dist.world,
+                                           "config": config_to_dict(cfg)})
     dist.barrier()
     return None
 
@@ -507,8 +554,8 @@ def _finalize(folder: Path, hooks: Sequence[str], writer: ShardWriter, widths: d
             )
     rows = datasets.load_from_disk(str(folder / PROMPTS_DIR)).to_list()
     rates = refusal_rates(rows)
-    (folder / "refusal_rates.json").write_text(json.dumps(rates, indent=2))
-    with (folder / "refusal_rates.csv").open("w", newline="") as fh:
+    durable.write_json(folder / "refusal_rates.json", rates)
+    with durable.open_atomic(folder / "refusal_rates.csv", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["split", "category", "label", "n", "refused", "incoherent", "rate"])
         w.writeheader()
         w.writerows(rates)
@@ -563,9 +610,7 @@ def _split_and_tokens(folder: Path, loaded, prompts: Sequence[Prompt], cfg: Conf
         r["split"] = splits[r["prompt_id"]]
     info = {"splits": splits, "counts": split_counts(rows), "fractions": list(d.split_fractions), "seed": d.split_seed,
             "stratified_by": ["label", "category", "refused"], "refusal_tokens": tokens.to_dict()}
-    tmp = folder / (SPLIT_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(folder / SPLIT_FILE)
+    durable.write_json(folder / SPLIT_FILE, info, indent=1)
     logger.info("split: %s; refusal tokens (%s): %s", {s: c.get("all", 0) for s, c in info["counts"].items()},
                 tokens.source, list(tokens.tokens))
     return info
@@ -649,11 +694,16 @@ def collect(
     splits, tokens = info["splits"], RefusalTokens.from_dict(info["refusal_tokens"])
 
     # ---- pass 3: activations and refusal scores, shard by shard
-    writer = ShardWriter(folder, hooks, widths, inf.storage_dtype, dist.rank, inf.shard_mb << 20)
+    writer = ShardWriter(folder, hooks, widths, inf.storage_dtype, dist.rank, int(inf.shard_mb * (1 << 20)),
+                         bytes_per_prompt=estimate.disk_bytes_per_1000_prompts / 1000 if inf.save_activations else 0,
+                         n_prompts=len(mine))
+    writer.verify()
     removed = writer.remove_uncommitted()
     if removed:
         logger.info("collect: removed %d file(s) of an interrupted shard", removed)
     done_n = writer.next_prompt
+    with writer.space_for(done_n):  # a disk too small fails here, before any model work
+        pass
     if done_n:
         logger.info("collect: resuming the activations of rank %d at prompt %d of %d", dist.rank, done_n, len(mine))
     bar.update(done_n)
@@ -702,7 +752,7 @@ def collect(
             refusal_tokens=tokens.to_dict(), score_auroc=score_auroc(rows), split_counts=info["counts"],
             estimate=estimate.to_dict(), versions=_versions(), stats_rank0=asdict(stats),
         )
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        durable.write_json(folder / MANIFEST, manifest)  # the commit point of the stage
         status.progress(steps, steps)
         status.set(rates=rates)
     dist.barrier()

@@ -86,15 +86,18 @@ class InferenceConfig:
     refusal_token_min_count: int = 2
     #: learned refusal tokens: minimum share of those responses judged refused.
     refusal_token_share: float = 0.8
-    #: buffered activations are written as a shard once they reach this many MiB (bounds memory).
-    shard_mb: int = 256
+    #: buffered activations are written as a shard once they reach this many MiB (bounds memory; a
+    #: fraction such as 0.01 makes many small shards, e.g. in tests).
+    shard_mb: float = 256
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise ConfigError(f"inference.batch_size={self.batch_size}; allowed: a positive integer or 'auto'")
-        for name in ("max_new_tokens", "max_prompt_tokens", "shard_mb"):
+        for name in ("max_new_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inference.{name}={getattr(self, name)}; allowed: a positive integer")
+        if not self.shard_mb > 0:
+            raise ConfigError(f"inference.shard_mb={self.shard_mb}; allowed: a positive number")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Without torchrun (no ``WORLD_SIZE`` in the environment) everything runs in one process. With it,
 a process group is started (``nccl`` on CUDA, ``gloo`` otherwise) and each rank uses
-``cuda:<LOCAL_RANK>`` when the config asks for CUDA.
+``cuda:<LOCAL_RANK>`` when the config asks for CUDA. torch is imported only when needed, so that
+:func:`launch_rank` (the CLI's lock, before any model work) stays fast.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
-
-import torch
 
 T = TypeVar("T")
 
@@ -40,22 +39,34 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
+            import torch
+
             torch.distributed.barrier()
 
     def device(self, configured: str) -> str:
+        import torch
+
         if self.world > 1 and configured in ("cuda", "auto") and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return configured
 
 
+def launch_rank() -> int:
+    """This process's torchrun rank, from the environment (0 without torchrun); known before any
+    process group exists."""
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 @contextmanager
 def distributed() -> Iterator[Dist]:
     """The torchrun environment as a :class:`Dist`; starts and ends the process group if needed."""
+    import torch
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         yield Dist()
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launch_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     started = False
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

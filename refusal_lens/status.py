@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from refusal_lens import durable
 from refusal_lens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ class StatusFile:
             stage["eta_s"] = 0.0
 
     def _write(self, now: float) -> None:
-        """Atomically replace the file (a temporary file in the same folder, then ``os.replace``)."""
+        """Atomically replace the file (:func:`refusal_lens.durable.write_text`: a synced temporary file
+        in the same folder, then ``os.replace``)."""
         if self.path is None:
             return
         self._data["updated_at"] = iso_time(now)
@@ -232,15 +234,9 @@ class StatusFile:
             if stage["state"] == "running" and stage["name"] in self._stage_t0:
                 stage["elapsed_s"] = round(now - self._stage_t0[stage["name"]], 3)
         self._last_write = now
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                tmp.write_text(json.dumps(self._data, indent=2) + "\n")
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as err:
+            durable.write_text(self.path, json.dumps(self._data, indent=2) + "\n")
+        except OSError as err:  # StorageError included
             if not self._write_failed:
                 logger.warning("status: cannot write %s (%s); the job goes on without it", self.path, err)
             self._write_failed = True

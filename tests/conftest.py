@@ -93,6 +93,31 @@ def tiny_loaded(request, tiny_model_dir):
 
 
 
+@pytest.fixture
+def tmpfs():
+    """``tmpfs(folder, size)`` mounts a tmpfs of ``size`` (e.g. ``"64k"``) at ``folder``: a real small or
+    read-only filesystem (the kernel's ENOSPC / EROFS, not simulated ones). Needs root (or CAP_SYS_ADMIN):
+    the test is skipped, saying so, where mounting is not allowed. Unmounted at the end of the test."""
+    import subprocess
+
+    mounted = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
 def run_cli(args: list[str], nproc: int = 1, port: int = 29517):
     """``python -m refusal_lens ARGS`` in a subprocess, or under ``torchrun --nproc_per_node nproc``;
     asserts it succeeded and returns the completed process."""

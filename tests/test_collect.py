@@ -161,44 +161,158 @@ class Interrupt(Exception):
 
 
 def test_interrupt_and_resume_equals_uninterrupted(bridge, tiny_model_dir, tmp_path, monkeypatch):
-    # shard_mb is an int in MiB; a 0-byte budget is not allowed, so shrink the writer's budget instead
-    cfg = make_cfg(tiny_model_dir, batch_size=2, positions="all")
+    cfg = make_cfg(tiny_model_dir, batch_size=2, positions="all", shard_mb=1e-6)  # a shard after every batch
     ps = prompts(11)
     ref_dir, dir_ = tmp_path / "ref", tmp_path / "resumed"
     collect(bridge, ps, cfg, ref_dir, show_progress=False)
+    interrupted(bridge, ps, cfg, dir_, monkeypatch, at_batch=3)
+    progress = json.loads((dir_ / "progress" / "rank-000.json").read_text())
+    assert progress["shards"][-1]["end"] == 4  # two batches of 2 committed
+    # a crash in the middle of a shard write leaves an uncommitted file behind
+    (dir_ / "blocks.0.hook_resid_post" / "shard-000-00002.arrow").write_bytes(b"partial")
+    result = collect(bridge, ps, cfg, dir_, show_progress=False)
+    assert not result.skipped
+    assert_same_datasets(ref_dir, dir_, result.hooks)
+    # a finished collection is skipped on rerun
+    assert collect(bridge, ps, cfg, dir_, show_progress=False).skipped
 
-    real_init = collect_mod.ShardWriter.__init__
 
-    def tiny_shards(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.shard_bytes = 1  # flush after every batch
+def assert_same_datasets(ref_dir, dir_, hooks):
+    for sub in ["prompts", *hooks]:
+        assert datasets.load_from_disk(str(ref_dir / sub)).to_list() == \
+            datasets.load_from_disk(str(dir_ / sub)).to_list(), sub
 
-    monkeypatch.setattr(collect_mod.ShardWriter, "__init__", tiny_shards)
-    calls = {"n": 0}
-    real_process = collect_mod.process_batch
+
+def interrupted(bridge, ps, cfg, folder, monkeypatch, at_batch: int):
+    """collect into ``folder``, stopped by an exception at batch ``at_batch`` (earlier batches committed)."""
+    real_process, calls = collect_mod.process_batch, []
 
     def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+        calls.append(1)
+        if len(calls) == at_batch:
             raise Interrupt("killed")
         return real_process(*args, **kwargs)
 
     monkeypatch.setattr(collect_mod, "process_batch", dying)
     with pytest.raises(Interrupt):
-        collect(bridge, ps, cfg, dir_, show_progress=False)
-    progress = json.loads((dir_ / "progress" / "rank-000.json").read_text())
-    assert progress["shards"][-1]["end"] == 4  # two batches of 2 committed
-    # a crash in the middle of a shard write leaves an uncommitted file behind
-    (dir_ / "blocks.0.hook_resid_post" / "shard-000-00002.arrow").write_bytes(b"partial")
+        collect(bridge, ps, cfg, folder, show_progress=False)
     monkeypatch.setattr(collect_mod, "process_batch", real_process)
-    result = collect(bridge, ps, cfg, dir_, show_progress=False)
-    assert not result.skipped
-    for sub in ["prompts", *result.hooks]:
-        a = datasets.load_from_disk(str(ref_dir / sub)).to_list()
-        b = datasets.load_from_disk(str(dir_ / sub)).to_list()
-        assert a == b, sub
-    # a finished collection is skipped on rerun
+
+
+def test_damaged_committed_shards_are_redone_not_trusted(bridge, tiny_model_dir, tmp_path, monkeypatch, caplog):
+    cfg = make_cfg(tiny_model_dir, batch_size=2, positions="all", shard_mb=1e-6)
+    ps = prompts(11)
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "damaged"
+    hooks = collect(bridge, ps, cfg, ref_dir, show_progress=False).hooks
+    interrupted(bridge, ps, cfg, dir_, monkeypatch, at_batch=4)  # shards 0-2 committed
+    # a committed shard altered in place (same size: only its sha256 tells)
+    shard = dir_ / "blocks.1.hook_resid_post" / "shard-000-00001.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="refusal_lens.collect"):
+        assert not collect(bridge, ps, cfg, dir_, show_progress=False).skipped
+    assert ("collect: rank 0 shard 1 is damaged (blocks.1.hook_resid_post/shard-000-00001.arrow: content differs "
+            "from its recorded sha256): it and the 1 shard(s) after it are redone") in caplog.text
+    assert_same_datasets(ref_dir, dir_, hooks)
+    # a finished collection whose shard lost bytes is resumed, not skipped
+    caplog.clear()
+    truncated = dir_ / "prompts" / "shard-000-00004.arrow"
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    with caplog.at_level("WARNING", logger="refusal_lens.collect"):
+        assert not collect(bridge, ps, cfg, dir_, show_progress=False).skipped
+    assert f"collect: {truncated} is damaged (50 bytes," in caplog.text
+    assert "collect: rank 0 shard 4 is damaged (prompts/shard-000-00004.arrow: 50 bytes," in caplog.text
+    assert_same_datasets(ref_dir, dir_, hooks)
     assert collect(bridge, ps, cfg, dir_, show_progress=False).skipped
+
+
+def test_a_full_disk_during_a_shard_is_a_clear_error_and_resumes(bridge, tiny_model_dir, tmp_path, monkeypatch):
+    """The disk fills while the second shard is written (ENOSPC raised by the Arrow write of its second
+    file, after half of it is on disk): a StorageError naming the folder and the bytes needed, the
+    shard uncommitted, no temporary left; the rerun gives the uninterrupted rows."""
+    import errno
+    import os
+
+    from refusal_lens import durable
+    from refusal_lens.durable import StorageError
+
+    cfg = make_cfg(tiny_model_dir, batch_size=2, positions="all", shard_mb=1e-6)
+    ps = prompts(11)
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "full"
+    hooks = collect(bridge, ps, cfg, ref_dir, show_progress=False).hooks
+    real_write, calls = collect_mod.write_arrow_file, []
+    per_shard = len(hooks) + 1  # a file per hook and the prompts
+
+    def filling(path, batches, schema):
+        calls.append(path)
+        if len(calls) == per_shard + 2:
+            with durable.atomic_path(path) as tmp:
+                tmp.write_bytes(b"half a shard")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, batches, schema)
+
+    monkeypatch.setattr(collect_mod, "write_arrow_file", filling)
+    with pytest.raises(StorageError) as info:
+        collect(bridge, ps, cfg, dir_, show_progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cannot write to {calls[-1].parent}: No space left on device; collect (rank 0: "
+                              "9 prompts to go, activation payload estimate) needs about ")
+    assert "bytes) free there" in message and "then rerun to resume" in message
+    progress = json.loads((dir_ / "progress" / "rank-000.json").read_text())
+    assert [s["index"] for s in progress["shards"]] == [0]  # the failed shard is not committed
+    assert not [p for p in dir_.rglob("*") if p.name.endswith(".tmp")]
+    assert json.loads((dir_ / "manifest.json").read_text())["status"] == "running"
+    monkeypatch.setattr(collect_mod, "write_arrow_file", real_write)
+    collect(bridge, ps, cfg, dir_, show_progress=False)
+    assert_same_datasets(ref_dir, dir_, hooks)
+
+
+def test_a_disk_too_small_is_refused_before_the_first_shard(bridge, tiny_model_dir, tmp_path, monkeypatch):
+    import re
+    from collections import namedtuple
+
+    from refusal_lens import durable
+    from refusal_lens.durable import StorageError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(durable.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    cfg = make_cfg(tiny_model_dir, positions="all")
+    with pytest.raises(StorageError) as info:
+        collect(bridge, prompts(11), cfg, tmp_path / "acts", show_progress=False)
+    found = re.fullmatch(rf"cannot write to {tmp_path / 'acts'}: not enough free space; collect \(rank 0: 11 "
+                         r"prompts to go, activation payload estimate\) needs about .* \((\d+) bytes\), 1000 B "
+                         r"\(1000 bytes\) free there \(.*\)", str(info.value))
+    assert found and int(found.group(1)) > 1000, str(info.value)
+    assert not (tmp_path / "acts" / "progress").exists()  # nothing collected
+
+
+def test_a_real_small_disk(bridge, tiny_model_dir, tmp_path, tmpfs):
+    """On a 64 KiB tmpfs: the stage stops with a StorageError (the free-space check before a shard, or the
+    kernel's ENOSPC during one: whichever comes first), every committed shard verifies, and the same
+    folder copied to a large disk resumes to the full collection."""
+    import shutil
+
+    from refusal_lens import durable
+    from refusal_lens.durable import StorageError
+
+    disk = tmpfs(tmp_path / "disk", "64k")
+    cfg = make_cfg(tiny_model_dir, batch_size=2, shard_mb=1e-6)
+    ps = prompts(11)
+    with pytest.raises(StorageError, match=f"cannot write to {disk / 'acts'}.*: (No space left on device|not "
+                                           "enough free space); collect \\(rank 0: ") as info:
+        collect(bridge, ps, cfg, disk / "acts", show_progress=False)
+    print(info.value)
+    progress = json.loads((disk / "acts" / "progress" / "rank-000.json").read_text())
+    assert 0 < len(progress["shards"]) < 6
+    for s in progress["shards"]:
+        assert all(durable.check(disk / "acts" / f, s["records"][f]) is None for f in s["files"])
+    assert not [p for p in (disk / "acts").rglob("*") if p.name.endswith(".tmp")]
+    shutil.copytree(disk / "acts", tmp_path / "acts")
+    result = collect(bridge, ps, cfg, tmp_path / "acts", show_progress=False)
+    assert not result.skipped and result.n_prompts == 11
+    assert [r["prompt_id"] for r in datasets.load_from_disk(str(tmp_path / "acts" / "prompts")).to_list()] == [
+        p.id for p in ps]
 
 
 def test_different_config_is_never_mixed_in(bridge, tiny_model_dir, tmp_path):

@@ -71,7 +71,7 @@ def test_training_learns_saves_and_reloads(tiny_run):
         sae = SAE.load_from_disk(str(root / "saes" / hook))
         assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_sae == 256
         assert sorted(p.name for p in (root / "saes" / hook).iterdir()) == [
-            "cfg.json", "metrics.json", "sae_weights.safetensors", "training_log.jsonl"]
+            "cfg.json", "files.json", "metrics.json", "sae_weights.safetensors", "training_log.jsonl"]
     quality = json.loads((root / "saes" / "quality.json").read_text())
     assert [q["hook"] for q in quality] == result.trained
     assert selected_hooks(root / "saes") == [q["hook"] for q in quality if q["passes"]]
@@ -120,6 +120,10 @@ def test_skip_resume_and_force(tiny_run, monkeypatch):
     assert not (out / ".blocks.2.hook_resid_post.partial").exists()
     again = run_sae_stage(small, loaded, root / "activations", out, show_progress=False)
     assert again.trained == [] and len(again.skipped) == 2
+    # a hook folder whose files.json is gone (or does not match) is not trusted: trained again
+    (out / "blocks.1.hook_resid_post" / "files.json").unlink()
+    again = run_sae_stage(small, loaded, root / "activations", out, show_progress=False)
+    assert again.trained == ["blocks.1.hook_resid_post"] and again.skipped == ["blocks.2.hook_resid_post"]
     with pytest.raises(SAEStageError, match="different sae settings"):
         run_sae_stage(with_sae(small, k=4), loaded, root / "activations", out, show_progress=False)
     forced = run_sae_stage(with_sae(small, k=4), loaded, root / "activations", out, force=True, show_progress=False)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+
+from refusal_lens import durable
 
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "int16"}
 META_FILE = "refusal_lens.json"
@@ -102,20 +105,31 @@ def hook_record_batch(
 
 
 def write_arrow_file(path: Path, batches: Sequence[pa.RecordBatch], schema: pa.Schema) -> int:
-    """Write record batches as an Arrow stream file (what ``datasets`` reads), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    """Write record batches as an Arrow stream file (what ``datasets`` reads), durably
+    (:func:`refusal_lens.durable.atomic_path`); returns its size."""
+    with durable.atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
-    os.replace(tmp, path)
     return path.stat().st_size
+
+
+def _write_dataset_info(folder: Path, features) -> None:
+    """``dataset_info.json`` as ``datasets`` writes it, committed durably (written in a staging folder)."""
+    from datasets import DatasetInfo
+
+    staging = folder / f".dataset_info.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    with durable.storage_errors(folder):
+        staging.mkdir(parents=True)
+        DatasetInfo(features=features).write_to_directory(str(staging), pretty_print=True)
+    with durable.atomic_path(folder / "dataset_info.json") as tmp:
+        os.replace(staging / "dataset_info.json", tmp)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def finalize_dataset(folder: Path, features, files: Sequence[str], meta: Mapping | None = None) -> None:
     """Make ``folder`` a ``datasets.load_from_disk`` dataset made of ``files`` (in order), zero-copy."""
-    from datasets import DatasetInfo
-
-    DatasetInfo(features=features).write_to_directory(str(folder), pretty_print=True)
+    _write_dataset_info(folder, features)
     state = {
         "_data_files": [{"filename": name} for name in files],
         "_fingerprint": hashlib.sha256("\n".join(files).encode()).hexdigest()[:16],
@@ -125,9 +139,9 @@ def finalize_dataset(folder: Path, features, files: Sequence[str], meta: Mapping
         "_output_all_columns": False,
         "_split": None,
     }
-    (folder / "state.json").write_text(json.dumps(state, indent=2))
+    durable.write_json(folder / "state.json", state)
     if meta is not None:
-        (folder / META_FILE).write_text(json.dumps(dict(meta), indent=2))
+        durable.write_json(folder / META_FILE, dict(meta))
 
 
 def empty_arrow_file(path: Path, features) -> None:

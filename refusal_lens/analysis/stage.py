@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from refusal_lens import durable
 from refusal_lens.activations.store import HookActivations
 from refusal_lens.analysis import figures as F
 from refusal_lens.analysis.metrics import (
@@ -101,7 +102,7 @@ def run_analysis_stage(cfg: Config, loaded_fn, run_dir: Path, *, force: bool = F
     out_dir.mkdir(parents=True, exist_ok=True)
     result = _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status)
     result.summary["seconds"] = time.perf_counter() - t0
-    done.write_text(json.dumps(result.summary, indent=2))
+    durable.write_text(done, json.dumps(result.summary, indent=2))
     dist.barrier()
     return result
 
@@ -131,7 +132,7 @@ def _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status
     for k in groups:
         prof = layer_profile(means[k], hooks, sizes)
         emerg[k] = {"profile": prof, "emergence": emergence(prof, a.emergence_share), "n_prompts": len(rows_of[k])}
-    (out_dir / "emergence.json").write_text(json.dumps(emerg, indent=2))
+    durable.write_text(out_dir / "emergence.json", json.dumps(emerg, indent=2))
     status.progress(1)
 
     # ---- 2. one mechanism or many
@@ -163,7 +164,7 @@ def _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status
                      "p_value": p, "null_mean": null_mean, "n_a": na, "n_b": nb,
                      "verdict": verdict(s, p, na, nb, alpha=a.alpha, monolithic=a.monolithic_threshold,
                                         partial=a.partial_threshold, min_prompts=a.min_prompts)})
-    (out_dir / "similarity.json").write_text(json.dumps(sims, indent=2))
+    durable.write_text(out_dir / "similarity.json", json.dumps(sims, indent=2))
     verdicts = {}
     for kind in ("safe x safe", "toxic x toxic", "safe x toxic"):
         vs = [s["verdict"] for s in sims if s["pair"] == kind and s["verdict"] != "insufficient"]
@@ -183,12 +184,12 @@ def _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status
     # ---- 3. refusal direction
     direction = _direction_analysis(cfg, loaded_fn, circuits_dir, saes_dir, groups, hooks, rows_of, prompts, acts_dir,
                                     c_summary, show_progress)
-    (out_dir / "direction.json").write_text(json.dumps(direction, indent=2))
+    durable.write_text(out_dir / "direction.json", json.dumps(direction, indent=2))
     status.progress(3)
 
     # ---- 4. top features with their most activating tokens
     top = _top_features(cfg, groups, acts_dir, saes_dir, loaded_fn)
-    (out_dir / "top_features.json").write_text(json.dumps(top, indent=2))
+    durable.write_text(out_dir / "top_features.json", json.dumps(top, indent=2))
     status.progress(4)
 
     # ---- 5. over-refusal: what drives refusal on safe prompts the model refuses

@@ -7,6 +7,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from refusal_lens import durable
+
 
 def agreement_figure(agree: dict) -> go.Figure:
     """Estimated vs exact node effects, one panel per estimator, with y = x."""
@@ -69,6 +71,6 @@ def write_figures(out_dir: Path, agree: dict, faith: dict, behaviour: dict | Non
     paths = []
     for name, fig in figs.items():
         path = fig_dir / f"{name}.html"
-        fig.write_html(path, include_plotlyjs="directory")
+        durable.write_plotly_html(fig, path, include_plotlyjs="directory")
         paths.append(path)
     return paths

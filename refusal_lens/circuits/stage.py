@@ -7,7 +7,8 @@ Output folder (``circuits/``, schema in docs/circuits.md)::
     space.json               spliced hooks, d_sae per hook, window, metric, baseline
     prompts.json             the prompts attributed (id, category, label, refused, clean metric)
     effects.safetensors      per-prompt node effects [n_prompts, window, n_nodes] (+ metric_clean)
-    effects/batch-*.json|safetensors   per-batch shards while the pass runs (resume point)
+    effects/batch-*.safetensors   per-batch shards while the pass runs (resume point; effects/ledger.json
+                             holds their size and sha256, checked before a shard is reused)
     direction.json / directions.safetensors   refusal direction per layer (held-out AUROC, effect size)
     <label>/<category>.json  one circuit per label and category, and <label>/all.json (pooled)
     validation/agreement.json, faithfulness.json, behaviour.json
@@ -26,15 +27,17 @@ import logging
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from refusal_lens import durable
 from refusal_lens.activations.store import HookActivations
 from refusal_lens.chat import encode_prompt
 from refusal_lens.circuits.attribution import (
@@ -130,9 +133,8 @@ def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool) -> None:
         raise CircuitError(f"{out_dir} holds circuits from other settings or SAEs; rerun with --force to redo them, "
                            "or set output.run_name to write elsewhere")
     if not path.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        durable.write_text(path, json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
+        durable.write_text(out_dir / "config.yaml", dump_config(cfg))
 
 
 def load_saes(saes_dir: Path, hooks: Sequence[str], device) -> dict:
@@ -175,6 +177,12 @@ def prompt_groups(rows: Sequence[dict], cfg: Config) -> tuple[list[Group], list[
             else:
                 skipped.append(f"{label}/{cat}: no prompts with circuits.select={c.select!r}")
     return groups, skipped
+
+
+def part_rng(seed: int, *part: str) -> np.random.Generator:
+    """The random generator of one resumable part (agreement, a faithfulness curve, ...): its draws do not
+    depend on which other parts a resumed run skipped."""
+    return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in part)])
 
 
 def _safe_name(name: str) -> str:
@@ -307,11 +315,11 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     directions = refusal_directions(acts_dir, manifest["hooks"], cfg.sae.heldout_fraction)
     layer = c.direction_layer if c.direction_layer is not None else choose_layer(directions, n_layers)
     unit = directions[layer].unit.to(device)
-    (out_dir / "direction.json").write_text(json.dumps(
+    durable.write_text(out_dir / "direction.json", json.dumps(
         {"layer": layer, "chosen_by": "config" if c.direction_layer is not None
          else "held-out AUROC, then effect size, among layers [n/4, 3n/4)",
          "layers": [d.summary() for d in directions.values()]}, indent=2))
-    save_file({f"layer_{k}": d.direction.contiguous() for k, d in directions.items()}, str(out_dir / "directions.safetensors"))
+    durable.save_safetensors({f"layer_{k}": d.direction.contiguous() for k, d in directions.items()}, out_dir / "directions.safetensors")
 
     metric = (RefusalScoreMetric(RefusalTokens.from_dict(manifest["refusal_tokens"])) if c.metric == "refusal_score"
               else ProjectionMetric(hook_name("residuals", layer), unit))
@@ -345,7 +353,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
                            site_from=prefix, skip_token_ids=special, window=window, device=device)
                 for s in range(0, len(idx), c.batch_size)]
 
-    (out_dir / "space.json").write_text(json.dumps({
+    durable.write_text(out_dir / "space.json", json.dumps({
         "hooks": list(hooks), "d_sae": {h: space.d_sae(h) for h in hooks}, "window": window, "n_nodes": space.n_nodes,
         "metric": c.metric, "baseline": c.baseline, "reference": c.reference, "method": c.method,
         "direction_layer": layer, "site_from": prefix}, indent=2))
@@ -354,6 +362,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     batches = batches_of(wanted)
     shard_dir = out_dir / "effects"
     shard_dir.mkdir(exist_ok=True)
+    ledger = durable.Ledger(shard_dir / "ledger.json")  # size and sha256 of each finished batch (the resume check)
     # progress: one step per attribution batch, then the validation parts
     parts = ["agreement with exact patching", "faithfulness", "edges", "behaviour (generation)", "writing circuits"]
     n_steps = len(batches) + len(parts)
@@ -369,7 +378,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     m_clean = torch.full((len(rows),), float("nan"))
     for bi, batch in enumerate(tqdm(batches, desc=f"attribution ({c.method})", disable=not show_progress)):
         shard = shard_dir / f"batch-{bi:04d}.safetensors"
-        if shard.is_file():
+        if ledger.verified(shard):
             data = load_file(str(shard))
             if data["rows"].tolist() == batch.rows:
                 effects[batch.rows], m_clean[batch.rows] = data["effects"], data["metric_clean"]
@@ -386,25 +395,26 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         if c.error_nodes == "exact" and c.method != "exact":
             eff = runner.exact_error_nodes(batch, base, eff, m)
         eff = eff.detach().float().cpu()
-        save_file({"effects": eff.contiguous(), "metric_clean": m.float().cpu(), "rows": torch.tensor(batch.rows)},
-                  str(shard))
+        durable.save_safetensors({"effects": eff.contiguous(), "metric_clean": m.float().cpu(),
+                                  "rows": torch.tensor(batch.rows)}, shard)
+        ledger.add(shard)
         effects[batch.rows], m_clean[batch.rows] = eff, m.float().cpu()
         status.progress(bi + 1)
-    save_file({"effects": effects.contiguous(), "metric_clean": m_clean}, str(out_dir / "effects.safetensors"))
+    durable.save_safetensors({"effects": effects.contiguous(), "metric_clean": m_clean}, out_dir / "effects.safetensors")
     t_attr = time.perf_counter() - t_start
     attributed = set(wanted)
-    (out_dir / "prompts.json").write_text(json.dumps([
+    durable.write_text(out_dir / "prompts.json", json.dumps([
         {"index": i, "prompt_id": r["prompt_id"], "category": r["category"], "label": r["label"],
          "refused": bool(r["refused"]), "refusal_score": r["refusal_score"],
          "metric_clean": float(m_clean[i]) if i in attributed else None} for i, r in enumerate(rows)], indent=1))
 
-    rng = np.random.default_rng(c.seed)
     val_dir = out_dir / "validation"
     val_dir.mkdir(exist_ok=True)
 
     # ---- 2. agreement with exact patching
     agree_path = val_dir / "agreement.json"
     if not agree_path.is_file():
+        rng = part_rng(c.seed, "agreement")
         t0 = time.perf_counter()
         by_label = {lab: [i for i in wanted if rows[i]["label"] == lab] for lab in c.labels}
         sample: list[int] = []
@@ -428,7 +438,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
                      for name, v in est.items()}
         result = agreement(space, nodes, exact, estimates)
         result.update({"n_prompts": len(sample), "ig_steps": c.ig_steps, "seconds": time.perf_counter() - t0})
-        agree_path.write_text(json.dumps(result, indent=2))
+        durable.write_text(agree_path, json.dumps(result, indent=2))
     agree = json.loads(agree_path.read_text())
     part_done(0)
 
@@ -448,9 +458,10 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         if g.key not in faith["curves"]:
             sub = sample(g)
             faith["curves"][g.key] = faithfulness_curve(runner, batches_of(sub), base, ranked[g.key], c.faithfulness_sizes,
-                                                        c.random_controls, rng, float(m_clean[sub].mean()),
+                                                        c.random_controls, part_rng(c.seed, "curve", g.key),
+                                                        float(m_clean[sub].mean()),
                                                         c.faithfulness_min_gap)
-            faith_path.write_text(json.dumps(faith, indent=2))
+            durable.write_text(faith_path, json.dumps(faith, indent=2))
     circuits: dict[str, list[tuple[int, int]]] = {}
     for g in groups:
         if c.rule == "faithfulness":
@@ -467,8 +478,9 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
             group_of_row = {r: g.key for g in part for r in sample(g)}
             faith["circuits"].update(group_faithfulness(
                 runner, batches_of(sorted(group_of_row)), base, group_of_row, {g.key: circuits[g.key] for g in part},
-                {g.key: ranked[g.key] for g in part}, m_clean, rng, c.faithfulness_min_gap))
-        faith_path.write_text(json.dumps(faith, indent=2))
+                {g.key: ranked[g.key] for g in part}, m_clean, part_rng(c.seed, "faithfulness", str(pooled)),
+                c.faithfulness_min_gap))
+        durable.write_text(faith_path, json.dumps(faith, indent=2))
     part_done(1)
 
     # ---- 3b. edges of the pooled circuits (features of consecutive hooks)
@@ -493,12 +505,13 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
             edges[g.key] = [{"from": space.node_id(u), "to": space.node_id(d), "effect": w}
                             for (u, d), w in sorted(weights.items(), key=lambda kv: -abs(kv[1]))
                             if top > 0 and abs(w) >= c.edge_threshold * top]
-            edges_path.write_text(json.dumps(edges, indent=2))
+            durable.write_text(edges_path, json.dumps(edges, indent=2))
 
     part_done(2)
 
     # ---- 4. behaviour: generation with the pooled toxic circuit's features ablated
-    behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of, rng, unit,
+    behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of,
+                           part_rng(c.seed, "behaviour"), unit,
                            int(manifest["n_layers"]), val_dir / "behaviour.json", show_progress)
 
     part_done(3)
@@ -521,7 +534,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
                                settings, validation, edges.get(g.key))
         path = out_dir / g.label / f"{_safe_name(g.category)}.json"
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1))
+        durable.write_text(path, json.dumps(doc, indent=1))
         f = faith["circuits"].get(g.key) or {}
         summary_groups.append({"label": g.label, "category": g.category, "n_prompts": len(g.rows), "size": len(chosen),
                                "metric_clean_mean": doc["metric_clean_mean"], "faithfulness": f.get("faithfulness"),
@@ -539,7 +552,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
         "error_nodes": c.error_nodes,
         "circuits": summary_groups, "skipped_groups": skipped, "behaviour": behaviour,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    durable.write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     from refusal_lens.circuits.plots import write_figures
 
     write_figures(out_dir, agree, faith, behaviour)
@@ -548,7 +561,7 @@ def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, sae
     manifest_path = out_dir / MANIFEST
     man = json.loads(manifest_path.read_text())
     man.update({"status": "complete", "seconds": time.perf_counter() - t_start})
-    manifest_path.write_text(json.dumps(man, indent=2))
+    durable.write_text(manifest_path, json.dumps(man, indent=2))
     return summary
 
 
@@ -584,7 +597,7 @@ def _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_o
                                    "examples": texts[:3]}
     rand = [v["refusal_rate"] for k, v in out["conditions"].items() if k.startswith("random_features")]
     out["random_features_refusal_rate_mean"] = float(np.mean(rand))
-    path.write_text(json.dumps(out, indent=2))
+    durable.write_text(path, json.dumps(out, indent=2))
     return out
 
 

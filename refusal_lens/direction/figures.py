@@ -8,6 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from refusal_lens import durable
+
 
 def candidate_heatmaps(candidates: dict) -> go.Figure:
     """Layer x position heatmaps of bypass (exact where measured, else the screen's estimate), induce and KL."""
@@ -117,6 +119,6 @@ def write_figures(out_dir: Path, candidates: dict, evaluation: dict, categories:
     paths = []
     for name, fig in figures(candidates, evaluation, categories, emergence).items():
         path = fig_dir / f"{name}.html"
-        fig.write_html(path, include_plotlyjs="directory")
+        durable.write_plotly_html(fig, path, include_plotlyjs="directory")
         paths.append(path)
     return paths

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from refusal_lens import durable
 
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
@@ -52,12 +54,8 @@ class SavedDirection:
 
 def save_direction(folder: Path, vector: torch.Tensor, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (DIRECTION_FILE + ".tmp")
-    save_file({"direction": vector.detach().float().contiguous().cpu()}, str(tmp))
-    tmp.replace(folder / DIRECTION_FILE)
-    tmp = folder / (DIRECTION_JSON + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(folder / DIRECTION_JSON)
+    durable.save_safetensors({"direction": vector.detach().float().contiguous().cpu()}, folder / DIRECTION_FILE)
+    durable.write_json(folder / DIRECTION_JSON, info)
 
 
 def load_direction(folder: Path) -> SavedDirection:

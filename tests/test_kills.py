@@ -1,0 +1,147 @@
+"""Real kills: each stage's CLI command is SIGKILLed at points of its own progress, a committed file is
+damaged, the command is rerun to completion, and every output file equals an uninterrupted run's.
+Also: a second `refusal-lens run` on the folder of a running one is refused and the first is unaffected.
+
+One uninterrupted `run` (the reference) is made once in <tmp>/results/tiny and moved aside; each test
+copies the earlier stages' folders from it back to the same path (outputs name their run folder), so
+that only the stage under test is killed, resumed and compared."""
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from killing import ENV, appears, cli, committed_shards, compare_trees, kill_and_resume, truncate
+from test_pipeline import write_config as pipeline_config
+
+#: the folder each stage writes, in pipeline order
+FOLDERS = {"collect": "activations", "train-saes": "saes", "discover": "circuits", "analyze": "analysis"}
+#: JSON keys that hold timings or per-process counters, never results
+VOLATILE = {"collect": {"stats_rank0"}, "train-saes": set(), "discover": {"seconds", "attribution_seconds"},
+            "analyze": {"seconds"}}
+FIRST_HOOK = "blocks.1.hook_resid_post"
+
+
+def write_config(folder: Path, model_dir: Path) -> Path:
+    """tests/test_pipeline.py's tiny main job, in small steps: a shard per collect batch of 2 prompts,
+    attribution batches of 4 prompts, so that there are progress points to kill at."""
+    path = folder / "kills.yaml"
+    path.write_text(f"""
+base: {pipeline_config(folder, model_dir)}
+inference: {{batch_size: 2, shard_mb: 0.000001}}
+circuits: {{batch_size: 4}}
+""")
+    return path
+
+
+def _status(run: Path) -> dict:
+    try:
+        return json.loads((run / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_dir, tmp_path_factory):
+    """The reference run; while it is in its discover stage, a second `run` on the same folder is tried."""
+    root = tmp_path_factory.mktemp("kills")
+    config = write_config(root, tiny_model_dir)
+    run = root / "results" / "tiny"
+    first = subprocess.Popen(cli(["run", "--config", str(config)]), env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    t_wait = time.perf_counter()
+    while _status(run).get("current_stage") != "discover":
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.perf_counter() - t_wait < 240
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    second = subprocess.run(cli(["run", "--config", str(config)]), env=ENV, capture_output=True, text=True, timeout=60)
+    second_s = time.perf_counter() - t0
+    first_stage_then = _status(run).get("current_stage")
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-3000:]
+    info = {"first_pid": first.pid, "second": second, "second_s": second_s, "first_stage_then": first_stage_then,
+            "status": _status(run)}
+    reference = root / "reference"
+    run.rename(reference)
+    return {"config": config, "run": run, "reference": reference, **info}
+
+
+def test_a_second_run_is_refused_at_once_and_the_first_finishes(world):
+    second, run = world["second"], world["run"]
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"refusal-lens run: error: {run} is being written by another refusal-lens command (PID {world['first_pid']}, "
+        f"`refusal-lens run`); one writer per run folder: wait for it to finish (`refusal-lens status {run}`), "
+        "stop it, or set output.run_name to write elsewhere"]
+    assert world["first_stage_then"] == "discover"  # the second came and went while the first was working
+    print(f"second `run` refused in {world['second_s']:.2f} s")
+    status = world["status"]  # the first's live status, never touched by the second
+    assert (status["pid"], status["command"], status["state"], status["error"]) == (world["first_pid"], "run", "done", None)
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [
+        ("collect", "done"), ("train-saes", "done"), ("discover", "done"), ("analyze", "done")]
+    assert (world["reference"] / "analysis" / "report.html").stat().st_size > 10_000
+
+
+def prepare(world, stage: str) -> Path:
+    """The run folder holding the reference's folders of the stages before ``stage``."""
+    run = world["run"]
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    for earlier in list(FOLDERS)[: list(FOLDERS).index(stage)]:
+        shutil.copytree(world["reference"] / FOLDERS[earlier], run / FOLDERS[earlier])
+    return run
+
+
+def describe(run: Path) -> dict:
+    status = _status(run)
+    stage = next((s for s in status.get("stages", []) if s["name"] == status.get("current_stage")), {})
+    return {"files": sum(1 for p in run.rglob("*") if p.is_file()), "stage": status.get("current_stage"),
+            "progress": stage.get("progress")}
+
+
+def check(world, stage: str, steps, damaged_message: str | None = None) -> None:
+    """Kill ``stage`` at ``steps`` (tampering where asked), finish it, compare with the reference; a run
+    after the tamper step must log ``damaged_message``."""
+    run = prepare(world, stage)
+    args = [stage, "--config", str(world["config"])]
+    logs = kill_and_resume(args, run, steps, describe=describe)
+    for log in logs:
+        print(f"{stage}: {log.step}: rc {log.returncode}, {log.seconds:.1f} s, {log.state}")
+    if damaged_message is not None:
+        tampered = max(i for i, log in enumerate(logs) if log.returncode is None)
+        assert any(damaged_message in log.stderr for log in logs[tampered + 1:]), "the damaged file went unnoticed"
+    n = compare_trees(world["reference"] / FOLDERS[stage], run / FOLDERS[stage], VOLATILE[stage])
+    print(f"{stage}: {n} files equal to the uninterrupted run's")
+
+
+def test_collect_killed_twice_and_a_shard_truncated(world):
+    check(world, "collect", [
+        committed_shards(5),
+        appears("activations/prompts/state.json"),  # every shard committed, finalizing the datasets
+        truncate(f"activations/{FIRST_HOOK}/shard-000-00003.arrow"),
+    ], "collect: rank 0 shard 3 is damaged")
+
+
+def test_train_saes_killed_twice_and_weights_truncated(world):
+    check(world, "train-saes", [
+        appears(f"saes/.{FIRST_HOOK}.partial"),  # training the first hook
+        appears(f"saes/{FIRST_HOOK}/files.json"),  # first hook committed, the second training
+        truncate(f"saes/{FIRST_HOOK}/sae_weights.safetensors"),
+    ], f"saes/{FIRST_HOOK}: not trusted (sae_weights.safetensors:")
+
+
+def test_discover_killed_twice_and_an_effects_shard_truncated(world):
+    check(world, "discover", [
+        appears("circuits/effects/ledger.json"),  # during the attribution pass
+        truncate("circuits/effects/batch-0000.safetensors"),
+        # after agreement and the first faithfulness curve: the resumed run skips them (its random
+        # draws must not depend on that)
+        appears("circuits/validation/faithfulness.json"),
+    ], "batch-0000.safetensors is not trusted")
+
+
+def test_analyze_killed_twice(world):
+    check(world, "analyze", [appears("analysis/direction.json"), appears("analysis/report.html")])
