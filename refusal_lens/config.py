@@ -189,14 +189,16 @@ class SAEConfig:
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     #: equalise safe/toxic (labels) or category x label groups in the batches by resampling.
     balance: Literal["none", "labels", "categories"] = "labels"
-    #: leave out the chat template's fixed opening (identical in every prompt, e.g. a default system prompt)
-    #: and special tokens (attention sinks with huge norms) from training and evaluation, as SAE-Lens's
-    #: ``exclude_special_tokens`` does; otherwise they dominate the variance.
+    #: leave out the chat template's opening (identical in every prompt, e.g. a default system prompt, and
+    #: holding the attention sink whose norm is ~100x the rest) from training and evaluation; the sites are the
+    #: prompt's content, its post-instruction tokens and the response tokens.
     exclude_template_prefix: bool = True
-    #: leave special tokens (attention sinks) out of training and evaluation.
-    exclude_special_tokens: bool = True
-    #: share of prompts (by a hash of their id) kept out of training for evaluation.
-    heldout_fraction: float = 0.2
+    #: also leave out special tokens (the template's post-instruction <|im_end|>/<|im_start|> are then not
+    #: sites, and circuits cannot patch them: off by default).
+    exclude_special_tokens: bool = False
+    #: train even when the training rows (distinct activation vectors of the discovery split's sites) are
+    #: fewer than the SAE's features (it would memorise them); off = an error naming the settings that fix it.
+    allow_fewer_rows_than_features: bool = False
     #: training metrics (loss, MSE, L0, explained variance, dead features) logged every N steps.
     log_every: int = 20
     #: steps without firing after which a feature counts as dead (TopK's AuxK revives it).
@@ -211,11 +213,12 @@ class SAEConfig:
     wandb: bool = False
     #: Weights & Biases project name.
     wandb_project: str = "refusal_lens"
-    #: held-out prompts used for CE loss recovered / KL with the SAE spliced in.
+    #: prompts per split (validation: the bar; test: the reported quality) on which the SAE is spliced in for
+    #: the CE loss and KL.
     eval_prompts: int = 24
-    #: "selective layers": the bar a hook's SAE must pass for later stages.
+    #: "selective layers": the bar a hook's SAE must pass for later stages, on the validation split.
     min_explained_variance: float = 0.5
-    #: the bar's minimum CE loss recovered (with min_explained_variance).
+    #: the bar's minimum CE loss recovered against mean ablation (with min_explained_variance).
     min_ce_recovered: float = 0.5
 
     def __post_init__(self) -> None:
@@ -226,8 +229,6 @@ class SAEConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"sae.{name}={getattr(self, name)}; allowed: a positive integer")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"sae.heldout_fraction={self.heldout_fraction}; allowed: a number between 0 and 1")
         if self.lr <= 0:
             raise ConfigError(f"sae.lr={self.lr}; allowed: a positive number")
         if self.hooks:

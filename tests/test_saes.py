@@ -12,7 +12,8 @@ from refusal_lens.collect import collect
 from refusal_lens.config import Config, ConfigError, InferenceConfig, ModelConfig, SAEConfig, load_config
 from refusal_lens.prompts import Prompt
 from refusal_lens.saes import stage as stage_mod
-from refusal_lens.saes.data import activation_batches, epoch_order, is_heldout, split_rows
+from refusal_lens.collect import load_collected
+from refusal_lens.saes.data import activation_batches, epoch_order
 from refusal_lens.saes.stage import SAEStageError, run_sae_stage, selected_hooks
 from refusal_lens.saes.train import SAEConfigError, build_training_sae
 
@@ -37,7 +38,8 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
         model=ModelConfig(name=str(tiny_model_dir), activation_layers=("residuals_1-2",)),
         inference=InferenceConfig(batch_size=8, max_new_tokens=6, positions="all", store_response_activations=True),
         sae=SAEConfig(expansion_factor=4, k=8, training_tokens=64 * 300, train_batch_size_tokens=64, log_every=25,
-                      eval_prompts=6, heldout_fraction=0.25, min_explained_variance=0.3, min_ce_recovered=-10.0),
+                      eval_prompts=6, min_explained_variance=0.3, min_ce_recovered=-10.0,
+                      allow_fewer_rows_than_features=True),
     )
     loaded = load_model(cfg.model)
     collect(loaded, many_prompts(), cfg, root / "activations", show_progress=False)
@@ -60,14 +62,12 @@ def test_training_learns_saves_and_reloads(tiny_run):
         # a few hundred steps: explained variance rises and ends well above the start
         assert log[-1]["explained_variance"] > log[0]["explained_variance"] + 0.05
         metrics = json.loads((root / "saes" / hook / "metrics.json").read_text())
-        assert metrics["explained_variance"] > 0.3  # held-out prompts, never trained on
+        assert metrics["explained_variance"] > 0.3  # test prompts, never trained on
         assert metrics["l0"] == pytest.approx(8.0)  # TopK k=8
         assert metrics["tokens_seen"] == 64 * 300 and metrics["epochs"] > 1
         # SAE-Lens's error term makes the splice an identity: CE must equal the clean CE
         assert metrics["ce_with_error_term"] == pytest.approx(metrics["ce_clean"], abs=1e-4)
-        recovered = (metrics["ce_zero"] - metrics["ce_sae"]) / (metrics["ce_zero"] - metrics["ce_clean"])
-        assert metrics["ce_loss_recovered"] == pytest.approx(recovered)
-        assert metrics["kl_sae"] >= 0 and metrics["scored_tokens"] > 0
+        assert metrics["kl_sae"] >= 0 and metrics["kl_mean"] >= 0 and metrics["scored_tokens"] > 0
         sae = SAE.load_from_disk(str(root / "saes" / hook))
         assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_sae == 256
         assert sorted(p.name for p in (root / "saes" / hook).iterdir()) == [
@@ -164,42 +164,54 @@ def test_bad_configs(tiny_run, tmp_path):
         run_sae_stage(cfg, loaded, tmp_path / "nothing", tmp_path / "s", show_progress=False)
 
 
-def test_heldout_split_and_balanced_batches(tiny_run):
-    _, _, root = tiny_run
+def test_sites_follow_the_split_and_balanced_batches(tiny_run):
+    cfg, loaded, root = tiny_run
+    data = load_collected(root / "activations")
+    sites = stage_mod.sites_for(cfg, data, loaded)
     acts = HookActivations(root / "activations" / "blocks.1.hook_resid_post")
-    train, held = split_rows(acts, 0.25)
-    assert set(train).isdisjoint(held) and len(train) + len(held) == len(acts)
-    assert {acts.prompt_ids[i] for i in held} == {p for p in set(acts.prompt_ids) if is_heldout(p, 0.25)}
-    assert not {acts.prompt_ids[i] for i in train} & {acts.prompt_ids[i] for i in held}  # split by prompt
-    groups = acts.groups(train, "labels")
+    rows = sites.rows(acts)
+    # by prompt: every row of a split belongs to a prompt of that split, and no prompt is in two splits
+    for split, r in rows.items():
+        assert {sites.split_of[acts.prompt_ids[i]] for i in r} <= {split}
+    pids = {s: {acts.prompt_ids[i] for i in r} for s, r in rows.items()}
+    assert not pids["discovery"] & pids["validation"] and not pids["discovery"] & pids["test"]
+    # sites: after the template's opening ("<|im_start|> user": 2 tokens), special tokens kept
+    kept = np.concatenate(list(rows.values()))
+    assert (acts.positions[kept] >= 2).all()
+    assert np.isin(acts.token_ids[kept], loaded.tokenizer.all_special_ids).any()  # post-instruction tokens
+    dropped = np.setdiff1d(np.arange(len(acts)), kept)
+    assert (acts.positions[dropped] < 2).all()
+    groups = acts.groups(rows["discovery"], "labels")
     order = epoch_order(groups, np.random.default_rng(0))
     labels = acts.labels[order]
     assert (labels == "toxic").sum() == (labels == "safe").sum() == max(len(g) for g in groups.values())
-    batches = activation_batches(acts, train, 32, balance="labels", seed=1)
+    batches = activation_batches(acts, rows["discovery"], 32, balance="labels", seed=1)
     first = [next(batches) for _ in range(3)]
     assert all(b.shape == (32, acts.width) and b.dtype == torch.float32 for b in first)
-    again = activation_batches(acts, train, 32, balance="labels", seed=1)
+    again = activation_batches(acts, rows["discovery"], 32, balance="labels", seed=1)
     assert torch.equal(next(again), first[0])  # seeded
 
 
-def test_template_prefix_and_special_tokens_are_left_out(tiny_run):
-    from refusal_lens.collect import shared_prefix_length
-
+def test_too_few_training_rows_for_the_features_is_an_error(tiny_run, tmp_path):
     cfg, loaded, root = tiny_run
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert shared_prefix_length([[1, 2]]) == 0
-    manifest = json.loads((root / "activations" / "manifest.json").read_text())
-    # the tiny chat template opens every prompt with "<|im_start|> user"
-    assert manifest["template_prefix_tokens"] == 2
-    acts = HookActivations(root / "activations" / "blocks.1.hook_resid_post")
-    special = loaded.tokenizer.all_special_ids
-    train, held = split_rows(acts, 0.25, min_position=2, exclude_token_ids=special)
-    kept = np.concatenate([train, held])
-    assert (acts.positions[kept] >= 2).all() and not np.isin(acts.token_ids[kept], special).any()
-    dropped = np.setdiff1d(np.arange(len(acts)), kept)
-    assert ((acts.positions[dropped] < 2) | np.isin(acts.token_ids[dropped], special)).all()
-    all_train, _ = split_rows(acts, 0.25)
-    assert len(all_train) > len(train)
+    wide = with_sae(cfg, expansion_factor=64, allow_fewer_rows_than_features=False)
+    with pytest.raises(SAEStageError, match=r"distinct training rows for an SAE of 4096 features.*expansion_factor"):
+        run_sae_stage(wide, loaded, root / "activations", tmp_path / "wide", show_progress=False)
+
+
+def test_quality_is_judged_against_mean_ablation_on_validation_and_reported_on_test(tiny_run):
+    cfg, loaded, root = tiny_run
+    run_sae_stage(cfg, loaded, root / "activations", root / "saes", show_progress=False)
+    metrics = json.loads((root / "saes" / "blocks.1.hook_resid_post" / "metrics.json").read_text())
+    for m in (metrics, metrics["validation"]):
+        assert m["ce_loss_recovered"] == pytest.approx((m["ce_mean"] - m["ce_sae"]) / (m["ce_mean"] - m["ce_clean"]))
+        assert m["ce_increase"] == pytest.approx(m["ce_sae"] - m["ce_clean"])
+        assert m["ce_with_error_term"] == pytest.approx(m["ce_clean"], abs=1e-4)
+    assert metrics["distinct_train_rows"] <= metrics["train_rows"]
+    quality = {q["hook"]: q for q in json.loads((root / "saes" / "quality.json").read_text())}
+    q = quality["blocks.1.hook_resid_post"]
+    assert q["val_explained_variance"] == metrics["validation"]["explained_variance"]
+    assert q["explained_variance"] == metrics["explained_variance"]  # the reported number is the test split's
 
 
 def test_splice_touches_only_the_trained_positions(tiny_run):
@@ -217,7 +229,7 @@ def test_splice_touches_only_the_trained_positions(tiny_run):
     nowhere = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad, splice_from=100)
     assert everywhere["ce_sae"] != pytest.approx(everywhere["ce_clean"])
     assert nowhere["ce_sae"] == pytest.approx(nowhere["ce_clean"]) and nowhere["kl_sae"] == pytest.approx(0, abs=1e-6)
-    assert nowhere["ce_zero"] == pytest.approx(nowhere["ce_clean"])
+    assert nowhere["ce_mean"] == pytest.approx(nowhere["ce_clean"])
     specials = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad,
                               skip_token_ids=list(set(seqs[0])))
     assert specials["kl_sae"] == pytest.approx(0, abs=1e-6)

@@ -4,13 +4,15 @@ The datasets are memory-mapped Arrow files, so reading stays bounded in memory w
 each epoch draws a seeded permutation of the training rows (balanced by resampling when asked) and
 gathers them chunk by chunk with Arrow ``take``.
 
-Held-out prompts are chosen by a hash of their id (:func:`is_heldout`), so the split does not depend
-on the order or number of prompts, and the same prompts are held out for every hook.
+Which rows an SAE trains and is judged on comes from the collect stage's split (:mod:`refusal_lens.splits`):
+training uses the discovery prompts, the quality bar the validation prompts, the reported quality the test
+prompts; the same prompts for every hook. Only *sites* count: positions after the chat template's opening
+(which is identical in every prompt and holds the attention sink), i.e. the prompt's content, the
+post-instruction tokens (special tokens included: the circuits patch them) and the response tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -20,12 +22,6 @@ import torch
 from refusal_lens.activations.store import HookActivations
 
 logger = logging.getLogger(__name__)
-
-
-def is_heldout(prompt_id: str, fraction: float) -> bool:
-    """Deterministic held-out membership from a hash of the prompt id."""
-    bucket = int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 16**8
-    return bucket < fraction
 
 
 def epoch_order(groups: dict[tuple, np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -47,24 +43,27 @@ def epoch_order(groups: dict[tuple, np.ndarray], rng: np.random.Generator) -> np
     return order
 
 
-def split_rows(
-    acts: HookActivations, fraction: float, *, min_position: int = 0, exclude_token_ids: Iterable[int] = ()
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of training and held-out prompts of a hook folder.
-
-    Rows at positions below ``min_position`` (the chat template's fixed opening, identical in every
-    prompt) and rows of ``exclude_token_ids`` (special tokens, whose activations are outliers, e.g.
-    attention sinks) are left out of both.
-    """
-    held = {pid: is_heldout(pid, fraction) for pid in set(acts.prompt_ids)}
-    mask = np.fromiter((held[p] for p in acts.prompt_ids), dtype=bool, count=len(acts.prompt_ids))
-    keep = np.ones(len(acts), dtype=bool)
-    if min_position > 0:
-        keep &= acts.positions >= min_position
+def site_rows(acts: HookActivations, split_of: dict[str, str], opening: dict[str, int],
+              exclude_token_ids: Iterable[int] = ()) -> dict[str, np.ndarray]:
+    """Row indices of a hook folder per split (``discovery`` / ``validation`` / ``test``), at the sites only:
+    positions ``>= opening[prompt]`` (the template's opening left out), not ``exclude_token_ids``."""
+    pids = acts.prompt_ids
+    split = np.fromiter((split_of[p] for p in pids), dtype=object, count=len(pids))
+    first = np.fromiter((opening[p] for p in pids), dtype=np.int64, count=len(pids))
+    keep = acts.positions >= first
     excluded = np.asarray(sorted(set(exclude_token_ids)), dtype=np.int64)
     if len(excluded):
         keep &= ~np.isin(acts.token_ids, excluded)
-    return np.flatnonzero(~mask & keep), np.flatnonzero(mask & keep)
+    return {s: np.flatnonzero(keep & (split == s)) for s in ("discovery", "validation", "test")}
+
+
+def distinct_rows(acts: HookActivations, rows: np.ndarray, chunk: int = 8192) -> int:
+    """How many different activation vectors ``rows`` hold (identical prompts give identical rows)."""
+    seen: set[bytes] = set()
+    for start in range(0, len(rows), chunk):
+        raw = acts.raw(rows[start : start + chunk]).numpy()
+        seen.update(r.tobytes() for r in raw)
+    return len(seen)
 
 
 def activation_batches(

@@ -5,13 +5,14 @@ Reconstruction (activations of held-out prompts, never used in training):
 d_in), ``l0`` (active features per token), ``dead_fraction`` (features that never fire on held-out
 tokens), ``dense_fraction`` (features firing on more than :data:`DENSE_THRESHOLD` of tokens).
 
-Splice (held-out chat prompts + their responses, teacher-forced): the hook's activation is replaced by
+Splice (chat prompts of one split + their responses, teacher-forced): the hook's activation is replaced by
 SAE-Lens's ``sae(x)`` inside a forward hook, at the positions the SAE was trained on (not the chat
-template's fixed opening, not special tokens). ``ce_clean``, ``ce_sae`` (reconstruction), ``ce_zero``
-(activation zero-ablated), ``ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``,
-``kl_sae`` (KL(clean || spliced) per token), and ``ce_with_error_term``: with SAE-Lens's
-``use_error_term`` the spliced output equals the input, so this must equal ``ce_clean`` (a check of the
-splice itself).
+template's opening). ``ce_clean``, ``ce_sae`` (reconstruction), ``ce_increase = ce_sae - ce_clean`` (nats
+per token), ``ce_mean`` (the activation mean-ablated: replaced by its mean over the training sites, the
+reference a useless SAE reaches; zero ablation is far worse and made every SAE look good),
+``ce_loss_recovered = (ce_mean - ce_sae) / (ce_mean - ce_clean)``, ``kl_sae`` and ``kl_mean``
+(KL(clean || spliced) per token), and ``ce_with_error_term``: with SAE-Lens's ``use_error_term`` the
+spliced output equals the input, so this must equal ``ce_clean`` (a check of the splice itself).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ from refusal_lens.activations.store import HookActivations
 from refusal_lens.chat import left_pad
 
 DENSE_THRESHOLD = 0.1
+
+
+@torch.no_grad()
+def mean_activation(acts: HookActivations, rows: np.ndarray, chunk: int = 8192) -> torch.Tensor:
+    """The mean activation of ``rows`` (float64 accumulation), the mean-ablation reference."""
+    total = torch.zeros(acts.width, dtype=torch.float64)
+    for start in range(0, len(rows), chunk):
+        total += acts.take(rows[start : start + chunk]).double().sum(0)
+    return (total / max(len(rows), 1)).float()
 
 
 @torch.no_grad()
@@ -50,7 +60,7 @@ def reconstruction_metrics(sae, acts: HookActivations, rows: np.ndarray, chunk: 
     sst = s2 - float((s1**2).sum()) / n
     freq = fired / n
     return {
-        "heldout_tokens": n,
+        "tokens": n,
         "explained_variance": 1 - sse / sst if sst > 0 else float("nan"),
         "mse": sse / n,
         "l0": l0 / n,
@@ -76,10 +86,12 @@ def splice_metrics(
     batch_size: int = 8,
     splice_from: int = 0,
     skip_token_ids: Sequence[int] = (),
+    mean: torch.Tensor | None = None,
 ) -> dict:
-    """CE loss recovered and KL with ``sae`` spliced at ``hook``; see the module docstring.
+    """CE loss recovered and KL with ``sae`` spliced at ``hook``; see the module docstring. ``mean`` is the
+    mean-ablation reference (default: zero, which only a test should use).
 
-    The SAE (and the zero ablation) replace the activation only at the positions it was trained on:
+    The SAE (and the mean ablation) replace the activation only at the positions it was trained on:
     from position ``splice_from`` of each sequence on (after the template's fixed opening), and not at
     ``skip_token_ids`` (special tokens); elsewhere the model keeps its own activation.
     """
@@ -94,10 +106,13 @@ def splice_metrics(
 
         return fn
 
-    def zero(act, hook):  # noqa: ARG001
-        return torch.where(where["mask"], torch.zeros_like(act), act)
+    reference = torch.zeros(sae.cfg.d_in) if mean is None else mean
 
-    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "ce_with_error_term": 0.0, "kl_sae": 0.0}
+    def mean_ablate(act, hook):  # noqa: ARG001
+        return torch.where(where["mask"], reference.to(act.device, act.dtype).expand_as(act), act)
+
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_mean": 0.0, "ce_with_error_term": 0.0, "kl_sae": 0.0,
+              "kl_mean": 0.0}
     n_tokens = 0
     for start in range(0, len(sequences), batch_size):
         ids, mask = left_pad(sequences[start : start + batch_size], pad_id)
@@ -111,17 +126,18 @@ def splice_metrics(
         clean = model(ids, attention_mask=mask)
         ce_clean, lp_clean, tmask = _ce_and_logprobs(clean, ids, mask)
         totals["ce_clean"] += ce_clean
-        for name, fn in (("ce_sae", replace(False)), ("ce_with_error_term", replace(True)), ("ce_zero", zero)):
+        for name, fn in (("ce_sae", replace(False)), ("ce_with_error_term", replace(True)), ("ce_mean", mean_ablate)):
             logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook, fn)])
             ce, lp, _ = _ce_and_logprobs(logits, ids, mask)
             totals[name] += ce
-            if name == "ce_sae":
+            if name in ("ce_sae", "ce_mean"):
                 kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
-                totals["kl_sae"] += float(kl[tmask].sum())
+                totals["kl_" + name[3:]] += float(kl[tmask].sum())
         n_tokens += int(tmask.sum())
     sae.use_error_term = False
     out = {k: v / max(n_tokens, 1) for k, v in totals.items()}
-    denom = out["ce_zero"] - out["ce_clean"]
-    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / denom if denom != 0 else float("nan")
+    denom = out["ce_mean"] - out["ce_clean"]
+    out["ce_loss_recovered"] = (out["ce_mean"] - out["ce_sae"]) / denom if denom != 0 else float("nan")
+    out["ce_increase"] = out["ce_sae"] - out["ce_clean"]
     out["scored_tokens"] = n_tokens
     return out

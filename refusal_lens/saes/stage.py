@@ -26,18 +26,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from refusal_lens import durable
 from refusal_lens.activations.store import HookActivations
 from refusal_lens.chat import encode_prompt
-from refusal_lens.collect import MANIFEST, PROMPTS_DIR
+from refusal_lens.collect import MANIFEST, PROMPTS_DIR, Collected, load_collected
 from refusal_lens.config import Config, config_to_dict, dump_config
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
 from refusal_lens.hooks import parse_hook_name, resolve_layer_specs
-from refusal_lens.saes.data import activation_batches, is_heldout, split_rows
-from refusal_lens.saes.evaluate import reconstruction_metrics, splice_metrics
+from refusal_lens.saes.data import activation_batches, distinct_rows, site_rows
+from refusal_lens.saes.evaluate import mean_activation, reconstruction_metrics, splice_metrics
 from refusal_lens.saes.plots import write_figures
 from refusal_lens.saes.train import build_training_sae, check_sae_config, train_sae
 from refusal_lens.status import StatusFile
@@ -47,7 +48,9 @@ logger = logging.getLogger(__name__)
 #: per hook folder: the size and SHA-256 of every other file, written last (see _hook_done).
 FILES = "files.json"
 QUALITY_FIELDS = ("hook", "layer", "hook_type", "explained_variance", "mse", "l0", "dead_fraction", "dense_fraction",
-                  "ce_loss_recovered", "kl_sae", "ce_clean", "ce_sae", "ce_zero", "tokens_seen", "epochs", "passes")
+                  "ce_loss_recovered", "ce_increase", "kl_sae", "kl_mean", "ce_clean", "ce_sae", "ce_mean", "tokens_seen",
+                  "epochs", "train_rows", "distinct_train_rows", "val_explained_variance", "val_ce_loss_recovered",
+                  "passes")
 
 
 class SAEStageError(UserError, RuntimeError):
@@ -109,17 +112,46 @@ def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool, dist: Dist) -> No
     dist.barrier()
 
 
-def heldout_sequences(loaded, acts_dir: Path, fraction: float, limit: int, max_tokens: int) -> list[list[int]]:
-    """Token ids (chat prompt + response) of up to ``limit`` held-out prompts, for the splice metrics."""
-    import datasets
-
-    rows = datasets.load_from_disk(str(acts_dir / PROMPTS_DIR)).to_list()
-    held = [r for r in rows if is_heldout(r["prompt_id"], fraction)][:limit]
+def eval_sequences(data: Collected, tokenizer, split: str, limit: int, max_tokens: int) -> list[list[int]]:
+    """Token ids (chat prompt + response) of up to ``limit`` prompts of ``split``, for the splice metrics."""
     seqs = []
-    for r in held:
-        prompt = encode_prompt(loaded.tokenizer, r["prompt"], max_tokens).ids
-        seqs.append(prompt + loaded.tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+    for i in data.split_rows(split)[:limit]:
+        r = data.rows[i]
+        prompt = encode_prompt(tokenizer, r["prompt"], max_tokens).ids
+        seqs.append(prompt + tokenizer(r["response"], add_special_tokens=False)["input_ids"])
     return seqs
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Which rows of a hook folder an SAE trains (discovery), is judged (validation) and reported (test) on."""
+
+    split_of: dict[str, str]
+    opening: dict[str, int]  # per prompt: positions before this are the template's opening (not sites)
+    exclude: tuple[int, ...]  # token ids left out (special tokens, when sae.exclude_special_tokens)
+
+    def rows(self, acts: HookActivations) -> dict[str, np.ndarray]:
+        return site_rows(acts, self.split_of, self.opening, self.exclude)
+
+
+def sites_for(cfg: Config, data: Collected, loaded) -> Sites:
+    opening = {r["prompt_id"]: int(r["n_opening_tokens"]) if cfg.sae.exclude_template_prefix else 0 for r in data.rows}
+    exclude = tuple(loaded.tokenizer.all_special_ids) if cfg.sae.exclude_special_tokens else ()
+    return Sites({r["prompt_id"]: r["split"] for r in data.rows}, opening, exclude)
+
+
+def check_rows(cfg: Config, acts: HookActivations, train_rows: np.ndarray, hook: str) -> int:
+    """The distinct training rows; an error (unless allowed) when they are fewer than the SAE's features."""
+    d_sae = acts.width * cfg.sae.expansion_factor
+    distinct = distinct_rows(acts, train_rows)
+    if distinct < d_sae and not cfg.sae.allow_fewer_rows_than_features:
+        raise SAEStageError(
+            f"{hook}: the discovery split holds {distinct} distinct training rows for an SAE of {d_sae} features "
+            f"(sae.expansion_factor={cfg.sae.expansion_factor}); it would memorise them. Collect more rows "
+            "(inference.positions: all, inference.store_response_activations: true, a larger "
+            "inference.max_new_tokens, more prompts or a larger data.split_discovery), use a smaller "
+            "sae.expansion_factor, or set sae.allow_fewer_rows_than_features: true")
+    return distinct
 
 
 def template_prefix(loaded, acts_dir: Path, max_tokens: int) -> int:
@@ -153,19 +185,9 @@ def _load_sae(folder: Path, device: str):
     return SAE.load_from_disk(str(folder), device=device)
 
 
-def _rows(acts: HookActivations, cfg: Config, prefix: int, special_ids: Sequence[int]):
-    return split_rows(
-        acts,
-        cfg.sae.heldout_fraction,
-        min_position=prefix if cfg.sae.exclude_template_prefix else 0,
-        exclude_token_ids=special_ids if cfg.sae.exclude_special_tokens else (),
-    )
-
-
-def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_progress: bool, rows) -> dict:
-    train_rows, _ = rows(acts)
-    if len(train_rows) == 0:
-        raise SAEStageError(f"{hook}: every prompt is held out (sae.heldout_fraction={cfg.sae.heldout_fraction})")
+def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_progress: bool, sites: Sites) -> dict:
+    train_rows = sites.rows(acts)["discovery"]
+    distinct = check_rows(cfg, acts, train_rows, hook)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.sae.seed)
         sae = build_training_sae(cfg.sae, acts.width, hook, cfg.model.name)
@@ -178,20 +200,27 @@ def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_pr
     # same SAE gives the same bytes (and the same sha256 in files.json)
     durable.write_text(tmp / "cfg.json", json.dumps(json.loads((tmp / "cfg.json").read_text()), sort_keys=True))
     return {"tokens_seen": summary.tokens_seen, "epochs": summary.epochs, "steps": summary.steps,
-            "train_rows": summary.train_rows}
+            "train_rows": summary.train_rows, "distinct_train_rows": distinct}
 
 
-def _evaluate_one(hook: str, cfg: Config, acts: HookActivations, folder: Path, loaded, sequences, rows,
-                  splice_from: int, special: Sequence[int]) -> dict:
+def _evaluate_one(hook: str, cfg: Config, acts: HookActivations, folder: Path, loaded, sequences: dict[str, list],
+                  sites: Sites, splice_from: int, special: Sequence[int]) -> dict:
+    """Reconstruction and splice metrics on the validation split (the bar) and the test split (reported)."""
     sae = _load_sae(folder, cfg.sae.device)
     if sae.cfg.d_in != acts.width:
         raise SAEStageError(f"{folder}: SAE d_in={sae.cfg.d_in} does not match the activations of {hook} ({acts.width})")
-    _, held_rows = rows(acts)
-    metrics = reconstruction_metrics(sae, acts, held_rows)
-    if sequences:
-        metrics.update(splice_metrics(loaded.model, sae, hook, sequences, loaded.tokenizer.pad_token_id,
-                                      splice_from=splice_from, skip_token_ids=special))
-    return metrics
+    rows = sites.rows(acts)
+    mean = mean_activation(acts, rows["discovery"])
+    out = {}
+    for split in ("validation", "test"):
+        if len(rows[split]) == 0:
+            raise SAEStageError(f"{hook}: no {split} rows to judge the SAE on (more prompts, or data.split_{split})")
+        metrics = reconstruction_metrics(sae, acts, rows[split])
+        if sequences[split]:
+            metrics.update(splice_metrics(loaded.model, sae, hook, sequences[split], loaded.tokenizer.pad_token_id,
+                                          splice_from=splice_from, skip_token_ids=special, mean=mean))
+        out[split] = metrics
+    return {**out["test"], "validation": out["validation"]}
 
 
 def run_sae_stage(
@@ -221,15 +250,14 @@ def run_sae_stage(
             check_sae_config(cfg.sae, int(manifest["widths"][hook]))
     _prepare(out_dir, _fingerprint(cfg, manifest), cfg, force, dist)
     torch.set_num_threads(cfg.sae.num_threads)
-    sequences = heldout_sequences(loaded, acts_dir, cfg.sae.heldout_fraction, cfg.sae.eval_prompts,
-                                  cfg.inference.max_prompt_tokens)
-    special = list(loaded.tokenizer.all_special_ids)
-    prefix = int(manifest.get("template_prefix_tokens", template_prefix(loaded, acts_dir, cfg.inference.max_prompt_tokens)))
-    logger.info("SAE data: leaving out %s%s", f"the template's first {prefix} tokens" if cfg.sae.exclude_template_prefix
-                else "nothing of the template", " and special tokens" if cfg.sae.exclude_special_tokens else "")
-
-    def rows(acts: HookActivations):
-        return _rows(acts, cfg, prefix, special)
+    data = load_collected(acts_dir)
+    sequences = {split: eval_sequences(data, loaded.tokenizer, split, cfg.sae.eval_prompts,
+                                       cfg.inference.max_prompt_tokens) for split in ("validation", "test")}
+    sites = sites_for(cfg, data, loaded)
+    prefix = int(manifest.get("opening_tokens", 0)) if cfg.sae.exclude_template_prefix else 0
+    logger.info("SAE sites: trained on the discovery split, judged on validation, reported on test; leaving out "
+                "%s%s", f"the template's opening ({prefix} tokens)" if prefix else "nothing of the template",
+                " and special tokens" if cfg.sae.exclude_special_tokens else "")
 
     trained, skipped = [], []
     n_mine = len(hooks[dist.rank::dist.world])
@@ -257,26 +285,23 @@ def run_sae_stage(
             shutil.copytree(src, tmp)
             info = {"source": str(src)}
         else:
-            info = _train_one(hook, cfg, acts, tmp, show_progress, rows)
-        metrics = {**info, **_evaluate_one(
-            hook, cfg, acts, tmp, loaded, sequences, rows,
-            prefix if cfg.sae.exclude_template_prefix else 0, special if cfg.sae.exclude_special_tokens else (),
-        )}
+            info = _train_one(hook, cfg, acts, tmp, show_progress, sites)
+        metrics = {**info, **_evaluate_one(hook, cfg, acts, tmp, loaded, sequences, sites, prefix, sites.exclude)}
         durable.write_json(tmp / "metrics.json", metrics)
         durable.Ledger(tmp / FILES).add(*sorted(p for p in tmp.iterdir() if p.name != FILES))
         durable.commit_dir(tmp, final)
         trained.append(hook)
         status.progress(len(trained) + len(skipped))
-        logger.info("%s: held-out explained variance %.3f, CE loss recovered %.3f, L0 %.1f", hook,
-                    metrics["explained_variance"], metrics.get("ce_loss_recovered", float("nan")), metrics["l0"])
+        logger.info("%s: test explained variance %.3f, CE loss recovered (vs mean ablation) %.3f, CE increase %.3f "
+                    "nats, L0 %.1f", hook, metrics["explained_variance"], metrics.get("ce_loss_recovered", float("nan")),
+                    metrics.get("ce_increase", float("nan")), metrics["l0"])
     dist.barrier()
     quality: list[dict] = []
     if dist.is_main:
         quality = quality_table(out_dir, hooks, cfg.sae.min_explained_variance, cfg.sae.min_ce_recovered)
         write_figures(out_dir, quality, cfg.sae.min_explained_variance, cfg.sae.min_ce_recovered)
         state = json.loads((out_dir / MANIFEST).read_text())
-        state.update(status="complete", hooks=hooks, architecture=cfg.sae.architecture,
-                     heldout_fraction=cfg.sae.heldout_fraction)
+        state.update(status="complete", hooks=hooks, architecture=cfg.sae.architecture)
         durable.write_json(out_dir / MANIFEST, state)  # the commit point of the stage
         status.progress(len(hooks), len(hooks), "hook")
     dist.barrier()
@@ -286,18 +311,20 @@ def run_sae_stage(
 
 
 def quality_table(out_dir: Path, hooks: Sequence[str], min_ev: float, min_ce: float) -> list[dict]:
-    """The per-layer table of held-out metrics, with ``passes`` = the "selective layers" bar."""
+    """The per-layer table: test-split metrics, and ``passes`` = the "selective layers" bar on validation."""
     rows = []
     for hook in hooks:
         metrics = json.loads((out_dir / hook / "metrics.json").read_text())
         site = parse_hook_name(hook)
-        ce = metrics.get("ce_loss_recovered", float("nan"))
+        val = metrics.get("validation", {})
+        ce = val.get("ce_loss_recovered", float("nan"))
         row = {
             "hook": hook,
             "layer": site.layer if site else -1,
             "hook_type": (site.hook_type or site.point) if site else hook,
             **{k: metrics.get(k) for k in QUALITY_FIELDS if k in metrics},
-            "passes": bool(metrics["explained_variance"] >= min_ev and (ce != ce or ce >= min_ce)),
+            "val_explained_variance": val.get("explained_variance"), "val_ce_loss_recovered": ce,
+            "passes": bool(val.get("explained_variance", float("nan")) >= min_ev and (ce != ce or ce >= min_ce)),
         }
         rows.append(row)
     durable.write_json(out_dir / "quality.json", rows)
@@ -314,14 +341,15 @@ def selected_hooks(saes_dir: Path) -> list[str]:
 
 
 def format_quality(rows: Sequence[dict]) -> str:
-    head = f"{'hook':<28}{'EV':>7}{'CE rec':>8}{'KL':>8}{'L0':>8}{'dead':>7}{'dense':>7}{'epochs':>8}  pass"
+    head = (f"{'hook':<28}{'EV':>7}{'CE rec':>8}{'CE +':>8}{'KL':>8}{'L0':>8}{'dead':>7}{'dense':>7}{'epochs':>8}"
+            "  pass (validation)")
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         lines.append(f"{r['hook']:<28}{f('explained_variance', '7.3f')}{f('ce_loss_recovered', '8.3f')}"
-                     f"{f('kl_sae', '8.3f')}{f('l0', '8.1f')}{f('dead_fraction', '7.2f')}{f('dense_fraction', '7.2f')}"
+                     f"{f('ce_increase', '8.3f')}{f('kl_sae', '8.3f')}{f('l0', '8.1f')}{f('dead_fraction', '7.2f')}{f('dense_fraction', '7.2f')}"
                      f"{f('epochs', '8.1f')}  {'yes' if r['passes'] else 'no'}")
     return "\n".join(lines)
 

@@ -1,0 +1,209 @@
+"""The refusal direction stage on a tiny model with a planted refusal direction (tests/planted.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from planted import build_planted_model, load_planted_directions, planted_prompts
+from refusal_lens.collect import Collected, collect, load_collected
+from refusal_lens.config import Config, DataConfig, DirectionConfig, InferenceConfig, ModelConfig
+from refusal_lens.direction.categories import transfer_interval, transfer_verdict
+from refusal_lens.direction.edits import ablation_edits, addition_edits
+from refusal_lens.direction.io import load_direction
+from refusal_lens.direction.select import Scored, choose, linear_screen, scores_of
+from refusal_lens.direction.candidates import Candidates
+from refusal_lens.direction.stage import DirectionError, contrast_sets, run_direction_stage
+from refusal_lens.intervene import Intervener
+from refusal_lens.refusal import RefusalTokens
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from refusal_lens.models.loading import load_model
+
+    folder = build_planted_model(tmp_path_factory.mktemp("planted") / "model")
+    return folder, load_model(ModelConfig(name=str(folder)))
+
+
+def planted_config(folder: Path, **direction) -> Config:
+    return Config(model=ModelConfig(name=str(folder), activation_layers=("residuals_all",)),
+                  inference=InferenceConfig(batch_size=8, max_new_tokens=4, positions="all"),
+                  data=DataConfig(split_discovery=0.4, split_validation=0.3, split_test=0.3),
+                  direction=DirectionConfig(exact_candidates=4, exact_per_layer=1, random_directions=4, bootstrap=50,
+                                            **direction))
+
+
+@pytest.fixture(scope="module")
+def stage(planted, tmp_path_factory):
+    folder, loaded = planted
+    run = tmp_path_factory.mktemp("run")
+    cfg = planted_config(folder)
+    collect(loaded, planted_prompts(), cfg, run / "activations", show_progress=False)
+    result = run_direction_stage(cfg, loaded, run / "activations", run / "direction", show_progress=False)
+    return cfg, loaded, run, result
+
+
+def test_selection_finds_the_planted_direction_and_it_works_on_test(planted, stage):
+    folder, _ = planted
+    cfg, loaded, run, result = stage
+    e_h = load_planted_directions(folder)["harm"]
+    saved = load_direction(run / "direction")
+    cos = float(torch.nn.functional.cosine_similarity(saved.vector, e_h, dim=0))
+    assert cos > 0.99, cos
+    assert saved.layer >= 1 and saved.info["hook"] == f"blocks.{saved.layer}.hook_resid_pre"  # e_h appears after block 0
+    assert -saved.info["post_instruction_tokens"] <= saved.info["position"] <= -1
+    s = result.summary
+    assert s["harmful_refused"]["clean"]["refusal_rate"] == 1.0 and s["harmful_refused"]["clean"]["n"] >= 3
+    assert s["harmful_refused"]["ablated"]["refusal_rate"] == 0.0
+    assert s["harmless"]["actadd_plus"]["refusal_rate"] > s["harmless"]["clean"]["refusal_rate"]
+    assert s["kl_harmless"]["mean"] <= 0.1 and s["direction"]["scores"]["kl"] <= 0.1
+    assert s["random_ablated"]["n"] == 4 and s["random_ablated"]["mean"] == 1.0  # random directions do nothing
+    # every candidate screened, the shortlist measured, the files other tools read
+    cands = json.loads((run / "direction" / "candidates.json").read_text())
+    n_layers, n_post = cands["n_layers"], cands["n_post_instruction"]
+    assert len(cands["candidates"]) == n_layers * n_post
+    assert sum(c["bypass"] is not None for c in cands["candidates"]) >= n_layers
+    info = json.loads((run / "direction" / "direction.json").read_text())
+    assert set(info) >= {"hook", "layer", "position", "scores", "splits", "norm", "filters"}
+    assert info["splits"]["discovery"]["harmful"] > 0 and info["splits"]["validation"]["harmless"] > 0
+    for name in ("direction_candidates", "direction_evaluation", "emergence", "cross_ablation"):
+        assert (run / "direction" / "figures" / f"{name}.html").is_file()
+    audit = [json.loads(line) for line in (run / "direction" / "responses" / "evaluation.jsonl").read_text().splitlines()]
+    assert {"harmful/clean", "harmful/ablated", "harmless/actadd_plus"} <= {a["condition"] for a in audit}
+    # emergence: ablating from any block whose input carries e_h removes refusal
+    em = json.loads((run / "direction" / "emergence.json").read_text())["groups"]["toxic_refused"]
+    assert em["points"][0]["mean"] < em["clean"] - 1.0
+
+
+def test_rerun_skips_and_selection_used_only_validation(stage):
+    cfg, loaded, run, result = stage
+    again = run_direction_stage(cfg, loaded, run / "activations", run / "direction", show_progress=False)
+    assert again.skipped
+    data = load_collected(run / "activations")
+    contrast = contrast_sets(data, cfg.direction.selection_prompts, cfg.direction.keep)
+    for split, rows in contrast.harmful.items():
+        assert all(data.rows[i]["split"] == split for i in rows)
+    assert not set(contrast.harmful["validation"]) & set(contrast.harmful["discovery"])
+
+
+def test_ablating_a_direction_no_write_touches_changes_nothing(planted):
+    folder, loaded = planted
+    unused = load_planted_directions(folder)["unused"]
+    from refusal_lens.chat import encode_prompt
+
+    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[:8]]
+    iv = Intervener(loaded, 4, model=loaded.hf_model)
+    clean = iv.last_logits(prompts)
+    ablated = iv.last_logits(prompts, ablation_edits(unused, loaded.n_layers))
+    torch.testing.assert_close(ablated, clean, rtol=0, atol=1e-5)
+    assert iv.generate(prompts, 5, ablation_edits(unused, loaded.n_layers)) == iv.generate(prompts, 5)
+
+
+def test_generation_with_ablation_equals_a_forward_pass_with_ablation_token_by_token(planted):
+    folder, loaded = planted
+    e_h = load_planted_directions(folder)["harm"]
+    from refusal_lens.chat import encode_prompt
+
+    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[:6]]
+    iv = Intervener(loaded, 3, model=loaded.hf_model)
+    for edits in (ablation_edits(e_h, loaded.n_layers), addition_edits(e_h * 5, 1)):
+        responses = iv.generate(prompts, 6, edits)
+        assert any(responses)
+        # teacher-force each response under the same edits: the greedy choice at every step is the next token
+        for p, r in zip(prompts, responses):
+            if not r:
+                continue
+            first, _, _ = iv.continuation_logprobs([p], [r], edits)
+            assert int(first[0].argmax()) == r[0]
+            batch = iv.batches([p], [r])[0]
+            with torch.no_grad(), iv.edits(edits, batch):
+                logits = iv.model(input_ids=batch.ids, attention_mask=batch.mask).logits[0]
+            steps = logits[len(p.ids) - 1 : len(p.ids) - 1 + len(r)].argmax(-1).tolist()
+            assert steps == r
+
+
+def test_screen_is_linear_for_small_vectors_and_zero_for_untouched_directions(planted):
+    folder, loaded = planted
+    dirs = load_planted_directions(folder)
+    from refusal_lens.chat import encode_prompt
+
+    harmful = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "toxic"][:6]
+    harmless = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "harmless"][:6]
+    iv = Intervener(loaded, 6, model=loaded.hf_model)
+    tokens = RefusalTokens(tuple(loaded.tokenizer.convert_tokens_to_ids(["I"])), ("I",), "family")
+    n_post = harmful[0].n_post_instruction
+    diff = torch.zeros(loaded.n_layers, n_post, loaded.d_model, dtype=torch.float64)
+    diff[1, -1] = 1e-3 * dirs["harm"].double()  # a small vector: addition is in the linear regime
+    diff[2, -1] = dirs["unused"].double()  # a direction no write touches: ablation changes nothing
+    diff[0] = 1e-3 * torch.randn(n_post, loaded.d_model, dtype=torch.float64)
+    cands = Candidates(diff, diff, diff, 1, 1)
+    bypass, induce = linear_screen(iv, cands, harmful, harmless, tokens, loaded.n_layers)
+    clean_h = scores_of(iv, harmful, tokens).mean()
+    clean_s = scores_of(iv, harmless, tokens).mean()
+    exact_induce = scores_of(iv, harmless, tokens, addition_edits(diff[1, -1].float(), 1)).mean()
+    assert induce[1, -1] - clean_s == pytest.approx(exact_induce - clean_s, rel=0.02)
+    assert bypass[2, -1] == pytest.approx(clean_h, abs=1e-4)
+
+
+def test_choose_applies_filters_and_says_which_it_dropped():
+    def s(layer, bypass, induce, kl):
+        return Scored(layer, 0, -1, 0.0, 0.0, bypass, induce, kl)
+
+    best, f = choose([s(1, -1.0, 1.0, 0.05), s(2, -3.0, 1.0, 0.5), s(3, -2.0, -1.0, 0.01), s(9, -9.0, 1.0, 0.0)],
+                     10, kl_max=0.1, induce_min=0.0, max_layer_fraction=0.8)
+    assert (best.layer, f["notes"]) == (1, [])  # 2 fails KL, 3 fails induce, 9 fails the layer filter
+    best, f = choose([s(2, -3.0, -1.0, 0.05), s(3, -2.0, -1.0, 0.01)], 10, kl_max=0.1, induce_min=0.0,
+                     max_layer_fraction=0.8)
+    assert best.layer == 2 and "induce filter was dropped" in f["notes"][0] and f["induce_min"] is None
+    best, f = choose([s(2, -3.0, 1.0, 0.5), s(3, -2.0, -1.0, 0.9)], 10, kl_max=0.1, induce_min=0.0,
+                     max_layer_fraction=0.8)
+    assert best.layer == 2 and "KL filter was dropped" in f["notes"][0]
+
+
+def test_contrast_keeps_only_prompts_the_model_agrees_with():
+    rows = []
+    for i, (label, score, refused, split) in enumerate([
+            ("toxic", 1.0, True, "discovery"), ("toxic", -0.5, True, "discovery"), ("toxic", 0.5, False, "discovery"),
+            ("harmless", -2.0, False, "discovery"), ("harmless", 0.3, False, "discovery"),
+            ("toxic", 1.0, True, "validation"), ("harmless", -1.0, False, "validation"), ("safe", 3.0, True, "test")]):
+        rows.append({"prompt_id": f"p{i}", "label": label, "refusal_score": score, "refused": refused, "split": split,
+                     "category": "c"})
+    data = Collected(Path("."), {}, rows, RefusalTokens((1,), ("I",), "family"))
+    assert contrast_sets(data, None, "score").harmful["discovery"] == [0, 2]
+    assert contrast_sets(data, None, "judged").harmful["discovery"] == [0, 1]
+    both = contrast_sets(data, None, "both")
+    assert both.harmful["discovery"] == [0] and both.harmless["discovery"] == [3]
+    assert both.counts()["discovery"] == {"harmful": 1, "harmless": 1, "harmful_dropped": 2, "harmless_dropped": 1}
+    rows[5]["label"] = "safe"
+    with pytest.raises(DirectionError, match="validation split has 0 harmful"):
+        contrast_sets(data, None, "score")
+
+
+def test_transfer_interval_and_verdicts():
+    rng = np.random.default_rng(0)
+    clean = np.ones(40)
+    own = np.zeros(40)
+    point, ci = transfer_interval(clean, np.zeros(40), own, 200, rng)
+    assert point == 1.0 and ci == [1.0, 1.0] and transfer_verdict(ci, 40, 10, 0.8) == "shared"
+    point, ci = transfer_interval(clean, np.ones(40), own, 200, rng)
+    assert point == 0.0 and transfer_verdict(ci, 40, 10, 0.8) == "distinct"
+    half = np.asarray([0, 1] * 20, dtype=float)
+    point, ci = transfer_interval(clean, half, own, 200, rng)
+    assert point == 0.5 and ci[0] < 0.5 < ci[1] and transfer_verdict(ci, 40, 10, 0.8) == "distinct"
+    assert transfer_verdict(ci, 5, 10, 0.8) == "insufficient"
+    assert transfer_interval(clean, half, np.ones(40), 50, rng) == (None, None)  # nothing to transfer
+
+
+def test_no_harmless_prompts_fails_before_writing(planted, tmp_path):
+    folder, loaded = planted
+    cfg = planted_config(folder)
+    prompts = [p for p in planted_prompts() if p.label != "harmless"]
+    collect(loaded, prompts, cfg, tmp_path / "activations", show_progress=False)
+    with pytest.raises(DirectionError, match="harmless"):
+        run_direction_stage(cfg, loaded, tmp_path / "activations", tmp_path / "direction", show_progress=False)
+    assert not (tmp_path / "direction").exists()
