@@ -35,7 +35,9 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from refusal_lens.activations.collector import CollectRequest, make_collector
 from refusal_lens.activations.store import (
+    STORAGE_TORCH,
     finalize_dataset,
     hook_features,
     hook_record_batch,
@@ -182,17 +184,12 @@ def forward_and_extract(
     inf: InferenceConfig,
     tokens: RefusalTokens,
 ) -> tuple[list[float], dict[str, np.ndarray], np.ndarray, dict[str, list], int]:
-    """One plain forward pass with ``run_with_cache``; the kept positions of every hook, and the refusal
-    score at the first response position. Returns (scores, hook values, token ids, row metadata, tokens)."""
+    """One plain forward pass through the ``inference.collector`` (:mod:`refusal_lens.activations.collector`);
+    the kept positions of every hook, and the refusal score at the first response position. Returns
+    (scores, hook values, token ids, row metadata, tokens)."""
     with_response = inf.store_response_activations and inf.save_activations
     seqs = [e.ids + (list(r) if with_response else []) for e, r in zip(encoded, responses)]
     ids, mask = left_pad(seqs, loaded.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits, cache = loaded.model.run_with_cache(
-            ids.to(loaded.device),
-            attention_mask=mask.to(loaded.device),
-            names_filter=list(hooks) if inf.save_activations else [],
-        )
     width = ids.shape[1]
     rows, cols, meta = [], [], defaultdict(list)
     last_prompt_cols = []
@@ -209,10 +206,13 @@ def forward_and_extract(
         meta["is_response"] += [k >= len(e.ids) for k in keep]
         meta["category"] += [p.category] * len(keep)
         meta["label"] += [p.label] * len(keep)
-    first_logits = logits[torch.arange(len(prompts)), torch.tensor(last_prompt_cols)]
-    scores = refusal_score(first_logits, tokens).cpu().tolist()
     row_t, col_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    values = {h: to_storage(cache[h][row_t, col_t].reshape(len(rows), -1), inf.storage_dtype) for h in hooks} if rows else {}
+    stored = tuple(hooks) if rows else ()
+    request = CollectRequest(ids, mask, stored, row_t, col_t, torch.tensor(last_prompt_cols),
+                             STORAGE_TORCH[inf.storage_dtype])
+    out = make_collector(loaded, inf.collector, stored).submit(request).wait()
+    scores = refusal_score(out.logits, tokens).cpu().tolist()
+    values = {h: to_storage(out.values[h], inf.storage_dtype) for h in stored}
     token_ids = ids[row_t, col_t].numpy() if rows else np.zeros(0, dtype=np.int64)
     return scores, values, token_ids, dict(meta), int(mask.sum())
 
@@ -352,6 +352,7 @@ def fingerprint(cfg: Config, hooks: Sequence[str], world: int) -> str:
     inf = config_to_dict(cfg.inference)
     inf.pop("batch_size")  # batching does not change what is stored
     inf.pop("shard_mb")
+    inf.pop("collector")  # nor does the collector (values equal up to float rounding, as across batch sizes)
     blob = json.dumps(
         {"model": config_to_dict(cfg.model), "data": config_to_dict(cfg.data), "inference": inf,
          "hooks": list(hooks), "world": world},

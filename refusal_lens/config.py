@@ -76,6 +76,11 @@ class InferenceConfig:
     store_response_activations: bool = False
     #: buffered activations are written as a shard once they reach this many MiB (bounds memory).
     shard_mb: int = 256
+    #: how activations are read: ``bridge`` = TransformerLens ``run_with_cache`` (the reference, eager-like
+    #: attention); ``hf_hooks`` = PyTorch hooks on the Hugging Face modules of each hook point (same hook
+    #: names and values, the model's own sdpa attention, device-to-host copies overlapped with compute on
+    #: CUDA); ``auto`` = ``hf_hooks`` on CUDA when every hook has an HF module, else ``bridge``.
+    collector: Literal["auto", "bridge", "hf_hooks"] = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
