@@ -4,8 +4,9 @@ For each batch of chat-formatted prompts:
 
 1. responses are generated greedily with the untouched HF model (``inference.max_new_tokens``) and
    judged by the keyword rule (:mod:`refusal_lens.refusal`);
-2. one plain forward pass, ``run_with_cache(names_filter=<resolved hooks>)`` with an explicit
-   attention mask (never inside ``generate``), gives the activations and, at the last prompt token,
+2. one plain forward pass through ``inference.collector`` (``run_with_cache``, or hooks on the HF modules
+   under the same hook names: :mod:`refusal_lens.activations.collector`) with an explicit
+   attention mask (never inside ``generate``) gives the activations and, at the last prompt token,
    the refusal score (logits of the first response position);
 3. the kept positions (``last``, ``all`` or ``post_instruction``; padding never) are appended to
    per-hook Arrow buffers, written as shard files once ``inference.shard_mb`` is reached.

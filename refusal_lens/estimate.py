@@ -250,6 +250,12 @@ def sae_step_bytes(d_in: int, d_sae: int, architecture: str, batch: int) -> int:
     return 4 * sae_param_count(d_in, d_sae, architecture) + int(SAE_STEP_FACTOR[architecture] * batch * d_sae * 4)
 
 
+def node_values_bytes(s: ModelShape, n_tokens: int, d_sae: int, n_hooks: int) -> int:
+    """The discover stage's node values of ``n_hooks`` spliced hooks over ``n_tokens`` (features in fp32,
+    error and input in the model dtype) and the work space of the effects (two fp32 feature-sized tensors)."""
+    return n_hooks * n_tokens * (d_sae * 4 + 2 * s.d_model * s.dtype_bytes) + 2 * n_tokens * d_sae * 4
+
+
 @dataclass(frozen=True)
 class PlanItem:
     """Device memory a stage holds on top of the weights: always (``alternative=False``), or in one of
@@ -355,7 +361,7 @@ def plan_memory(cfg, shape: ModelShape, *, device_type: str = "cuda") -> MemoryP
         PlanItem(f"{len(spliced)} SAEs (fp32)", 4 * n_sae * len(spliced)),
         PlanItem(f"node values of {len(spliced)} hooks ({circ.batch_size} x {inf.max_prompt_tokens} tokens: "
                  "features, error, input) and the effects' work space",
-                 len(spliced) * n_attr * (d_sae * 4 + 2 * d * b) + 2 * n_attr * d_sae * 4),
+                 node_values_bytes(shape, n_attr, d_sae, len(spliced))),
         PlanItem(f"attribution forward + backward ({layers} layers from the first spliced hook)",
                  backward_bytes(shape, circ.batch_size, inf.max_prompt_tokens, layers, len(spliced))),
     ]
