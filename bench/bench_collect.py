@@ -37,7 +37,7 @@ from refusal_lens.estimate import measure_hook_widths  # noqa: E402
 from refusal_lens.hooks import resolve_hooks  # noqa: E402
 from refusal_lens.models.loading import load_hf_model, load_model  # noqa: E402
 from refusal_lens.prompts import read_prompts  # noqa: E402
-from refusal_lens.refusal import build_refusal_tokens  # noqa: E402
+from refusal_lens.refusal import family_refusal_tokens  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -64,8 +64,7 @@ def main() -> None:
     encoded = [encode_prompt(loaded.tokenizer, p.prompt, 256) for p in prompts]
     hooks = resolve_hooks(loaded.model, ["residuals_all"])
     widths = measure_hook_widths(loaded.model, hooks)
-    tokens = build_refusal_tokens(loaded.tokenizer, render(loaded.tokenizer, "Hello"),
-                                  loaded.family.refusal_words, loaded.family.compliance_words)
+    tokens = family_refusal_tokens(loaded.tokenizer, render(loaded.tokenizer, "Hello"), loaded.family.refusal_words)
     bs = args.batch_size
     batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
     padded = [left_pad([encoded[j].ids for j in b], loaded.tokenizer.pad_token_id) for b in batches]

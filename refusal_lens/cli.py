@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print hooks and estimate as JSON")
     _add_config_args(p, required=False)
 
+    p = sub.add_parser("plan", help="device memory per stage, from the model's config alone (nothing loaded)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_config_args(p)
+
     sub.add_parser("models", help="list the embedded models and whether they are installed")
 
     p = sub.add_parser("status", help=f"show the live status of the main job (<run>/{STATUS_FILE})")
@@ -90,6 +94,34 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(hooks) + "\n")
         sys.stdout.write("\n".join(f"# {line}" for line in estimate.lines()) + "\n")
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from refusal_lens.estimate import device_capacity, plan_for_config
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_for_config(cfg)
+    capacity = device_capacity(cfg.model.device)
+    if args.json:
+        sys.stdout.write(json.dumps({**plan.to_dict(), "device_bytes": capacity}, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(plan.lines(capacity)) + "\n")
+    return 0
+
+
+def _log_memory_plan(cfg) -> None:
+    """The memory plan in the log before any model loads. It only informs: a model whose config cannot be
+    read here (a hub name offline, a missing folder, an architecture transformers lacks) gets a warning,
+    and the stage itself reports the real error."""
+    from refusal_lens.estimate import device_capacity, plan_for_config
+
+    try:
+        plan = plan_for_config(cfg)
+    except Exception as err:  # noqa: BLE001 (never changes what the command does)
+        logger.warning("no memory plan for %s: %s", cfg.model.name, err)
+        return
+    for line in plan.lines(device_capacity(cfg.model.device)):
+        logger.info("%s", line)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -207,6 +239,8 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     # so that a second writer is refused at once and before it touches anything, status.json included
     with run_lock(run_dir(cfg), args.command, is_main=launch_rank() == 0), \
             distributed() as dist:  # one process group for every stage of the command
+        if dist.is_main:
+            _log_memory_plan(cfg)
         models = Models(cfg, dist)
         status = StatusFile(run_dir(cfg) / STATUS_FILE, enabled=dist.is_main)
         status.begin(args.command, [_stage_name(stage) for stage in stages])
@@ -227,6 +261,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "hooks": _cmd_hooks,
+    "plan": _cmd_plan,
     "models": _cmd_models,
     "status": _cmd_status,
     "collect": _cmd_stages,

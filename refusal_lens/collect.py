@@ -9,8 +9,9 @@ The prompts are OR-Bench's (``safe``, ``toxic``) and the harmless contrast set (
    ``discovery`` / ``validation`` / ``test`` (:mod:`refusal_lens.splits`, stratified by label x category x
    refused), and the refusal score's token set is learned from the *discovery* responses
    (:func:`refusal_lens.refusal.learn_refusal_tokens`).
-3. **Activations**: one plain forward pass per batch, ``run_with_cache(names_filter=<resolved hooks>)``
-   with an explicit attention mask (never inside ``generate``), on the prompt and (optionally) its
+3. **Activations**: one plain forward pass per batch through ``inference.collector``
+   (``run_with_cache``, or hooks on the HF modules under the same hook names:
+   :mod:`refusal_lens.activations.collector`), with an explicit attention mask (never inside ``generate``), on the prompt and (optionally) its
    response; it gives the activations and, at the last prompt token, the refusal score. The kept
    positions (``last``, ``all`` or ``post_instruction``; padding never) are appended to per-hook Arrow
    buffers, written as shard files once ``inference.shard_mb`` is reached.
@@ -45,7 +46,9 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_lens import durable
+from refusal_lens.activations.collector import CollectRequest, make_collector
 from refusal_lens.activations.store import (
+    STORAGE_TORCH,
     finalize_dataset,
     hook_features,
     hook_record_batch,
@@ -220,17 +223,12 @@ def forward_and_extract(
     inf: InferenceConfig,
     tokens: RefusalTokens,
 ) -> tuple[list[float], dict[str, np.ndarray], np.ndarray, dict[str, list], int]:
-    """One plain forward pass with ``run_with_cache``; the kept positions of every hook, and the refusal
-    score at the first response position. Returns (scores, hook values, token ids, row metadata, tokens)."""
+    """One plain forward pass through the ``inference.collector`` (:mod:`refusal_lens.activations.collector`);
+    the kept positions of every hook, and the refusal score at the first response position. Returns
+    (scores, hook values, token ids, row metadata, tokens)."""
     with_response = inf.store_response_activations and inf.save_activations
     seqs = [e.ids + (list(r) if with_response else []) for e, r in zip(encoded, responses)]
     ids, mask = left_pad(seqs, loaded.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits, cache = loaded.model.run_with_cache(
-            ids.to(loaded.device),
-            attention_mask=mask.to(loaded.device),
-            names_filter=list(hooks) if inf.save_activations else [],
-        )
     width = ids.shape[1]
     rows, cols, meta = [], [], defaultdict(list)
     last_prompt_cols = []
@@ -247,10 +245,13 @@ def forward_and_extract(
         meta["is_response"] += [k >= len(e.ids) for k in keep]
         meta["category"] += [p.category] * len(keep)
         meta["label"] += [p.label] * len(keep)
-    first_logits = logits[torch.arange(len(prompts)), torch.tensor(last_prompt_cols)]
-    scores = refusal_score(first_logits, tokens).cpu().tolist()
     row_t, col_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    values = {h: to_storage(cache[h][row_t, col_t].reshape(len(rows), -1), inf.storage_dtype) for h in hooks} if rows else {}
+    stored = tuple(hooks) if rows else ()
+    request = CollectRequest(ids, mask, stored, row_t, col_t, torch.tensor(last_prompt_cols),
+                             STORAGE_TORCH[inf.storage_dtype])
+    out = make_collector(loaded, inf.collector, stored).submit(request).wait()
+    scores = refusal_score(out.logits, tokens).cpu().tolist()
+    values = {h: to_storage(out.values[h], inf.storage_dtype) for h in stored}
     token_ids = ids[row_t, col_t].numpy() if rows else np.zeros(0, dtype=np.int64)
     return scores, values, token_ids, dict(meta), int(mask.sum())
 
@@ -423,6 +424,7 @@ def fingerprint(cfg: Config, hooks: Sequence[str], world: int) -> str:
     inf = config_to_dict(cfg.inference)
     inf.pop("batch_size")  # batching does not change what is stored
     inf.pop("shard_mb")
+    inf.pop("collector")  # nor does the collector (values equal up to float rounding, as across batch sizes)
     blob = json.dumps(
         {"model": config_to_dict(cfg.model), "data": config_to_dict(cfg.data), "inference": inf,
          "harmless": [cfg.direction.harmless, cfg.direction.harmless_samples], "hooks": list(hooks), "world": world},

@@ -288,24 +288,40 @@ def hf_decoder_layers(hf_model) -> Sequence:
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise LayerSpecError(f"{type(hf_model).__name__}: no decoder layers at .model.layers; "
-                             "generation with hooks supports Llama-style Hugging Face models")
+                             "hooks on Hugging Face modules support Llama-style models")
     return layers
 
 
+#: the block hook points that have a Hugging Face module (all of :data:`HOOK_TYPES`).
+HF_HOOK_POINTS = tuple(HOOK_TYPES.values())
+
+
 def hf_hook_target(hf_model, name: str) -> tuple[object, str]:
-    """The Hugging Face module and hook kind carrying TransformerLens hook ``name`` (Llama-style blocks):
-    ``resid_pre`` = the block's input (a forward pre-hook), ``resid_post`` = its output, ``attn_out`` =
-    the attention module's output (before the residual add), ``mlp_out`` = the MLP's output."""
+    """The Hugging Face module and hook kind carrying TransformerLens hook ``name``: ``(module, "pre")``
+    when the value is the module's input (a forward pre-hook), ``(module, "post")`` for its output.
+
+    Where each point sits depends on the family's decoder layer (``BlockLayout`` in
+    :mod:`refusal_lens.models.families`): ``resid_pre`` / ``resid_post`` are the layer's input and output;
+    ``attn_out`` / ``mlp_out`` the attention and MLP outputs (Llama-style), or the outputs of the norms
+    that follow them (Gemma-2's ``post_attention_layernorm`` / ``post_feedforward_layernorm``), before
+    the residual add; ``resid_mid`` the input of the MLP's norm.
+    """
+    from refusal_lens.models.families import block_layout
+
     site = parse_hook_name(name)
-    if site is None:
-        raise LayerSpecError(f"{name!r}: only blocks.<i>.hook_* sites can be hooked during generation")
-    layer = hf_decoder_layers(hf_model)[site.layer]
-    if site.point == "hook_resid_pre":
-        return layer, "pre"
-    if site.point == "hook_resid_post":
-        return layer, "post"
-    if site.point == "hook_attn_out":
-        return layer.self_attn, "post"
-    if site.point == "hook_mlp_out":
-        return layer.mlp, "post"
-    raise LayerSpecError(f"{name!r}: generation hooks support resid_pre, resid_post, attn_out and mlp_out")
+    if site is None or site.point not in HF_HOOK_POINTS:
+        raise LayerSpecError(f"{name!r}: only blocks.<i>.{{{','.join(HF_HOOK_POINTS)}}} have a Hugging Face module "
+                             "to hook")
+    layers = hf_decoder_layers(hf_model)
+    if not 0 <= site.layer < len(layers):
+        raise LayerSpecError(f"{name!r}: the model has {len(layers)} layers")
+    layer = layers[site.layer]
+    if site.point in ("hook_resid_pre", "hook_resid_post"):  # the layer's own input and output: any family
+        return layer, "pre" if site.point == "hook_resid_pre" else "post"
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", "")
+    layout, why = block_layout(model_type, layer)
+    if layout is None:
+        raise LayerSpecError(f"{name!r}: the decoder layer {type(layer).__name__} (model_type {model_type!r}) fits "
+                             f"no known block layout ({why}); add one in refusal_lens/models/families.py")
+    path, kind = layout.points[site.point]
+    return layer.get_submodule(path), kind

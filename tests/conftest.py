@@ -17,40 +17,16 @@ from refusal_lens.config import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-WORDS = (
-    "system user assistant hello world the a is what how are you python code print def return "
-    "I As Sorry Sure Here Certainly To Yes cannot help with that bomb make cake bake steal car "
-    "2 + = ? . , !"
-).split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-)
-
 
 def build_tiny_chat_model(folder: Path, *, n_layers: int = 3, d_model: int = 64, seed: int = 0) -> Path:
-    """A random Llama-architecture chat model with a word-level tokenizer and a chat template.
+    """A random Llama-architecture chat model with a word-level tokenizer and a chat template
+    (:mod:`refusal_lens.models.synthetic`). Returns the folder (config.json, safetensors, tokenizer files)."""
+    from transformers import LlamaConfig
 
-    The tokenizer goes through save_pretrained/from_pretrained because TransformerLens reloads it
-    by path. Returns the folder (config.json, safetensors, tokenizer files).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from refusal_lens.models.synthetic import build_random_chat_model, chat_vocab, special_token_ids
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(chat_vocab()),
         hidden_size=d_model,
         intermediate_size=2 * d_model,
         num_hidden_layers=n_layers,
@@ -58,21 +34,10 @@ def build_tiny_chat_model(folder: Path, *, n_layers: int = 3, d_model: int = 64,
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        bos_token_id=vocab["<|im_start|>"],
-        eos_token_id=vocab["<|im_end|>"],
-        pad_token_id=vocab["<|endoftext|>"],
+        **special_token_ids(),
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
-        # a larger init than HF's 0.02 so that activations and logits vary visibly across prompts
-        for p in model.parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.2)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    # a larger init than HF's 0.02 so that activations and logits vary visibly across prompts
+    return build_random_chat_model(folder, config, seed=seed, init_std=0.2)
 
 
 @pytest.fixture(scope="session")

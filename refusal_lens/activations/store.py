@@ -40,6 +40,8 @@ import torch
 from refusal_lens import durable
 
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "int16"}
+#: storage dtype name -> the torch dtype activations are converted to before they leave the device.
+STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 META_FILE = "refusal_lens.json"
 
 
