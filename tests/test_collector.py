@@ -103,19 +103,20 @@ def test_gemma2_attn_and_mlp_out_follow_the_post_norms(family_loaded):
 
 
 def test_generation_edits_hit_the_bridges_hook_values(family_loaded):
-    """An edit at attn_out / mlp_out during HF generation (validate.generate, through hf_hook_target) gives
+    """An edit at attn_out / mlp_out during HF generation (the Intervener, through hf_hook_target) gives
     the first token the bridge gives with the same edit at its hook point."""
-    from refusal_lens.circuits.nodes import make_batch
-    from refusal_lens.circuits.validate import generate
+    from refusal_lens.chat import EncodedPrompt
+    from refusal_lens.intervene import Edit, Intervener
 
     loaded = family_loaded
     seqs = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15], [1, 20, 21], [1, 30, 31, 32]]
-    batch = make_batch(seqs, list(range(len(seqs))), loaded.tokenizer.pad_token_id, site_from=0, skip_token_ids=[],
-                       window=1)
+    prompts = [EncodedPrompt("", s, 1, False, 1) for s in seqs]
+    iv = Intervener(loaded, batch_size=4)
+    batch = iv.batches(prompts, order_by_length=False)[0]
     torch.manual_seed(0)
     push = torch.randn(loaded.d_model) * 30
 
-    def add(x, hook):  # noqa: ARG001
+    def add(x, *_, **__):
         return x + push.to(x.dtype)
 
     for name in ("blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid"):
@@ -124,8 +125,8 @@ def test_generation_edits_hit_the_bridges_hook_values(family_loaded):
             edited = loaded.model.run_with_hooks(batch.ids, attention_mask=batch.mask, fwd_hooks=[(name, add)])
         first = edited[:, -1].argmax(-1)
         assert (first != clean).any(), f"{name}: the edit should change some first token"
-        expected = loaded.tokenizer.batch_decode(first[:, None], skip_special_tokens=True)
-        assert generate(loaded, batch, 1, [(name, add)]) == expected, name
+        got = iv.generate(prompts, 1, [Edit(name, add)])
+        assert [g[:1] for g in got] == [[int(t)] if int(t) not in iv.eos else [] for t in first], name
 
 
 def test_bit_identical_to_hf_hidden_states_and_logits_of_the_same_model(llama_loaded):
