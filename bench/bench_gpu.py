@@ -354,7 +354,7 @@ def part_sae(shape: Shape, device: torch.device, report: Report, scratch: Path) 
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 sae = build_training_sae(cfg, d_in, "blocks.16.hook_resid_post", "bench")
-            runs[steps] = timed(lambda: train_sae(sae, tensor_batches(data, n), cfg, train_rows=len(data),
+            runs[steps] = timed(lambda sae=sae: train_sae(sae, tensor_batches(data, n), cfg, train_rows=len(data),
                                                   log_path=scratch / f"sae-{precision}.jsonl", show_progress=False),
                                 device)
             del sae

@@ -7,8 +7,12 @@ and prints every stage's time and share of the budget (15 min on the 2-core CPU 
 ratio of the budget. Also prints the share of the total that goes to model forward/backward work in the
 discover stage (from its summary) so the cost of each part is visible.
 
+With ``--record NAME`` the run's analysis summary and this timing are copied into ``docs/results/NAME.json``
+and the README's results section is rewritten from them (``refusal_lens.readme_results``): the README's
+numbers always come from such a run.
+
 Usage: .venv/bin/python bench/bench_main_job.py [--config configs/pipelines/default.yaml]
-       [--results results/bench-main-job] [--budget-min 15]
+       [--results results/bench-main-job] [--budget-min 15] [--record main_job]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def main() -> int:
     parser.add_argument("--results", default=str(ROOT / "results/bench-main-job"),
                         help="results folder for this run (emptied first)")
     parser.add_argument("--budget-min", type=float, default=15.0)
+    parser.add_argument("--record", metavar="NAME", help="save the results for the README as docs/results/NAME.json")
     args = parser.parse_args()
 
     results = Path(args.results)
@@ -57,6 +62,15 @@ def main() -> int:
           f"({wall / 60:.1f} min = {wall / budget:.2f}x the budget)")
     report = results / "main" / "analysis" / "report.html"
     print(f"report: {report} ({'exists' if report.is_file() else 'missing'})")
+    if args.record:
+        from refusal_lens import readme_results
+
+        timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": str(Path(args.config).relative_to(ROOT)),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+                  "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}}
+        out = readme_results.save(results / "main" / "analysis" / "summary.json", args.record, timing)
+        readme_results.update()
+        print(f"recorded {out}; README results rewritten")
     return 0
 
 

@@ -18,12 +18,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from refusal_lens import durable
 from refusal_lens.analysis.stats import empirical_pvalue, wilson_interval
 from refusal_lens.judge import OUTCOMES, judge
+
+if TYPE_CHECKING:
+    from refusal_lens.chat import EncodedPrompt
+    from refusal_lens.intervene import Edit, Intervener
 
 
 def summarise(texts: Sequence[str]) -> dict:
@@ -71,3 +76,36 @@ class ResponseAudit:
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         durable.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+@dataclass
+class Condition:
+    """One generation condition: its name, prompts (and their ids), edits and what to record with it."""
+
+    name: str
+    prompts: Sequence[EncodedPrompt]
+    ids: Sequence[str]
+    edits: Sequence[Edit]
+    extra: dict
+
+
+class Runs:
+    """Conditions generated in shared batches (:meth:`Intervener.generate_conditions`), ``per_call`` at a time;
+    every response goes to the audit, each condition gets its summary."""
+
+    def __init__(self, intervener: Intervener, max_new_tokens: int, audit: ResponseAudit, bar=None, per_call: int = 4):
+        self.intervener, self.max_new_tokens, self.audit, self.bar, self.per_call = (
+            intervener, max_new_tokens, audit, bar, per_call)
+
+    def __call__(self, conditions: Sequence[Condition]) -> list[dict]:
+        out = []
+        for s in range(0, len(conditions), self.per_call):
+            chunk = conditions[s : s + self.per_call]
+            responses = self.intervener.generate_conditions([(c.prompts, c.edits) for c in chunk], self.max_new_tokens)
+            for c, ids in zip(chunk, responses):
+                texts = self.intervener.decode(ids)
+                self.audit.add(c.name, c.ids, texts, **c.extra)
+                out.append(summarise(texts))
+            if self.bar is not None:
+                self.bar.update(len(chunk))
+        return out

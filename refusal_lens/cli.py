@@ -199,7 +199,10 @@ def _discover(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcom
         sys.stdout.write(format_summary(result.summary) + "\n")
         sys.stdout.write(f"circuits: {result.folder}\n")
     groups = result.summary["circuits"]
-    return StageOutcome("skipped" if result.skipped else "done", {"circuits": len(groups), "method": result.summary["method"]})
+    b = result.summary.get("behaviour") or {}
+    return StageOutcome("skipped" if result.skipped else "done",
+                        {"circuits": len(groups), "method": result.summary["method"],
+                         "fraction_of_direction": (b.get("headline") or {}).get("fraction_of_direction")})
 
 
 def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
@@ -207,12 +210,10 @@ def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome
 
     result = run_analyze(cfg, dist, models, force=force, status=status)
     if dist.is_main:
-        verdicts = result.summary["modularity"]["verdicts"]
-        for kind, counts in verdicts.items():
-            shown = ", ".join(f"{n} {k}" for k, n in counts.items() if k != "median_similarity" and n)
-            sys.stdout.write(f"modularity {kind}: {shown or 'no pairs'}\n")
-        for key, hook in result.summary["emergence"].items():
-            sys.stdout.write(f"emergence {key}: {hook}\n")
+        from refusal_lens.analysis.stage import headline_table
+
+        for key, value in headline_table(result.summary).items():
+            sys.stdout.write(f"{key}: {value}\n")
         sys.stdout.write(f"report: {result.report}\n")
     return StageOutcome("skipped" if result.skipped else "done", {"report": str(result.report)})
 

@@ -249,7 +249,7 @@ def forward_and_extract(
     stored = tuple(hooks) if rows else ()
     request = CollectRequest(ids, mask, stored, row_t, col_t, torch.tensor(last_prompt_cols),
                              STORAGE_TORCH[inf.storage_dtype])
-    out = make_collector(loaded, inf.collector, stored).submit(request).wait()
+    out = make_collector(loaded, inf.collector, stored, inf.activation_model).submit(request).wait()
     scores = refusal_score(out.logits, tokens).cpu().tolist()
     values = {h: to_storage(out.values[h], inf.storage_dtype) for h in stored}
     token_ids = ids[row_t, col_t].numpy() if rows else np.zeros(0, dtype=np.int64)

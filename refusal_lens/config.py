@@ -94,6 +94,10 @@ class InferenceConfig:
     #: names and values, the model's own sdpa attention, device-to-host copies overlapped with compute on
     #: CUDA); ``auto`` = ``hf_hooks`` on CUDA when every hook has an HF module, else ``bridge``.
     collector: Literal["auto", "bridge", "hf_hooks"] = "auto"
+    #: which copy of the model the activations (and the refusal scores) are read from: ``model``
+    #: (model.torch_dtype) or ``intervention`` (model.intervention_dtype, through hf_hooks: bfloat16 is ~3x faster
+    #: on AVX512-BF16 CPUs; activations are stored in 16 bits anyway).
+    activation_model: Literal["model", "intervention"] = "model"
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
@@ -281,6 +285,9 @@ class DirectionConfig:
     max_layer_fraction: float = 0.8
     #: random directions (ablated) and random vectors of the same norm (added): the control distribution.
     random_directions: int = 20
+    #: prompts per side on which each random control is measured (the first by prompt-id hash; null = all); the
+    #: direction itself is measured on these too, for its p-value.
+    random_prompts: int | None = None
     #: per-category directions, their cosines and the cross-ablation matrix.
     per_category: bool = True
     #: the over-refusal direction (refused safe - refused toxic) and its ablation / subtraction.
@@ -297,7 +304,7 @@ class DirectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("harmless_samples", "exact_candidates", "selection_prompts", "max_new_tokens"):
+        for name in ("harmless_samples", "exact_candidates", "selection_prompts", "max_new_tokens", "random_prompts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"direction.{name}={value}; allowed: a positive integer or null")
@@ -316,36 +323,24 @@ class DirectionConfig:
 
 @dataclass(frozen=True)
 class CircuitConfig:
-    """Stage 3, discover: attribution patching over SAE features (see docs/circuits.md)."""
+    """Stage 4, discover: refusal circuits over SAE features, validated on test prompts (docs/circuits.md)."""
 
     #: hooks to splice SAEs into (layer specs); empty = every hook whose SAE passes the quality bar.
     hooks: tuple[str | int, ...] = ()
-    #: ``refusal_score``: logsumexp(refusal-start logits) - logsumexp(compliance-start logits) at the first
-    #: response position; ``direction_projection``: projection of the last prompt token's residual stream
-    #: at ``direction_layer`` onto the difference-in-means refusal direction.
-    metric: Literal["refusal_score", "direction_projection"] = "refusal_score"
-    #: layer of the refusal direction (resid_post); null = the collected layer whose direction best
-    #: separates held-out toxic from safe prompts (AUROC, then effect size).
-    direction_layer: int | None = None
-    #: what a node is patched to: its ``mean`` over the reference prompts, ``zero``, or its value in the
-    #: run with the refusal direction projected out of every layer (``direction_ablated``).
-    baseline: Literal["mean", "zero", "direction_ablated"] = "mean"
-    #: the reference prompts of the mean baseline: safe prompts the model answered, all safe, or all.
-    reference: Literal["safe_complied", "safe", "all"] = "safe_complied"
-    #: node effects summed over the prompt's positions, or one node per position among the last
-    #: ``window`` prompt tokens (position -1 = the last prompt token).
-    positions: Literal["sum", "per_position"] = "sum"
-    #: per_position: how many of the prompt's last tokens are nodes.
-    window: int = 6
-    #: estimator the circuits are built from: linear attribution patching (one backward pass for all
-    #: nodes), integrated gradients (``ig_steps`` forward/backward passes per hooked layer) or exact
-    #: activation patching (one forward pass per node: small node sets only).
-    method: Literal["atp", "ig", "exact"] = "atp"
+    #: estimator of node effects on the refusal score, which ranks the circuits' nodes: linear attribution
+    #: patching (one backward pass for all nodes) or integrated gradients (``ig_steps`` passes per hook).
+    method: Literal["atp", "ig"] = "atp"
     #: integrated gradients: midpoint steps per hook.
     ig_steps: int = 10
-    #: error nodes (one per hook, large moves that linear estimates get wrong) patched exactly (one
-    #: forward pass per hook and batch) or estimated like the features.
+    #: error nodes (one per hook: the SAE's whole error term) patched exactly (one forward pass per hook and
+    #: batch) or estimated like the features.
     error_nodes: Literal["exact", "estimate"] = "exact"
+    #: what an active feature and an error node are patched to: the ``mean`` of its site class over the
+    #: reference prompts, or ``zero``.
+    baseline: Literal["mean", "zero"] = "mean"
+    #: reference prompts of the mean (discovery split): harmless prompts the model answered (the direction's
+    #: contrast), OR-Bench safe prompts it answered, or every prompt.
+    reference: Literal["harmless", "safe_complied", "all"] = "harmless"
     #: circuits per category and label (safe, toxic), and pooled over categories.
     labels: tuple[Literal["safe", "toxic"], ...] = ("safe", "toxic")
     #: categories to build circuits for (each must have prompts); empty = every category in the data.
@@ -353,63 +348,98 @@ class CircuitConfig:
     #: which prompts of a group: those the model refused (the decision to refuse; on safe prompts,
     #: over-refusal), all of them, or those it answered.
     select: Literal["all", "refused", "complied"] = "refused"
-    #: node selection: the ``top_k`` nodes by |effect|, nodes with |effect| >= ``node_threshold``, or the
-    #: smallest of ``faithfulness_sizes`` whose faithfulness reaches ``target_faithfulness``.
-    rule: Literal["top_k", "threshold", "faithfulness"] = "top_k"
-    #: rule top_k: nodes kept per circuit.
+    #: nodes listed per sign (refusal-promoting, refusal-suppressing) in each circuit file.
     top_k: int = 20
-    #: rule threshold: minimum |effect| (metric units).
-    node_threshold: float = 0.05
-    #: rule faithfulness: the faithfulness the circuit must reach.
-    target_faithfulness: float = 0.8
-    #: bootstrap resamples over prompts for each node's confidence interval.
+    #: bootstrap resamples over test prompts of each node's interval.
     bootstrap: int = 1000
-    #: edges between the nodes of the pooled circuits at consecutive spliced hooks (positions summed),
-    #: on up to ``edge_prompts`` of the group's prompts; kept when |edge| >= ``edge_threshold`` x the largest
-    #: edge between two features (edges between error nodes are far larger and would hide the rest).
-    edges: bool = True
-    edge_threshold: float = 0.05
-    edge_prompts: int = 16
-    #: validation: exact patching of ``agreement_nodes`` nodes per hook (half the top, half random) on
-    #: ``agreement_prompts`` prompts, against AtP and IG.
-    agreement_prompts: int = 8
-    #: nodes per hook compared with exact patching (plus the hook's error node).
-    agreement_nodes: int = 8
-    #: faithfulness / completeness curves of the pooled circuits at these sizes, on up to
-    #: ``faithfulness_prompts`` prompts, with ``random_controls`` random node sets of each size.
-    faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
-    #: prompts per group on which faithfulness is measured (a random subset when more).
+    #: selection methods of the behaviour checks: attribution, cosine with the refusal direction, both.
+    methods: tuple[Literal["attribution", "cosine", "combined"], ...] = ("attribution", "cosine", "combined")
+    #: ``combined`` (and the reference's cosine pre-selection): features kept per hook by cosine.
+    cosine_preselect: int = 10
+    #: behaviour: circuit sizes (refusal-promoting features) of the K-curve.
+    behaviour_k: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    #: the headline circuit's size (its share of the direction's effect is the headline number).
+    headline_k: int = 20
+    #: the headline circuit's selection method; ``auto`` = chosen on the validation split with the intervention
+    #: (the method x intervention x positions whose K = headline_k circuit leaves the fewest validation refusals
+    #: among those answered coherently in >= 80%).
+    headline_method: Literal["auto", "attribution", "cosine", "combined"] = "auto"
+    #: feature interventions of the behaviour checks: zero, mean (class mean of the reference), scale
+    #: (f <- -c f, one candidate per c of scale_c). The one chosen on validation runs the K-curve on test; the
+    #: others run at the headline K.
+    interventions: tuple[Literal["zero", "mean", "scale"], ...] = ("zero", "scale")
+    #: where the interventions apply: every position (the template's opening and generated tokens included), or
+    #: every position after the opening (generated tokens included); chosen on validation like the intervention.
+    positions: tuple[Literal["all", "after_opening"], ...] = ("all",)
+    #: the scale intervention's candidates c: f <- -c f (Yeo et al.: c = 3 on Gemma, 1 on Llama).
+    scale_c: tuple[float, ...] = (1.0, 3.0)
+    #: matched random feature sets (same count per hook) against the headline circuit: the control distribution.
+    random_sets: int = 20
+    #: matched random feature sets steered on harmless prompts (induction controls).
+    induction_random_sets: int = 20
+    #: greedy tokens per response in the behaviour checks (null = inference.max_new_tokens).
+    max_new_tokens: int | None = None
+    #: refused toxic test prompts of the behaviour checks (the first by prompt-id hash; null = all), and as many
+    #: validation prompts for the choice of the headline.
+    behaviour_prompts: int | None = None
+    #: faithfulness / completeness of the pooled circuits at these sizes (nodes), on test prompts.
+    faithfulness_sizes: tuple[int, ...] = (10, 100, 1000, 5000)
+    #: test prompts per pooled group on which faithfulness is measured (the first by prompt-id hash).
     faithfulness_prompts: int = 16
-    #: random node sets per size (faithfulness) and random feature sets (behaviour).
-    random_controls: int = 2
+    #: the pooled groups whose faithfulness is measured (labels).
+    faithfulness_labels: tuple[Literal["safe", "toxic"], ...] = ("safe", "toxic")
+    #: random node sets per faithfulness / completeness point.
+    random_controls: int = 20
     #: faithfulness is (m(C) - m(empty)) / (m(model) - m(empty)); below this gap (metric units) between
     #: the model and every node at baseline, the ratio is noise and is reported as null.
     faithfulness_min_gap: float = 0.25
-    #: behaviour: greedy generation on up to ``behaviour_prompts`` refused toxic prompts with the pooled
-    #: toxic circuit's features ablated, against random feature sets of the same size and the refusal
-    #: direction ablated; 0 = skip.
-    behaviour_prompts: int = 16
-    #: prompts per forward pass.
+    #: agreement with exact patching: test prompts (refused toxic).
+    agreement_prompts: int = 8
+    #: agreement: features per stratum (top by |estimate|, random active; plus every error node).
+    agreement_nodes: int = 8
+    #: agreement: the estimators compared with exact patching.
+    agreement_methods: tuple[Literal["atp", "ig"], ...] = ("atp",)
+    #: edges between the nodes of the pooled circuits at consecutive spliced hooks (discovery prompts); kept
+    #: when |edge| >= ``edge_threshold`` x the largest edge between two features.
+    edges: bool = True
+    #: see edges.
+    edge_threshold: float = 0.05
+    #: see edges.
+    edge_prompts: int = 8
+    #: prompts per attribution pass (TransformerLens, torch_dtype).
     batch_size: int = 8
+    #: prompts per intervention pass (generation and faithfulness, model.intervention_dtype).
+    intervention_batch_size: int = 32
     #: seed of every random choice of the stage (samples, random controls, bootstrap).
     seed: int = 0
     #: torch threads for the stage.
     num_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("window", "ig_steps", "top_k", "bootstrap", "batch_size", "num_threads", "edge_prompts",
-                     "agreement_prompts", "agreement_nodes", "faithfulness_prompts"):
+        for name in ("ig_steps", "top_k", "bootstrap", "batch_size", "intervention_batch_size", "num_threads",
+                     "edge_prompts", "agreement_prompts", "agreement_nodes", "faithfulness_prompts", "headline_k",
+                     "cosine_preselect"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("random_controls", "behaviour_prompts"):
+        for name in ("random_controls", "random_sets", "induction_random_sets"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: an integer >= 0")
-        if not self.labels:
-            raise ConfigError("circuits.labels is empty; allowed: one or both of 'safe', 'toxic'")
+        for name in ("max_new_tokens", "behaviour_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: a positive integer or null")
+        for name in ("labels", "methods", "interventions", "positions", "behaviour_k", "agreement_methods", "scale_c"):
+            if not getattr(self, name):
+                raise ConfigError(f"circuits.{name} is empty; give at least one value")
+        if any(k < 1 for k in self.behaviour_k):
+            raise ConfigError(f"circuits.behaviour_k={list(self.behaviour_k)}; allowed: positive integers")
+        if self.headline_k not in self.behaviour_k:
+            raise ConfigError(f"circuits.headline_k={self.headline_k} must be one of circuits.behaviour_k "
+                              f"{list(self.behaviour_k)}")
+        if self.headline_method != "auto" and self.headline_method not in self.methods:
+            raise ConfigError(f"circuits.headline_method={self.headline_method!r} must be one of circuits.methods "
+                              f"{list(self.methods)}")
         if not self.faithfulness_sizes or any(s < 1 for s in self.faithfulness_sizes):
             raise ConfigError(f"circuits.faithfulness_sizes={list(self.faithfulness_sizes)}; allowed: positive integers")
-        if not 0.0 < self.target_faithfulness <= 1.0:
-            raise ConfigError(f"circuits.target_faithfulness={self.target_faithfulness}; allowed: a number in (0, 1]")
         if self.hooks:
             try:
                 check_layer_specs(self.hooks)
@@ -419,24 +449,14 @@ class CircuitConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """Stage 4, analyze: layer-by-layer and cross-category analysis of the circuits, and the report."""
+    """Stage 5, analyze: the evidence on test prompts, layer by layer and across categories, and the report."""
 
-    #: "where refusal emerges": the first hook (in depth order) where the cumulative share of the total
-    #: |effect| reaches this.
-    emergence_share: float = 0.5
-    #: circuit similarity: weighted overlap of node effects over the union of both circuits' top nodes.
-    similarity_top_k: int = 50
-    #: permutation draws per similarity test.
+    #: one mechanism or many: permutation draws per similarity test (refusal_lens/analysis/stats.py).
     permutations: int = 1000
-    #: bootstrap resamples per similarity interval.
-    bootstrap: int = 200
-    #: significance level of the verdicts.
+    #: draws of the normalised similarity's interval.
+    interval_draws: int = 4000
+    #: significance level of the tests (and false-discovery rate of Benjamini-Hochberg across a table).
     alpha: float = 0.05
-    #: verdict per category pair: similarity >= monolithic_threshold (and p < alpha) = monolithic,
-    #: >= partial_threshold (and p < alpha) = partially modular, else modular.
-    monolithic_threshold: float = 0.5
-    #: similarity bar of 'partially modular' (see monolithic_threshold).
-    partial_threshold: float = 0.2
     #: the power floor: a comparison whose groups have fewer test prompts than this is "insufficient" (no verdict).
     min_prompts: int = 10
     #: equivalence margin of "shared": the lower confidence bound of the normalised similarity (circuits) or of
@@ -446,26 +466,18 @@ class AnalysisConfig:
     top_features: int = 8
     #: most activating prompt tokens shown per top feature.
     top_examples: int = 5
-    #: generation on up to this many harmless prompts with the refusal direction added (0 = skip).
-    direction_prompts: int = 8
-    #: scale of the added direction (1 = the difference in means itself).
-    direction_scale: float = 1.0
-    #: also compare with the other runs in output.result_dir that have circuits.
+    #: also compare with the other runs in output.result_dir that have an analysis.
     compare_runs: bool = True
     #: check the report renders in headless Chromium when it is installed.
     check_render: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("similarity_top_k", "permutations", "bootstrap", "top_features", "top_examples", "min_prompts"):
+        for name in ("permutations", "interval_draws", "top_features", "top_examples", "min_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"analysis.{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("emergence_share", "alpha", "monolithic_threshold", "partial_threshold"):
+        for name in ("alpha", "shared_margin"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"analysis.{name}={getattr(self, name)}; allowed: a number in (0, 1]")
-        if self.partial_threshold > self.monolithic_threshold:
-            raise ConfigError("analysis.partial_threshold must not exceed analysis.monolithic_threshold")
-        if self.direction_prompts < 0:
-            raise ConfigError(f"analysis.direction_prompts={self.direction_prompts}; allowed: an integer >= 0")
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,8 @@ def run_discover(cfg: Config, dist: Dist, models: Models, *, force: bool = False
     """Stage 3: refusal circuits over the SAEs into ``<run>/circuits``."""
     from refusal_lens.circuits.stage import run_discover_stage
 
-    return run_discover_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), circuits_dir(cfg), force=force,
-                              dist=dist, show_progress=show_progress, status=status)
+    return run_discover_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), direction_dir(cfg),
+                              circuits_dir(cfg), force=force, dist=dist, show_progress=show_progress, status=status)
 
 
 def run_analyze(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,

@@ -69,7 +69,8 @@ def _new_stage(name: str) -> dict[str, Any]:
 def rates_summary(rates: Sequence[dict]) -> dict[str, float]:
     """Overall refusal rate per label (``safe``: over-refusal, ``toxic``: correct refusal) from
     :func:`refusal_lens.collect.refusal_rates` rows."""
-    return {r["label"]: round(float(r["rate"]), 4) for r in rates if r.get("category") == "ALL"}
+    return {r["label"]: round(float(r["rate"]), 4) for r in rates
+            if r.get("category") == "ALL" and r.get("split", "all") == "all"}
 
 
 class StatusFile:

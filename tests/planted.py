@@ -102,3 +102,25 @@ def planted_prompts():
     for i, text in enumerate(HARMLESS):
         out.append(Prompt(f"harmless:{i}", text, "harmless", "harmless", "planted"))
     return out
+
+
+def write_planted_data(folder: Path) -> tuple[Path, Path]:
+    """The planted prompts as an OR-Bench folder (toxic, safe) and a harmless CSV, for configs."""
+    import csv
+
+    bench = folder / "or-bench"
+    bench.mkdir(parents=True, exist_ok=True)
+    prompts = planted_prompts()
+    files = {"or-bench-toxic": [p for p in prompts if p.label == "toxic"],
+             "or-bench-80k": [p for p in prompts if p.label == "safe"], "or-bench-hard-1k": []}
+    for name, rows in files.items():
+        with (bench / f"{name}.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["prompt", "category"])
+            w.writerows([(p.prompt, p.category) for p in rows])
+    harmless = folder / "harmless.csv"
+    with harmless.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "category"])
+        w.writerows([(p.prompt, "general") for p in prompts if p.label == "harmless"])
+    return bench, harmless

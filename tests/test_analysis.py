@@ -1,43 +1,67 @@
-"""The analysis numbers on hand-made effects: emergence, verdicts, bootstrap intervals."""
+"""The analysis stage's own numbers: per-site effects, the similarity tables with BH, the evidence summary."""
 
 import numpy as np
 import pytest
+import torch
 
-from refusal_lens.analysis.metrics import bootstrap_similarity, emergence, layer_profile, similarity, verdict
-
-
-def test_layer_profile_and_emergence():
-    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.3.hook_resid_post"]
-    sizes = [3, 3, 3]  # two features + the error node each
-    mean = np.array([0.1, -0.1, 0.0, 1.0, -1.0, 2.0, 0.5, 0.0, 0.3])
-    prof = layer_profile(mean, hooks, sizes)
-    assert [p["total_abs"] for p in prof] == pytest.approx([0.2, 4.0, 0.8])
-    assert prof[1]["error_share"] == pytest.approx(0.5) and prof[1]["top_abs"] == pytest.approx(2.0)
-    assert prof[1]["signed"] == pytest.approx(2.0)
-    e = emergence(prof, 0.5)
-    assert e["hook"] == hooks[1] and e["cumulative"] == pytest.approx([0.2 / 5, 4.2 / 5, 1.0])
-    assert emergence(prof, 0.03)["hook"] == hooks[0]
-    assert emergence(layer_profile(np.zeros(9), hooks, sizes), 0.5)["hook"] is None
+from refusal_lens.analysis.similarity import per_site_effects, similarity_tables, verdict_counts
+from refusal_lens.analysis.stage import fmt_rate, headline_table
 
 
-def test_verdict_thresholds():
-    kw = dict(alpha=0.05, monolithic=0.5, partial=0.2, min_prompts=2)
-    assert verdict(0.7, 0.01, 5, 5, **kw) == "monolithic"
-    assert verdict(0.3, 0.01, 5, 5, **kw) == "partially modular"
-    assert verdict(0.7, 0.2, 5, 5, **kw) == "modular"  # not above chance
-    assert verdict(0.1, 0.01, 5, 5, **kw) == "modular"
-    assert verdict(0.9, 0.01, 1, 5, **kw) == "insufficient"
+def test_per_site_effects_divide_the_content_class_by_its_tokens():
+    feats = torch.tensor([[[4.0, 2.0], [1.0, 1.0]], [[9.0, 3.0], [0.5, 0.0]]])  # [prompts, classes, features]
+    out = per_site_effects(feats, [2, 3])
+    np.testing.assert_allclose(out, [[2.0, 1.0, 1.0, 1.0], [3.0, 1.0, 0.5, 0.0]])
 
 
-def test_bootstrap_similarity_is_tight_for_identical_groups_and_brackets_the_estimate():
+def _groups(rng, n, nodes, mean):
+    return mean + rng.normal(size=(n, nodes))
+
+
+def test_similarity_tables_separate_shared_from_distinct_mechanisms_and_mark_small_groups():
     rng = np.random.default_rng(0)
-    base = rng.normal(size=200) * (rng.random(200) < 0.2)
-    ea = base + 0.05 * rng.normal(size=(30, 200))
-    eb = base + 0.05 * rng.normal(size=(30, 200))
-    lo, hi = bootstrap_similarity(ea, eb, 20, 200, np.random.default_rng(1))
-    s = similarity(ea.mean(0), eb.mean(0), 20)
-    assert 0.5 < lo <= hi <= 1.0
-    assert lo - 0.05 <= s <= hi + 0.05
-    other = rng.normal(size=(30, 200)) * (rng.random(200) < 0.2)
-    lo2, hi2 = bootstrap_similarity(ea, other, 20, 200, np.random.default_rng(1))
-    assert hi2 < lo
+    nodes = 400
+    shared = np.zeros(nodes)
+    shared[:40] = 3.0
+    other = np.zeros(nodes)
+    other[200:240] = 3.0
+    effects = {"toxic/a": _groups(rng, 30, nodes, shared), "toxic/b": _groups(rng, 30, nodes, shared),
+               "toxic/c": _groups(rng, 30, nodes, other), "toxic/d": _groups(rng, 4, nodes, shared),
+               "toxic/all": _groups(rng, 60, nodes, shared), "safe/all": _groups(rng, 30, nodes, other)}
+    rows = similarity_tables(effects, ["a", "b", "c", "d"], alpha=0.05, min_prompts=10, shared_margin=0.8,
+                             permutations=200, draws=1000, seed=0)
+    by = {(r["a"], r["b"]): r for r in rows}
+    assert by[("toxic/a", "toxic/b")]["verdict"] == "shared"
+    assert by[("toxic/a", "toxic/c")]["verdict"] == "distinct" and by[("toxic/b", "toxic/c")]["verdict"] == "distinct"
+    assert by[("toxic/a", "toxic/d")]["verdict"] == "insufficient"
+    assert by[("safe/all", "toxic/all")]["table"] == "pooled safe x toxic"
+    assert by[("safe/all", "toxic/all")]["verdict"] == "distinct"
+    q = [r["q_value"] for r in rows if r["table"] == "toxic x toxic" and r["q_value"] is not None]
+    p = [r["p_value"] for r in rows if r["table"] == "toxic x toxic" and r["q_value"] is not None]
+    assert all(qi >= pi for qi, pi in zip(q, p))  # BH never lowers a p-value
+    counts = verdict_counts(rows)
+    assert counts["toxic x toxic"]["insufficient"] == 3 and counts["toxic x toxic"]["shared"] == 1
+
+
+def test_rates_are_printed_with_their_interval_and_n():
+    assert fmt_rate({"n": 15, "refusal_rate": 0.2, "ci": [0.07, 0.45]}) == "20% [7%, 45%] (n=15)"
+    assert fmt_rate({"n": 0, "refusal_rate": None, "ci": [None, None]}) == "- (n=0)"
+
+
+def test_headline_table_states_underpowered_entries():
+    rate = {"n": 5, "refusal_rate": 1.0, "ci": [0.5, 1.0], "incoherent_rate": 0.0}
+    summary = {
+        "data": {"score_auroc": {"test": {"auroc": 0.95, "n_refused": 5, "n_complied": 9}},
+                 "refusal_test": {"toxic": {"n": 9, "k": 5, "rate": 5 / 9, "ci": [0.27, 0.81]}}},
+        "direction": {"direction": {"hook": "blocks.3.hook_resid_pre", "position": -1},
+                      "harmful_refused": {"clean": rate, "ablated": rate, "actadd_minus": rate},
+                      "harmless": {"clean": rate, "actadd_plus": rate}, "random_ablated": {"n": 0},
+                      "kl_harmless": {"mean": None}},
+        "similarity": {"verdicts": {"toxic x toxic": {"insufficient": 3}}},
+        "underpowered": ["circuit behaviour: insufficient: 5 test prompts, below the power floor of 10"],
+    }
+    table = headline_table(summary)
+    assert table["refusal score vs judge (test)"].startswith("AUROC 0.950")
+    assert "insufficient" in table["underpowered"] and table["circuit similarity verdicts"] == "toxic x toxic: 3 insufficient"
+    with pytest.raises(KeyError):
+        headline_table({})

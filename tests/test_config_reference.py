@@ -69,7 +69,7 @@ def test_every_field_is_a_row():
 def test_spot_checks():
     tables = _tables(config_reference_markdown())
     method = tables["circuits"]["method"]
-    assert method["type"] == "'atp' \\| 'ig' \\| 'exact'"
+    assert method["type"] == "'atp' \\| 'ig'"
     assert method["default"] == "'atp'"
     assert tables["model"]["activation_layers"]["meaning"]
     assert tables["model"]["activation_layers"]["type"] == "list of str \\| int"

@@ -100,7 +100,7 @@ def test_ablating_a_direction_no_write_touches_changes_nothing(planted):
     iv = Intervener(loaded, 4, model=loaded.hf_model)
     clean = iv.last_logits(prompts)
     ablated = iv.last_logits(prompts, ablation_edits(unused, loaded.n_layers))
-    torch.testing.assert_close(ablated, clean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ablated, clean, rtol=1e-6, atol=1e-4)  # logits up to ~100: float32 rounding
     assert iv.generate(prompts, 5, ablation_edits(unused, loaded.n_layers)) == iv.generate(prompts, 5)
 
 

@@ -17,11 +17,12 @@ from killing import ENV, appears, cli, committed_shards, compare_trees, kill_and
 from test_pipeline import write_config as pipeline_config
 
 #: the folder each stage writes, in pipeline order
-FOLDERS = {"collect": "activations", "train-saes": "saes", "discover": "circuits", "analyze": "analysis"}
+FOLDERS = {"collect": "activations", "direction": "direction", "train-saes": "saes", "discover": "circuits",
+           "analyze": "analysis"}
 #: JSON keys that hold timings or per-process counters, never results
-VOLATILE = {"collect": {"stats_rank0"}, "train-saes": set(), "discover": {"seconds", "attribution_seconds"},
-            "analyze": {"seconds"}}
-FIRST_HOOK = "blocks.1.hook_resid_post"
+VOLATILE = {"collect": {"stats_rank0"}, "direction": {"seconds"}, "train-saes": set(),
+            "discover": {"seconds", "attribution_seconds"}, "analyze": {"seconds"}}
+FIRST_HOOK = "blocks.0.hook_resid_post"
 
 
 def write_config(folder: Path, model_dir: Path) -> Path:
@@ -80,8 +81,7 @@ def test_a_second_run_is_refused_at_once_and_the_first_finishes(world):
     print(f"second `run` refused in {world['second_s']:.2f} s")
     status = world["status"]  # the first's live status, never touched by the second
     assert (status["pid"], status["command"], status["state"], status["error"]) == (world["first_pid"], "run", "done", None)
-    assert [(s["name"], s["state"]) for s in status["stages"]] == [
-        ("collect", "done"), ("train-saes", "done"), ("discover", "done"), ("analyze", "done")]
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [(name, "done") for name in FOLDERS]
     assert (world["reference"] / "analysis" / "report.html").stat().st_size > 10_000
 
 
@@ -133,15 +133,21 @@ def test_train_saes_killed_twice_and_weights_truncated(world):
     ], f"saes/{FIRST_HOOK}: not trusted (sae_weights.safetensors:")
 
 
+def test_direction_killed_twice(world):
+    check(world, "direction", [
+        appears("direction/candidates.safetensors"),  # the candidates written, the selection running
+        appears("direction/evaluation.json"),  # evaluated on test; the categories running
+    ])
+
+
 def test_discover_killed_twice_and_an_effects_shard_truncated(world):
     check(world, "discover", [
         appears("circuits/effects/ledger.json"),  # during the attribution pass
-        truncate("circuits/effects/batch-0000.safetensors"),
-        # after agreement and the first faithfulness curve: the resumed run skips them (its random
-        # draws must not depend on that)
+        truncate("circuits/effects/discovery-batch-0000.safetensors"),
+        # after agreement and faithfulness: the resumed run skips them (its random draws must not depend on that)
         appears("circuits/validation/faithfulness.json"),
-    ], "batch-0000.safetensors is not trusted")
+    ], "discovery-batch-0000.safetensors is not trusted")
 
 
 def test_analyze_killed_twice(world):
-    check(world, "analyze", [appears("analysis/direction.json"), appears("analysis/report.html")])
+    check(world, "analyze", [appears("analysis/similarity.json"), appears("analysis/report.html")])

@@ -65,8 +65,6 @@ def test_training_learns_saves_and_reloads(tiny_run):
         assert metrics["explained_variance"] > 0.3  # test prompts, never trained on
         assert metrics["l0"] == pytest.approx(8.0)  # TopK k=8
         assert metrics["tokens_seen"] == 64 * 300 and metrics["epochs"] > 1
-        # SAE-Lens's error term makes the splice an identity: CE must equal the clean CE
-        assert metrics["ce_with_error_term"] == pytest.approx(metrics["ce_clean"], abs=1e-4)
         assert metrics["kl_sae"] >= 0 and metrics["kl_mean"] >= 0 and metrics["scored_tokens"] > 0
         sae = SAE.load_from_disk(str(root / "saes" / hook))
         assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_sae == 256
@@ -206,7 +204,6 @@ def test_quality_is_judged_against_mean_ablation_on_validation_and_reported_on_t
     for m in (metrics, metrics["validation"]):
         assert m["ce_loss_recovered"] == pytest.approx((m["ce_mean"] - m["ce_sae"]) / (m["ce_mean"] - m["ce_clean"]))
         assert m["ce_increase"] == pytest.approx(m["ce_sae"] - m["ce_clean"])
-        assert m["ce_with_error_term"] == pytest.approx(m["ce_clean"], abs=1e-4)
     assert metrics["distinct_train_rows"] <= metrics["train_rows"]
     quality = {q["hook"]: q for q in json.loads((root / "saes" / "quality.json").read_text())}
     q = quality["blocks.1.hook_resid_post"]
@@ -225,7 +222,9 @@ def test_splice_touches_only_the_trained_positions(tiny_run):
     sae = SAE.load_from_disk(str(root / "splice" / "blocks.1.hook_resid_post"))
     seqs = [loaded.tokenizer("<|im_start|> user hello world <|im_end|>", add_special_tokens=False)["input_ids"]] * 2
     pad = loaded.tokenizer.pad_token_id
-    everywhere = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad)
+    everywhere = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad, check_error_term=True)
+    # SAE-Lens's error term makes the splice an identity: CE must equal the clean CE
+    assert everywhere["ce_with_error_term"] == pytest.approx(everywhere["ce_clean"], abs=1e-4)
     nowhere = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad, splice_from=100)
     assert everywhere["ce_sae"] != pytest.approx(everywhere["ce_clean"])
     assert nowhere["ce_sae"] == pytest.approx(nowhere["ce_clean"]) and nowhere["kl_sae"] == pytest.approx(0, abs=1e-6)

@@ -216,8 +216,12 @@ def choose_collector(name: str, device: torch.device, hf_model, hooks: Sequence[
     return "hf_hooks"
 
 
-def make_collector(loaded, name: str, hooks: Sequence[str]):
-    """The collector ``inference.collector=name`` resolves to for ``loaded`` (a LoadedModel) and ``hooks``."""
+def make_collector(loaded, name: str, hooks: Sequence[str], model: str = "model"):
+    """The collector ``inference.collector=name`` resolves to for ``loaded`` (a LoadedModel) and ``hooks``;
+    ``model="intervention"`` reads the ``loaded.gen_model`` copy through hooks on its HF modules."""
+    if model == "intervention":
+        choose_collector("hf_hooks", loaded.device, loaded.gen_model, hooks)  # the hooks must have HF modules
+        return HFHookCollector(loaded.gen_model, loaded.device, hooks)
     if choose_collector(name, loaded.device, loaded.hf_model, hooks) == "hf_hooks":
         return HFHookCollector(loaded.hf_model, loaded.device, hooks)
     return BridgeCollector(loaded.model, loaded.device)

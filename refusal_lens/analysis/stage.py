@@ -1,17 +1,23 @@
-"""Stage 4, analyze: where refusal emerges, one mechanism or many, the refusal direction, top features,
-over-refusal, other models; written as one offline HTML report.
+"""Stage 5, analyze: the evidence, measured on test prompts, gathered into ``summary.json`` and one offline report.
 
-Output folder (``analysis/``)::
+Reads the earlier stages' folders (nothing here selects or tunes anything):
 
-    report.html              the report (plotly inlined; opens offline)
-    figures/<name>.html      each figure on its own page (+ plotly.min.js)
-    summary.json             key numbers: refusal rates, SAE quality, validation, emergence, verdicts
-    emergence.json           per group and hook: total / top |effect|, error share, cumulative share
-    similarity.json          per label pair of categories: similarity, bootstrap CI, p-value, verdict
-    direction.json           AUROC per layer, interventions, cosines of circuit features
-    top_features.json        top features of the pooled circuits with their most activating tokens
+* **data and judge** (collect): prompts per split, refusal rates with Wilson intervals, the refusal score's
+  AUROC against the judge on test prompts;
+* **the refusal direction** (direction): the reference's table (test), its random controls, KL and CE, the
+  candidates, emergence by intervention, per-category directions and the cross-ablation matrix, the
+  over-refusal experiment;
+* **the circuits** (discover): behaviour against K, random sets and the direction (test), induction,
+  faithfulness and completeness with random distributions, agreement with exact patching by stratum;
+* **one mechanism or many, by circuit similarity** (:mod:`.similarity`, on test effects; computed here);
+* the SAEs' quality (test; the bar on validation), the top features with their most activating tokens,
+  other runs of the results folder.
 
-The analysis reads the earlier stages' folders; only the direction-addition check runs the model.
+Every entry below the power floor (``analysis.min_prompts`` test prompts) says *insufficient* and why.
+
+Output folder (``analysis/``): ``report.html``, ``figures/<name>.html`` (+ one shared ``plotly.min.js``),
+``summary.json`` (the evidence: what the README's results are written from), ``similarity.json``,
+``top_features.json``.
 """
 
 from __future__ import annotations
@@ -26,26 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from refusal_lens import durable
 from refusal_lens.activations.store import HookActivations
 from refusal_lens.analysis import figures as F
-from refusal_lens.analysis.metrics import (
-    bootstrap_similarity,
-    emergence,
-    layer_profile,
-    permutation_pvalue,
-    similarity,
-    verdict,
-)
+from refusal_lens.analysis.similarity import per_site_effects, similarity_tables, verdict_counts
+from refusal_lens.analysis.stats import wilson_interval
 from refusal_lens.collect import MANIFEST
 from refusal_lens.config import Config, config_to_dict
-from refusal_lens.direction import add_direction_hooks, last_prompt_rows
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
-from refusal_lens.hooks import parse_hook_name
 from refusal_lens.report.html import FigureItem, Section, Table, write_report
+from refusal_lens.report.numbers import fmt_rate
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ class AnalysisResult:
     folder: Path
     report: Path
     summary: dict
-    skipped: bool = False  # the analysis of these circuits was already written
+    skipped: bool = False
 
 
 def _load(path: Path, what: str):
@@ -69,25 +67,19 @@ def _load(path: Path, what: str):
     return json.loads(path.read_text())
 
 
-def _groups(circuits_dir: Path, labels: Sequence[str]) -> dict[str, dict]:
-    out = {}
-    for label in labels:
-        for path in sorted((circuits_dir / label).glob("*.json")):
-            doc = json.loads(path.read_text())
-            out[f"{doc['label']}/{doc['category']}"] = doc
-    return out
+def _optional(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_analysis_stage(cfg: Config, loaded_fn, run_dir: Path, *, force: bool = False, dist: Dist = Dist(),
                        show_progress: bool = True, status: StatusFile | None = None) -> AnalysisResult:
-    """Analyse ``run_dir``'s circuits and write ``run_dir/analysis``. ``loaded_fn()`` gives the model
-    (loaded only for the direction-addition check). Runs on rank 0; the others wait."""
+    """Analyse ``run_dir`` and write ``run_dir/analysis``. ``loaded_fn()`` gives the model (its tokenizer decodes
+    the top features' examples). Runs on rank 0; the others wait."""
     status = status if status is not None else StatusFile(None)
     out_dir = run_dir / "analysis"
-    circuits_dir = run_dir / "circuits"
-    c_manifest = _load(circuits_dir / MANIFEST, "circuits")
+    c_manifest = _load(run_dir / "circuits" / MANIFEST, "circuits")
     if c_manifest.get("status") != "complete":
-        raise AnalysisError(f"the circuits in {circuits_dir} are not finished: run `refusal-lens discover` first")
+        raise AnalysisError(f"the circuits in {run_dir / 'circuits'} are not finished: run `refusal-lens discover` first")
     done = out_dir / "summary.json"
     if done.is_file() and not force:
         prev = json.loads(done.read_text())
@@ -100,242 +92,236 @@ def run_analysis_stage(cfg: Config, loaded_fn, run_dir: Path, *, force: bool = F
         return AnalysisResult(out_dir, out_dir / "report.html", json.loads(done.read_text()))
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status)
+    result = _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, status)
     result.summary["seconds"] = time.perf_counter() - t0
-    durable.write_text(done, json.dumps(result.summary, indent=2))
+    durable.write_json(done, result.summary)
     dist.barrier()
     return result
 
 
-def _analyse(cfg, loaded_fn, run_dir, out_dir, c_manifest, show_progress, status) -> AnalysisResult:
-    a = cfg.analysis
-    circuits_dir, acts_dir, saes_dir = run_dir / "circuits", run_dir / "activations", run_dir / "saes"
-    space = _load(circuits_dir / "space.json", "circuit node space")
-    c_summary = _load(circuits_dir / "summary.json", "circuit summary")
-    prompts = _load(circuits_dir / "prompts.json", "attributed prompts")
-    rates = _load(acts_dir / "refusal_rates.json", "refusal rates")
-    quality = _load(saes_dir / "quality.json", "SAE quality table")
-    hooks = space["hooks"]
-    sizes = [space["d_sae"][h] + 1 for h in hooks]
-    data = load_file(str(circuits_dir / "effects.safetensors"))
-    effects = data["effects"].sum(1).numpy()  # [prompts, nodes]: per-position nodes summed for the analysis
-    index_of = {p["prompt_id"]: p["index"] for p in prompts}
-    labels = sorted({g["label"] for g in c_summary["circuits"]})
-    groups = _groups(circuits_dir, labels)
-    rows_of = {k: np.asarray([index_of[p] for p in g["prompt_ids"]]) for k, g in groups.items()}
-    means = {k: effects[r].mean(0) for k, r in rows_of.items()}
-    rng = np.random.default_rng(cfg.circuits.seed)
-    status.progress(0, 6, "part")
+def rate(k: int, n: int) -> dict:
+    lo, hi = wilson_interval(k, n) if n else (None, None)
+    return {"n": n, "k": k, "rate": k / n if n else None, "ci": [lo, hi]}
 
-    # ---- 1. where refusal emerges
-    emerg = {}
-    for k in groups:
-        prof = layer_profile(means[k], hooks, sizes)
-        emerg[k] = {"profile": prof, "emergence": emergence(prof, a.emergence_share), "n_prompts": len(rows_of[k])}
-    durable.write_text(out_dir / "emergence.json", json.dumps(emerg, indent=2))
+
+def _data_evidence(acts: dict, rates: list[dict]) -> dict:
+    test = {r["label"]: rate(r["refused"], r["n"]) | {"incoherent": r["incoherent"]}
+            for r in rates if r["split"] == "test" and r["category"] == "ALL"}
+    return {"split_counts": acts.get("split_counts"), "refusal_test": test, "score_auroc": acts.get("score_auroc"),
+            "refusal_tokens": acts.get("refusal_tokens", {}).get("tokens"),
+            "refusal_tokens_source": acts.get("refusal_tokens", {}).get("source")}
+
+
+def _analyse(cfg: Config, loaded_fn, run_dir: Path, out_dir: Path, c_manifest: dict, status: StatusFile) -> AnalysisResult:
+    a = cfg.analysis
+    acts_dir, circuits_dir, direction_dir = run_dir / "activations", run_dir / "circuits", run_dir / "direction"
+    status.progress(0, 4, "part")
+    acts = _load(acts_dir / MANIFEST, "activations")
+    rates = _load(acts_dir / "refusal_rates.json", "refusal rates")
+    quality = _load(run_dir / "saes" / "quality.json", "SAE quality table")
+    c_summary = _load(circuits_dir / "summary.json", "circuit summary")
+    d_summary = _load(direction_dir / "summary.json", "direction summary")
+    direction = {name: _optional(direction_dir / f"{name}.json")
+                 for name in ("direction", "candidates", "evaluation", "categories", "over_refusal", "emergence")}
+    val = circuits_dir / "validation"
+    behaviour = _optional(val / "behaviour.json")
+    faithfulness = _optional(val / "faithfulness.json")
+    agreement = _optional(val / "agreement.json")
+    groups = {}
+    for label in ("safe", "toxic"):
+        for path in sorted((circuits_dir / label).glob("*.json")):
+            doc = json.loads(path.read_text())
+            groups[f"{doc['label']}/{doc['category']}"] = doc
     status.progress(1)
 
-    # ---- 2. one mechanism or many
-    pool = np.flatnonzero(np.abs(np.stack(list(means.values()))).max(0) > 0)
-    cats = sorted({g["category"] for g in groups.values() if g["category"] != "all"})
-    pairs = []
-    for la, lb in [("safe", "safe"), ("toxic", "toxic"), ("safe", "toxic")]:
-        if la not in labels or lb not in labels:
-            continue
-        for i, ca in enumerate(cats):
-            for j, cb in enumerate(cats):
-                if la == lb and j <= i:
-                    continue
-                ka, kb = f"{la}/{ca}", f"{lb}/{cb}"
-                if ka not in groups or kb not in groups:
-                    continue
-                pairs.append((la, lb, ca, cb, ka, kb))
-    sims = []
-    for la, lb, ca, cb, ka, kb in tqdm(pairs, desc="circuit similarity", disable=not show_progress):
-        s = similarity(means[ka], means[kb], a.similarity_top_k)
-        na, nb = len(rows_of[ka]), len(rows_of[kb])
-        if min(na, nb) < a.min_prompts:  # no verdict: spare the tests
-            p = null_mean = lo = hi = float("nan")
-        else:
-            p, null_mean = permutation_pvalue(means[ka], means[kb], a.similarity_top_k, pool, a.permutations, rng)
-            lo, hi = bootstrap_similarity(effects[rows_of[ka]], effects[rows_of[kb]], a.similarity_top_k,
-                                          a.bootstrap, rng)
-        sims.append({"pair": f"{la} x {lb}", "a": ka, "b": kb, "similarity": s, "ci_low": lo, "ci_high": hi,
-                     "p_value": p, "null_mean": null_mean, "n_a": na, "n_b": nb,
-                     "verdict": verdict(s, p, na, nb, alpha=a.alpha, monolithic=a.monolithic_threshold,
-                                        partial=a.partial_threshold, min_prompts=a.min_prompts)})
-    durable.write_text(out_dir / "similarity.json", json.dumps(sims, indent=2))
-    verdicts = {}
-    for kind in ("safe x safe", "toxic x toxic", "safe x toxic"):
-        vs = [s["verdict"] for s in sims if s["pair"] == kind and s["verdict"] != "insufficient"]
-        verdicts[kind] = {v: vs.count(v) for v in ("monolithic", "partially modular", "modular")}
-        verdicts[kind]["insufficient"] = sum(1 for s in sims if s["pair"] == kind and s["verdict"] == "insufficient")
-        verdicts[kind]["median_similarity"] = float(np.median([s["similarity"] for s in sims if s["pair"] == kind
-                                                               and s["verdict"] != "insufficient"])) if vs else None
-    pooled = {}
-    if "safe/all" in means and "toxic/all" in means:
-        s = similarity(means["safe/all"], means["toxic/all"], a.similarity_top_k)
-        p, _ = permutation_pvalue(means["safe/all"], means["toxic/all"], a.similarity_top_k, pool, a.permutations, rng)
-        lo, hi = bootstrap_similarity(effects[rows_of["safe/all"]], effects[rows_of["toxic/all"]], a.similarity_top_k,
-                                      a.bootstrap, rng)
-        pooled = {"similarity": s, "p_value": p, "ci_low": lo, "ci_high": hi}
+    # ---- one mechanism or many: circuit similarity on test effects
+    prompts = {p["prompt_id"]: p for p in _load(circuits_dir / "prompts.json", "attributed prompts")}
+    eff_path = circuits_dir / "effects" / "test.safetensors"
+    sims: list[dict] = []
+    if eff_path.is_file():
+        t = load_file(str(eff_path))
+        index = {int(r): i for i, r in enumerate(t["rows"].tolist())}
+        by_index = {p["index"]: p for p in prompts.values()}
+        effects = {}
+        for key, doc in groups.items():
+            rows = [index[p["index"]] for pid in doc["prompt_ids"]["test"] if (p := prompts.get(pid)) and p["index"] in index]
+            if rows:
+                n_content = [by_index[t["rows"][r].item()]["n_content_tokens"] for r in rows]
+                effects[key] = per_site_effects(t["features"][rows], n_content)
+        cats = sorted({doc["category"] for doc in groups.values() if doc["category"] != "all"})
+        sims = similarity_tables(effects, cats, alpha=a.alpha, min_prompts=a.min_prompts, shared_margin=a.shared_margin,
+                                 permutations=a.permutations, draws=a.interval_draws, seed=cfg.circuits.seed)
+    durable.write_json(out_dir / "similarity.json", sims)
     status.progress(2)
 
-    # ---- 3. refusal direction
-    direction = _direction_analysis(cfg, loaded_fn, circuits_dir, saes_dir, groups, hooks, rows_of, prompts, acts_dir,
-                                    c_summary, show_progress)
-    durable.write_text(out_dir / "direction.json", json.dumps(direction, indent=2))
+    # ---- top features
+    top = _top_features(cfg, groups, acts_dir, run_dir / "saes", loaded_fn)
+    durable.write_json(out_dir / "top_features.json", top)
     status.progress(3)
 
-    # ---- 4. top features with their most activating tokens
-    top = _top_features(cfg, groups, acts_dir, saes_dir, loaded_fn)
-    durable.write_text(out_dir / "top_features.json", json.dumps(top, indent=2))
-    status.progress(4)
-
-    # ---- 5. over-refusal: what drives refusal on safe prompts the model refuses
-    over = _over_refusal(groups, means, effects, prompts, hooks, sizes, a.similarity_top_k)
-    status.progress(5)
-
-    # ---- 6. other runs in the same results folder
+    summary = evidence(cfg, acts, rates, quality, d_summary, direction, c_summary, behaviour, faithfulness, agreement,
+                       sims, groups)
+    summary.update({"circuits_fingerprint": c_manifest["fingerprint"], "analysis_settings": config_to_dict(a),
+                    "run": run_dir.name, "model": cfg.model.name})
     comparison = _compare_runs(run_dir) if a.compare_runs else []
-
-    # ---- summary + report
-    validation = {"agreement": c_summary["agreement"], "behaviour": c_summary.get("behaviour"),
-                  "circuits": c_summary["circuits"]}
-    summary = {
-        "run": str(run_dir), "model": cfg.model.name, "circuits_fingerprint": c_manifest["fingerprint"],
-        "analysis_settings": config_to_dict(cfg.analysis),
-        "refusal_rates": rates, "sae_quality": [{k: q.get(k) for k in ("hook", "explained_variance", "ce_loss_recovered",
-                                                                       "passes")} for q in quality],
-        "method": c_summary["method"], "metric": c_summary["metric"], "baseline": c_summary["baseline"],
-        "validation": validation,
-        "emergence": {k: v["emergence"]["hook"] for k, v in emerg.items() if k.endswith("/all")},
-        "modularity": {"verdicts": verdicts, "pooled_safe_vs_toxic": pooled},
-        "direction": {k: direction[k] for k in ("layer", "auroc", "interventions") if k in direction},
-        "over_refusal": {k: over[k] for k in ("n_prompts", "similarity_to_toxic") if k in over},
-        "compared_runs": [r["run"] for r in comparison],
-    }
-    figs = F.build_figures(emerg, sims, cats, direction, {**c_summary, "_folder": str(circuits_dir)}, quality, rates, hooks)
-    report = write_report(out_dir, f"refusal_lens report: {cfg.model.name}", _sections(
-        summary, figs, emerg, sims, verdicts, pooled, direction, top, over, comparison, c_summary, quality, rates, cfg),
-        summary=_headline(summary, c_summary), subtitle=f"run {run_dir}",
-        links={"live status (status.json)": "../status.json", "circuits folder": "../circuits/",
-               "circuit summary (JSON)": "../circuits/summary.json", "analysis summary (JSON)": "summary.json",
-               "SAE quality table": "../saes/quality.csv", "refusal rates": "../activations/refusal_rates.csv"})
+    figs = F.report_figures(rates, quality, direction, behaviour, faithfulness, agreement, sims)
+    sections = _sections(summary, figs, rates, quality, direction, behaviour, faithfulness, agreement, sims, top,
+                         comparison, cfg)
+    report = write_report(out_dir, f"refusal_lens: {cfg.model.name}", sections, summary=headline_table(summary),
+                          links={"status.json": "../status.json", "circuits/": "../circuits/",
+                                 "direction/": "../direction/", "SAE quality": "../saes/quality.csv",
+                                 "refusal rates": "../activations/refusal_rates.csv"},
+                          subtitle="Every number below is measured on the test split (prompts never used to select "
+                                   "or fit anything), with its n and a 95% interval.")
     if a.check_render:
         from refusal_lens.report.browser import find_chromium, render_check
 
-        if find_chromium():
+        if find_chromium() is not None:
             res = render_check(report)
             summary["report_render"] = {"rendered": res.rendered, "expected": res.expected, "errors": res.errors}
             if res.errors or res.rendered != res.expected:
                 logger.warning("the report rendered %d of %d figures in headless Chromium; errors: %s",
                                res.rendered, res.expected, res.errors)
-    status.progress(6)
+    status.progress(4)
     return AnalysisResult(out_dir, report, summary)
 
 
-def _headline(summary: dict, c_summary: dict) -> dict:
-    rates = {f"refusal rate {r['label']}": f"{r['refused']}/{r['n']} ({r['rate']:.0%})" for r in summary["refusal_rates"]
-             if r.get("category") == "ALL"} if summary["refusal_rates"] else {}
-    ag = c_summary["agreement"]
-    out = {**rates, "model": summary["model"], "method / metric / baseline":
-           f"{summary['method']} / {summary['metric']} / {summary['baseline']}"}
-    for m, v in ag.items():
-        out[f"agreement {m} vs exact (features, Pearson)"] = v["features"]["pearson"]
-    for k, v in summary["emergence"].items():
-        out[f"emergence {k}"] = v
-    for kind, v in summary["modularity"]["verdicts"].items():
-        out[f"verdicts {kind}"] = ", ".join(f"{n} {k}" for k, n in v.items() if k != "median_similarity" and n)
-    if summary["direction"].get("layer") is not None:
-        out["refusal direction layer (held-out AUROC)"] = f"{summary['direction']['layer']} ({summary['direction']['auroc']:.3f})"
-    return out
+# --------------------------------------------------------------------------------------------
+# The evidence
+# --------------------------------------------------------------------------------------------
 
 
-def _direction_analysis(cfg, loaded_fn, circuits_dir, saes_dir, groups, hooks, rows_of, prompts, acts_dir, c_summary,
-                        show_progress) -> dict:
-    from sae_lens import SAE
+def _underpowered(n: int | None, floor: int) -> str | None:
+    if n is None or n < floor:
+        return f"insufficient: {n or 0} test prompts, below the power floor of {floor} (analysis.min_prompts)"
+    return None
 
-    info = _load(circuits_dir / "direction.json", "refusal direction")
-    vectors = load_file(str(circuits_dir / "directions.safetensors"))
-    layer = info["layer"]
-    out = {"layer": layer, "layers": info["layers"],
-           "auroc": next(d["auroc"] for d in info["layers"] if d["layer"] == layer), "interventions": {}}
-    b = c_summary.get("behaviour")
-    if b:
-        out["interventions"]["toxic_refused_clean"] = b["conditions"]["clean"]["refusal_rate"]
-        out["interventions"]["toxic_refused_direction_ablated"] = b["conditions"]["direction_ablated"]["refusal_rate"]
-        out["interventions"]["toxic_refused_circuit_features_ablated"] = b["conditions"]["circuit_features_ablated"]["refusal_rate"]
-        out["interventions"]["n_toxic_prompts"] = b["n_prompts"]
+
+def evidence(cfg, acts, rates, quality, d_summary, direction, c_summary, behaviour, faithfulness, agreement, sims,
+             groups) -> dict:
+    """The headline numbers, each with its n and interval (test split), and notes on what is underpowered."""
     a = cfg.analysis
-    harmless = [p for p in prompts if p["label"] == "safe" and not p["refused"]][: a.direction_prompts]
-    if harmless:
-        from refusal_lens.chat import encode_prompt
-        from refusal_lens.circuits.nodes import make_batch
-        from refusal_lens.circuits.validate import generate
-        from refusal_lens.refusal import is_refusal
-        import datasets
-
-        loaded = loaded_fn()
-        texts = {r["prompt_id"]: r["prompt"] for r in datasets.load_from_disk(str(acts_dir / "prompts")).to_list()}
-        seqs = [encode_prompt(loaded.tokenizer, texts[p["prompt_id"]], cfg.inference.max_prompt_tokens).ids for p in harmless]
-        add = add_direction_hooks(layer, vectors[f"layer_{layer}"], a.direction_scale)
-        clean, added = [], []
-        for s in range(0, len(seqs), cfg.circuits.batch_size):
-            batch = make_batch(seqs[s : s + cfg.circuits.batch_size], list(range(s, min(s + cfg.circuits.batch_size, len(seqs)))),
-                               loaded.tokenizer.pad_token_id, site_from=0, skip_token_ids=(), window=1, device=loaded.device)
-            clean += generate(loaded, batch, cfg.inference.max_new_tokens)
-            added += generate(loaded, batch, cfg.inference.max_new_tokens, add)
-        out["interventions"]["harmless_clean"] = float(np.mean([is_refusal(t) for t in clean]))
-        out["interventions"]["harmless_direction_added"] = float(np.mean([is_refusal(t) for t in added]))
-        out["interventions"]["n_harmless_prompts"] = len(harmless)
-        out["interventions"]["added_examples"] = added[:3]
-    # cosine of each pooled-circuit feature's decoder direction with the refusal direction at its layer
-    cos, decoders = [], {}
-    for key in ("toxic/all", "safe/all"):
-        if key not in groups:
-            continue
-        for node in groups[key]["nodes"]:
-            site = parse_hook_name(node["hook"])
-            if node["kind"] != "feature" or site is None or site.point != "hook_resid_post" \
-                    or f"layer_{site.layer}" not in vectors:
-                continue
-            w = _decoder(saes_dir, node["hook"], SAE, decoders)[node["feature"]]
-            r = vectors[f"layer_{site.layer}"]
-            cos.append({"circuit": key, "node": node["id"], "effect": node["effect"],
-                        "cosine": float(torch.nn.functional.cosine_similarity(w, r, dim=0))})
-    out["circuit_feature_cosines"] = cos
-    # the same for random features of those hooks: the chance level
-    rand = []
-    g = torch.Generator().manual_seed(0)
-    for hook in {c["node"].rsplit("/", 1)[0] for c in cos}:
-        site = parse_hook_name(hook)
-        w = _decoder(saes_dir, hook, SAE, decoders)
-        idx = torch.randint(0, w.shape[0], (200,), generator=g)
-        r = vectors[f"layer_{site.layer}"]
-        rand += torch.nn.functional.cosine_similarity(w[idx], r[None], dim=1).tolist()
-    out["random_feature_abs_cosine_mean"] = float(np.mean(np.abs(rand))) if rand else None
-    out["circuit_feature_abs_cosine_mean"] = float(np.mean([abs(c["cosine"]) for c in cos])) if cos else None
+    data = _data_evidence(acts, rates)
+    out: dict = {"data": data}
+    out["direction"] = {k: d_summary[k] for k in ("direction", "harmful_refused", "harmful", "harmless", "random_ablated",
+                                                   "random_added", "kl_harmless", "ce_harmless", "emergence",
+                                                   "cross_ablation_verdicts", "over_refusal")}
+    notes = []
+    n_ref = (d_summary["harmful_refused"]["clean"] or {}).get("n")
+    if (why := _underpowered(n_ref, a.min_prompts)):
+        notes.append(f"direction evaluation on refused harmful prompts: {why}")
+    if behaviour:
+        h = behaviour["headline"]
+        out["circuit_behaviour"] = {
+            "n": behaviour["n_prompts"], "clean": _rate_of(behaviour["clean"]), "direction": _rate_of(behaviour["direction"]),
+            "circuit": {k: h[k] for k in ("method", "k", "intervention", "positions", "refusal_rate", "ci", "n",
+                                          "fraction_of_direction", "coherent_rate", "incoherent_rate", "random_p_value",
+                                          "random_mean", "smallest_k_reaching_90")},
+            "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
+            "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],
+            "induction": {"clean": _rate_of(behaviour["induction"]["clean"]),
+                          "direction_actadd": _rate_of(behaviour["induction"]["direction_actadd"]),
+                          "circuits": [{"method": i["method"], "k": i["k"], **_rate_of(i)}
+                                       for i in behaviour["induction"]["curve"]],
+                          "random": {k: behaviour["induction"]["random"][k] for k in ("n", "mean", "p_value")}},
+        }
+        if (why := _underpowered(behaviour["n_prompts"], a.min_prompts)):
+            notes.append(f"circuit behaviour: {why}")
+    out["faithfulness"] = c_summary.get("faithfulness")
+    for key, v in (c_summary.get("faithfulness") or {}).items():
+        if (why := _underpowered(v["n_prompts"], a.min_prompts)):
+            notes.append(f"faithfulness of {key}: {why}")
+    out["agreement"] = c_summary.get("agreement")
+    out["agreement_prompts"] = c_summary.get("agreement_prompts")
+    out["similarity"] = {"verdicts": verdict_counts(sims),
+                         "pooled_safe_x_toxic": next((s for s in sims if s["table"] == "pooled safe x toxic"), None)}
+    insufficient = sum(1 for s in sims if s["verdict"] == "insufficient")
+    if sims and insufficient:
+        notes.append(f"circuit similarity: {insufficient} of {len(sims)} pairs are insufficient (a group with fewer than "
+                     f"{a.min_prompts} refused test prompts)")
+    cross = (direction.get("categories") or {}).get("cross_ablation") or {}
+    n_cells = sum(1 for c in cross.get("cells", []) if c["direction"] != c["category"])
+    n_insuff = sum(1 for c in cross.get("cells", []) if c["direction"] != c["category"] and c["verdict"] == "insufficient")
+    if n_insuff:
+        notes.append(f"cross-ablation: {n_insuff} of {n_cells} cells are insufficient (fewer than {a.min_prompts} refused "
+                     "test prompts in the category, or no effect of its own direction)")
+    out["saes"] = [{k: q.get(k) for k in ("hook", "explained_variance", "ce_loss_recovered", "ce_increase", "kl_sae",
+                                          "val_explained_variance", "val_ce_loss_recovered", "passes",
+                                          "distinct_train_rows")} for q in quality]
+    out["underpowered"] = notes
     return out
 
 
-def _decoder(saes_dir: Path, hook: str, sae_cls, cache: dict) -> torch.Tensor:
-    if hook not in cache:
-        cache[hook] = sae_cls.load_from_disk(str(saes_dir / hook), device="cpu").W_dec.detach().float()
-    return cache[hook]
+def _rate_of(s: dict) -> dict:
+    return {k: s.get(k) for k in ("n", "refusal_rate", "ci", "incoherent_rate")}
 
 
-def _top_features(cfg, groups, acts_dir, saes_dir, loaded_fn) -> dict:
-    """For the pooled circuits' top features: the prompt tokens (any prompt) where they fire most."""
+def headline_table(s: dict) -> dict:
+    """The report's summary: the evidence on test prompts, one line each."""
+    d, data = s["direction"], s["data"]
+    out = {}
+    auroc = (data.get("score_auroc") or {}).get("test") or {}
+    out["refusal score vs judge (test)"] = (f"AUROC {auroc.get('auroc', float('nan')):.3f} "
+                                            f"({auroc.get('n_refused')} refused, {auroc.get('n_complied')} complied)")
+    for label, r in (data.get("refusal_test") or {}).items():
+        out[f"{label} refused (test)"] = fmt_rate(r)
+    out["direction"] = f"{d['direction']['hook']}, position {d['direction']['position']}"
+    hr = d["harmful_refused"]
+    out["refused harmful: clean -> ablated -> ActAdd(-r)"] = " -> ".join(fmt_rate(hr[k]) for k in
+                                                                           ("clean", "ablated", "actadd_minus"))
+    out["harmless: clean -> ActAdd(+r)"] = " -> ".join(fmt_rate(d["harmless"][k]) for k in ("clean", "actadd_plus"))
+    ra = d["random_ablated"]
+    if ra.get("n"):
+        out["random directions ablated"] = f"mean {ra['mean']:.0%} (5-95%: {ra['q05']:.0%}-{ra['q95']:.0%}, n={ra['n']}); " \
+                                           f"p = {ra['p_value']:.3f}"
+    if d["kl_harmless"].get("mean") is not None:
+        out["KL on harmless under ablation"] = f"{d['kl_harmless']['mean']:.4f} [{d['kl_harmless']['ci'][0]:.4f}, " \
+                                               f"{d['kl_harmless']['ci'][1]:.4f}] (n={d['kl_harmless']['n']})"
+    b = s.get("circuit_behaviour")
+    if b:
+        c = b["circuit"]
+        out["circuit: clean / circuit / random / direction"] = (
+            f"{fmt_rate(b['clean'])} / {fmt_rate(c)} / mean {b['random']['mean']:.0%} (p = {b['random']['p_value']:.3f}, "
+            f"{b['random']['n']} sets) / {fmt_rate(b['direction'])}")
+        frac = c["fraction_of_direction"]
+        out[f"circuit ({c['method']}, K={c['k']}, {c['intervention']}): share of the direction's effect"] = (
+            f"{frac:.0%}" if frac is not None else "-") + f"; coherent {c['coherent_rate']:.0%}; smallest K reaching 90%: " \
+                                                           f"{c['smallest_k_reaching_90']}"
+    for key, v in (s.get("faithfulness") or {}).items():
+        pts = "; ".join(f"{p['size']}: {_f(p['faithfulness'])} (random {_f(p['random_faithfulness_mean'])}, p="
+                        f"{_f(p['faithfulness_p'], '.3f')})" for p in v["points"])
+        out[f"faithfulness {key} (n={v['n_prompts']})"] = pts
+    for m, v in (s.get("agreement") or {}).items():
+        st = v["strata"]
+        out[f"agreement {m} vs exact (Pearson; n pairs)"] = ", ".join(
+            f"{k} {_f(st[k].get('pearson'))} ({st[k].get('n', 0)})" for k in ("error", "top", "random"))
+    out["circuit similarity verdicts"] = "; ".join(f"{t}: " + ", ".join(f"{n} {v}" for v, n in c.items() if n)
+                                                   for t, c in s["similarity"]["verdicts"].items()) or "-"
+    for note in s["underpowered"]:
+        out.setdefault("underpowered", "")
+        out["underpowered"] = (out["underpowered"] + "; " if out["underpowered"] else "") + note
+    return out
+
+
+def _f(v, fmt=".2f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
+
+
+# --------------------------------------------------------------------------------------------
+# Top features, other runs
+# --------------------------------------------------------------------------------------------
+
+
+def _top_features(cfg, groups, acts_dir: Path, saes_dir: Path, loaded_fn) -> dict:
+    """For the pooled circuits' top promoting features: the prompt tokens (any prompt) where they fire most."""
     from sae_lens import SAE
 
     a = cfg.analysis
     tok = loaded_fn().tokenizer
     wanted: dict[str, set[int]] = {}
     for key in ("toxic/all", "safe/all"):
-        if key in groups:
-            for node in [n for n in groups[key]["nodes"] if n["kind"] == "feature"][: a.top_features]:
-                wanted.setdefault(node["hook"], set()).add(node["feature"])
+        for node in (groups.get(key) or {}).get("promoting", [])[: a.top_features]:
+            wanted.setdefault(node["hook"], set()).add(node["feature"])
     examples: dict[str, list] = {}
     for hook, feats in wanted.items():
         acts = HookActivations(acts_dir / hook)
@@ -355,137 +341,185 @@ def _top_features(cfg, groups, acts_dir, saes_dir, loaded_fn) -> dict:
         for r in rows:
             by_prompt.setdefault(acts.prompt_ids[r], {})[int(acts.positions[r])] = int(acts.token_ids[r])
         for f in feats:
-            top = sorted(best[f], reverse=True)[: a.top_examples]
             out = []
-            for v, r in top:
+            for v, r in sorted(best[f], reverse=True)[: a.top_examples]:
                 pid, pos = acts.prompt_ids[r], int(acts.positions[r])
                 toks = by_prompt[pid]
                 left = "".join(tok.decode([toks[p]]) for p in range(pos - 8, pos) if p in toks)
                 out.append({"prompt_id": pid, "category": acts.categories[r], "label": acts.labels[r],
                             "activation": v, "token": tok.decode([toks[pos]]), "context": left})
             examples[f"{hook}/{f}"] = out
-    result = {}
-    for key in ("toxic/all", "safe/all"):
-        if key in groups:
-            result[key] = [{"node": n["id"], "effect": n["effect"], "ci": [n["ci_low"], n["ci_high"]],
-                            "examples": examples.get(n["id"], [])}
-                           for n in [n for n in groups[key]["nodes"] if n["kind"] == "feature"][: a.top_features]]
-    return result
-
-
-def _over_refusal(groups, means, effects, prompts, hooks, sizes, k) -> dict:
-    """Safe prompts the model refuses: their top nodes, and how close they are to the toxic circuit."""
-    over_rows = np.asarray([p["index"] for p in prompts if p["label"] == "safe" and p["refused"]
-                            and p["metric_clean"] is not None])
-    if len(over_rows) == 0:
-        return {"n_prompts": 0}
-    mean = effects[over_rows].mean(0)
-    offsets = np.cumsum([0, *sizes])
-    order = np.argsort(-np.abs(mean))[:k]
-    nodes = []
-    for i in order[:15]:
-        h = int(np.searchsorted(offsets, i, side="right") - 1)
-        local = int(i - offsets[h])
-        nodes.append({"node": f"{hooks[h]}/{'err' if local == sizes[h] - 1 else local}", "effect": float(mean[i])})
-    out = {"n_prompts": int(len(over_rows)), "top_nodes": nodes}
-    if "toxic/all" in means:
-        out["similarity_to_toxic"] = similarity(mean, means["toxic/all"], k)
-        tox = {n["id"] for n in groups["toxic/all"]["nodes"]}
-        out["shared_with_toxic_circuit"] = [n["node"] for n in nodes if n["node"] in tox]
-    return out
+    return {key: [{"node": n["id"], "effect_test": n["effect_test"], "ci": [n["ci_low"], n["ci_high"]],
+                   "cosine": n["cosine_with_direction"], "examples": examples.get(n["id"], [])}
+                  for n in (groups.get(key) or {}).get("promoting", [])[: a.top_features]]
+            for key in ("toxic/all", "safe/all") if key in groups}
 
 
 def _compare_runs(run_dir: Path) -> list[dict]:
     rows = []
-    for other in sorted(p for p in run_dir.parent.iterdir() if (p / "circuits" / "summary.json").is_file()):
-        s = json.loads((other / "circuits" / "summary.json").read_text())
-        cfg_text = (other / "circuits" / "config.yaml").read_text() if (other / "circuits" / "config.yaml").is_file() else ""
-        model = next((line.split(":", 1)[1].strip() for line in cfg_text.splitlines() if line.strip().startswith("name:")), "?")
-        rates = json.loads((other / "activations" / "refusal_rates.json").read_text()) \
-            if (other / "activations" / "refusal_rates.json").is_file() else []
-        pooled = {g["label"]: g for g in s["circuits"] if g["category"] == "all"}
-        rows.append({
-            "run": other.name, "model": model, "this run": other.resolve() == run_dir.resolve(),
-            **{f"refusal {r['label']}": r["rate"] for r in rates if r.get("category") == "ALL"},
-            "direction layer": s.get("direction_layer"), "direction AUROC": s.get("direction_auroc"),
-            **{f"agreement {m} (features)": v["features"]["pearson"] for m, v in s["agreement"].items()},
-            **{f"faithfulness {lab}": g.get("faithfulness") for lab, g in pooled.items()},
-            **{f"completeness {lab}": g.get("completeness") for lab, g in pooled.items()},
-        })
+    for other in sorted(p for p in run_dir.parent.iterdir() if (p / "analysis" / "summary.json").is_file()
+                        or p.resolve() == run_dir.resolve()):
+        path = other / "analysis" / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        d = s.get("direction", {})
+        b = s.get("circuit_behaviour") or {}
+        rows.append({"run": other.name, "model": s.get("model"), "this run": other.resolve() == run_dir.resolve(),
+                     "direction": (d.get("direction") or {}).get("hook"),
+                     "refused harmful ablated": ((d.get("harmful_refused") or {}).get("ablated") or {}).get("refusal_rate"),
+                     "circuit share of direction": (b.get("circuit") or {}).get("fraction_of_direction")})
     return rows
 
 
-def _sections(summary, figs, emerg, sims, verdicts, pooled, direction, top, over, comparison, c_summary, quality,
-              rates, cfg) -> list[Section]:
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def _sections(summary, figs, rates, quality, direction, behaviour, faithfulness, agreement, sims, top, comparison,
+              cfg) -> list[Section]:
     a = cfg.analysis
     fig = {name: FigureItem(name, f, cap) for name, (f, cap) in figs.items()}
-    secs = [
-        Section("overview", "Model, prompts and SAEs",
-                intro_html="<p>Refusal is judged by the keyword rule on greedy responses; safe prompts refused are "
-                           "over-refusals. SAEs are judged on held-out prompts.</p>",
-                figures=[fig[n] for n in ("refusal_rates", "sae_quality") if n in fig],
-                tables=[Table("Refusal rates", ["label", "category", "refused", "n", "rate"], rates),
-                        Table("SAE quality (held-out)", ["hook", "explained_variance", "ce_loss_recovered", "kl_sae", "l0",
-                                                         "dead_fraction", "passes"], quality)]),
-        Section("validation", "Validation of the circuits by intervention",
-                intro_html=f"<p>Node effects by {c_summary['method'].upper()} (error nodes: {c_summary.get('error_nodes')}) "
-                           f"against exact activation patching; faithfulness = (m(C) - m(empty)) / (m(model) - m(empty)), "
-                           "completeness = share of the metric removed by ablating C; behaviour = greedy generation with "
-                           "the circuit's features ablated.</p>",
-                figures=[fig[n] for n in ("agreement", "faithfulness", "behaviour") if n in fig],
-                tables=[Table("Agreement with exact patching", ["method", "nodes", "pearson", "spearman", "n"],
-                              [{"method": m, "nodes": kind, **v[kind]} for m, v in c_summary["agreement"].items()
-                               for kind in ("overall", "features", "error_nodes")]),
-                        Table("Circuits", ["label", "category", "n_prompts", "size", "gap", "faithfulness", "completeness",
-                                           "random_faithfulness", "error_nodes"], c_summary["circuits"])]),
-        Section("emergence", "Where refusal emerges",
-                intro_html=f"<p>Total |effect| of each hook's nodes (mean over a group's prompts); the emergence hook is "
-                           f"the first where the cumulative share reaches {a.emergence_share:.0%}. Residual-stream hooks "
-                           "carry overlapping information, so totals are not additive across layers.</p>",
-                figures=[fig[n] for n in ("emergence_pooled", "emergence_toxic", "emergence_safe") if n in fig],
-                tables=[Table("Emergence hook per group", ["group", "n_prompts", "emergence"],
-                              [{"group": k, "n_prompts": v["n_prompts"], "emergence": v["emergence"]["hook"]}
-                               for k, v in emerg.items()])]),
-        Section("modularity", "One mechanism or many?",
-                intro_html=f"<p>Similarity = weighted Jaccard of node effects over the union of both circuits' top "
-                           f"{a.similarity_top_k} nodes (same sign only). p = permutation test against random circuits "
-                           f"of the same size ({a.permutations} draws); CI = bootstrap over prompts ({a.bootstrap}). "
-                           f"Verdict: monolithic if similarity &ge; {a.monolithic_threshold} and p &lt; {a.alpha}; "
-                           f"partially modular if &ge; {a.partial_threshold} and p &lt; {a.alpha}; else modular; "
-                           f"insufficient below {a.min_prompts} prompts per group.</p>",
-                figures=[fig[n] for n in ("similarity_safe", "similarity_toxic", "similarity_safe_x_toxic") if n in fig],
-                tables=[Table("Verdicts", ["pair type", "monolithic", "partially modular", "modular", "insufficient",
-                                           "median_similarity"],
-                              [{"pair type": k, **v} for k, v in verdicts.items()]),
-                        Table("Pooled safe vs toxic circuit", ["similarity", "ci_low", "ci_high", "p_value"],
-                              [pooled] if pooled else []),
-                        Table("Every pair", ["pair", "a", "b", "similarity", "ci_low", "ci_high", "p_value", "n_a", "n_b",
-                                             "verdict"], sims)]),
-        Section("direction", "The refusal direction (difference in means)",
-                intro_html="<p>Arditi et al. 2024: mean(toxic) - mean(safe) at the last prompt token, per layer; AUROC "
-                           "on held-out prompts. Ablation projects it out of every write to the residual stream; "
-                           "addition adds it at the chosen layer.</p>",
-                figures=[fig[n] for n in ("direction_auroc", "direction_cosines") if n in fig],
-                tables=[Table("Interventions (refusal rate, keyword rule)", ["intervention", "value"],
-                              [{"intervention": k, "value": v} for k, v in direction.get("interventions", {}).items()
-                               if not isinstance(v, list)])]),
-        Section("features", "Top features of the pooled circuits",
-                intro_html="<p>Each feature's effect (with its bootstrap CI) and the prompt tokens where it fires most "
-                           "(from the stored activations of every prompt).</p>",
-                tables=[Table(f"{key}", ["node", "effect", "ci", "token", "context", "activation", "category", "label"],
-                              [{"node": t["node"], "effect": t["effect"], "ci": f"[{t['ci'][0]:.3g}, {t['ci'][1]:.3g}]",
-                                **({k: e[k] for k in ("token", "context", "activation", "category", "label")}
-                                   if (e := (t["examples"][:1] or [None])[0]) else {})}
-                               for t in rows]) for key, rows in top.items()]),
-        Section("over_refusal", "Over-refusal",
-                intro_html=f"<p>Safe prompts the model refuses ({over.get('n_prompts', 0)}): the nodes that drive the "
-                           f"refusal score there, and their similarity to the pooled toxic circuit "
-                           f"({over.get('similarity_to_toxic', float('nan')):.3f}).</p>",
-                tables=[Table("Top nodes on over-refused safe prompts", ["node", "effect"], over.get("top_nodes", []))],
-                notes=[f"shared with the toxic circuit: {', '.join(over.get('shared_with_toxic_circuit', [])) or 'none'}"]),
-    ]
+
+    def figs_of(*names):
+        return [fig[n] for n in names if n in fig]
+
+    ev = direction.get("evaluation") or {}
+    cond = ev.get("conditions", {})
+    direction_rows = [{"prompts": k.split("/")[0], "condition": k.split("/")[1], "n": v["n"],
+                       "refusal rate": v["refusal_rate"], "95% CI": _ci(v["ci"]), "incoherent": v["incoherent_rate"]}
+                      for k, v in cond.items()]
+    secs = [Section(
+        "evidence", "Evidence (test split)",
+        intro_html="<p>The split into discovery / validation / test is made once by the collect stage (stratified by "
+                   "label x category x refused). Directions and circuits are fitted on discovery, every choice is made "
+                   "on validation, and every number here is measured on test. Rates carry Wilson 95% intervals, means "
+                   f"bootstrap intervals over prompts. Entries below {a.min_prompts} test prompts are marked "
+                   "insufficient.</p>",
+        notes=summary["underpowered"] or ["no entry is below the power floor"])]
+    secs.append(Section(
+        "direction", "The refusal direction (Arditi et al. 2024)",
+        intro_html="<p>Candidates: difference in means of every block input at every post-instruction position "
+                   "(discovery). Selection on validation: bypass (refusal score with the direction ablated everywhere), "
+                   "induce (score of harmless prompts with it added), KL on harmless prompts; filters KL &le; "
+                   f"{cfg.direction.kl_max}, induce &gt; {cfg.direction.induce_min}, layer &lt; "
+                   f"{cfg.direction.max_layer_fraction} L; lowest bypass. Evaluation on test by greedy generation, judged "
+                   "(incoherent responses counted apart). Notes of the selection: "
+                   f"{'; '.join((direction.get('direction') or {}).get('filters', {}).get('notes', [])) or 'none'}.</p>",
+        figures=figs_of("direction_evaluation", "direction_candidates", "emergence"),
+        tables=[Table("Refusal rates on test prompts (the reference's layout)",
+                      ["prompts", "condition", "n", "refusal rate", "95% CI", "incoherent"], direction_rows),
+                Table("Random controls", ["control", "n", "mean", "q05", "q95", "p_value"],
+                      [{"control": k, **{q: ev.get(k, {}).get(q) for q in ("n", "mean", "q05", "q95", "p_value")}}
+                       for k in ("random_ablated", "random_added")]),
+                Table("KL and CE on harmless test prompts under ablation", ["measure", "value"],
+                      [{"measure": "KL (first response token)", "value": (ev.get("kl_harmless") or {}).get("mean")},
+                       {"measure": "CE clean (nats/token)", "value": (ev.get("ce_harmless") or {}).get("clean")},
+                       {"measure": "CE ablated (nats/token)", "value": (ev.get("ce_harmless") or {}).get("ablated")}])]))
+    if behaviour:
+        curve_rows = [{k: c[k] for k in ("method", "k", "intervention", "positions", "n", "refusal_rate",
+                                          "incoherent_rate", "fraction_of_direction")} | {"95% CI": _ci(c["ci"])}
+                      for c in behaviour["curve"]]
+        ind = behaviour["induction"]
+        secs.append(Section(
+            "circuits", "Refusal circuits: behaviour on test prompts",
+            intro_html="<p>Refusal-promoting SAE features (ranked on discovery by each selection method) ablated while "
+                       "the model answers the refused toxic test prompts; against matched random feature sets and the "
+                       "refusal direction. fraction_of_direction = (clean - circuit) / (clean - direction). Induction: "
+                       "the promoting features set to their refused-prompt means on harmless test prompts.</p>",
+            figures=figs_of("k_curve"),
+            tables=[Table("Refusal rate against K", ["method", "k", "intervention", "positions", "n", "refusal_rate",
+                                                      "95% CI", "incoherent_rate", "fraction_of_direction"], curve_rows),
+                    Table("Induction on harmless test prompts", ["condition", "n", "refusal rate", "95% CI"],
+                          [{"condition": "clean", "n": ind["clean"]["n"], "refusal rate": ind["clean"]["refusal_rate"],
+                            "95% CI": _ci(ind["clean"]["ci"])},
+                           {"condition": "direction ActAdd(+r)", "n": ind["direction_actadd"]["n"],
+                            "refusal rate": ind["direction_actadd"]["refusal_rate"],
+                            "95% CI": _ci(ind["direction_actadd"]["ci"])}]
+                          + [{"condition": f"{i['method']} K={i['k']} steered", "n": i["n"], "refusal rate": i["refusal_rate"],
+                              "95% CI": _ci(i["ci"])} for i in ind["curve"]])]))
+    secs.append(Section(
+        "validation", "Faithfulness, completeness, agreement (test prompts)",
+        intro_html="<p>Faithfulness = (m(C) - m(empty)) / (m(model) - m(empty)) with every node outside C at its class "
+                   "mean at every site after the template's opening (no unpatched site); completeness = the share removed "
+                   "by ablating C alone. Each size has random node sets of the same size. Agreement: exact patching of "
+                   "error nodes, top features by |estimate| and random active features (equal strata).</p>",
+        figures=figs_of("faithfulness", "agreement"),
+        tables=[Table("Faithfulness and completeness", ["group", "size", "faithfulness", "faithfulness_ci",
+                                                         "random_faithfulness_mean", "faithfulness_p", "completeness",
+                                                         "completeness_ci", "random_completeness_mean", "completeness_p"],
+                      [{"group": k, **{q: p.get(q) for q in ("size", "faithfulness", "random_faithfulness_mean",
+                                                               "faithfulness_p", "completeness", "random_completeness_mean",
+                                                               "completeness_p")},
+                        "faithfulness_ci": _ci(p.get("faithfulness_ci")), "completeness_ci": _ci(p.get("completeness_ci"))}
+                       for k, v in (faithfulness or {}).items() for p in v["points"]]),
+                Table("Agreement with exact patching", ["method", "stratum", "n", "pearson", "spearman", "sign_agreement",
+                                                        "median_relative_error"],
+                      [{"method": m, "stratum": s, **v["strata"][s]} for m, v in (agreement or {}).get("methods", {}).items()
+                       for s in ("error", "top", "random")]
+                      + [{"method": m, "stratum": f"hook type {t}", **x} for m, v in (agreement or {}).get("methods", {}).items()
+                         for t, x in v["by_hook_type"].items()])]))
+    cats = direction.get("categories") or {}
+    cross = cats.get("cross_ablation") or {}
+    over = direction.get("over_refusal") or {}
+    secs.append(Section(
+        "mechanisms", "One mechanism or many?",
+        intro_html="<p><b>By intervention</b>: each category's own direction (discovery) ablated, and the refusal rate "
+                   "measured on every category's refused toxic test prompts; transfer = the share of B's own ablation "
+                   f"effect that A's direction reaches (shared: its lower bound &ge; {a.shared_margin}; distinct: its upper "
+                   f"bound &lt; {a.shared_margin}). <b>By circuit similarity</b>: per-prompt test effects of two groups, a "
+                   "permutation null (prompts swapped between groups), split-half noise ceilings, normalised similarity "
+                   "with its interval, Benjamini-Hochberg across each table; shared only from positive evidence "
+                   f"(lower bound &ge; {a.shared_margin}), never from a large p-value.</p>",
+        figures=figs_of("cross_ablation", "direction_cosines", "similarity_toxic", "similarity_safe",
+                        "similarity_safe_x_toxic"),
+        tables=[Table("Cross-ablation", ["direction", "category", "n", "clean_rate", "refusal_rate", "transfer",
+                                         "transfer_ci", "verdict"],
+                      [{**c, "transfer_ci": _ci(c.get("transfer_ci"))} for c in cross.get("cells", [])]),
+                Table("Circuit similarity: verdicts", ["table", "shared", "distinct", "indeterminate", "insufficient"],
+                      [{"table": t, **c} for t, c in verdict_counts(sims).items()]),
+                Table("Circuit similarity: every pair", ["table", "a", "b", "n_a", "n_b", "normalised", "normalised_ci",
+                                                         "p_value", "q_value", "verdict", "reason"],
+                      [{**s, "normalised_ci": _ci(s.get("normalised_ci"))} for s in sims]),
+                Table("Over-refusal direction (refused safe - refused toxic) on test prompts",
+                      ["condition", "safe refused", "safe 95% CI", "toxic refused", "toxic 95% CI"],
+                      [{"condition": k, "safe refused": v["safe"]["refusal_rate"], "safe 95% CI": _ci(v["safe"]["ci"]),
+                        "toxic refused": v["toxic"]["refusal_rate"], "toxic 95% CI": _ci(v["toxic"]["ci"])}
+                       for k, v in (over.get("conditions") or {}).items()])],
+        notes=[f"categories without a direction (fewer than 2 discovery prompts): {cats.get('without_direction')}"]
+        if cats.get("without_direction") else []))
+    secs.append(Section(
+        "data", "Prompts, judge and SAEs",
+        intro_html="<p>Responses are judged refused / complied / incoherent by documented rules "
+                   "(refusal_lens/judge.py). The refusal score is the log-odds of the refusal-start tokens learned from "
+                   "the discovery responses; its AUROC against the judge is measured on test. SAE quality: test split "
+                   "(the bar on validation), CE loss recovered against mean ablation.</p>",
+        figures=figs_of("refusal_rates", "sae_quality"),
+        tables=[Table("Refusal rates by split", ["split", "label", "category", "refused", "incoherent", "n", "rate"],
+                      [r for r in rates if r["category"] == "ALL"]),
+                Table("Refusal score vs judge", ["split", "auroc", "n_refused", "n_complied"],
+                      [{"split": k, **v} for k, v in (summary["data"].get("score_auroc") or {}).items()]),
+                Table("SAE quality (test; passes = the bar on validation)", ["hook", "explained_variance",
+                                                                             "ce_loss_recovered", "ce_increase", "kl_sae",
+                                                                             "l0", "dead_fraction", "distinct_train_rows",
+                                                                             "val_explained_variance", "passes"], quality)]))
+    secs.append(Section(
+        "features", "Top promoting features of the pooled circuits",
+        intro_html="<p>Each feature's test effect (bootstrap interval over test prompts), its decoder's cosine with the "
+                   "refusal direction, and the prompt token where it fires most.</p>",
+        tables=[Table(key, ["node", "effect_test", "ci", "cosine", "token", "context", "activation", "category", "label"],
+                      [{"node": t["node"], "effect_test": t["effect_test"], "ci": _ci(t["ci"]), "cosine": t["cosine"],
+                        **({k: e[k] for k in ("token", "context", "activation", "category", "label")}
+                           if (e := (t["examples"][:1] or [None])[0]) else {})} for t in rows]) for key, rows in top.items()]))
     if comparison:
         cols = list(dict.fromkeys(k for r in comparison for k in r))
-        secs.append(Section("models", "Runs side by side", intro_html="<p>Every run in this results folder with circuits.</p>",
+        secs.append(Section("models", "Runs side by side", intro_html="<p>Every analysed run in this results folder.</p>",
                             tables=[Table("Runs", cols, comparison)]))
     return secs
+
+
+def _ci(ci: Sequence | None) -> str:
+    if not ci or ci[0] is None or ci[0] != ci[0]:
+        return "-"
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]"

@@ -1,141 +1,117 @@
-"""The nodes of a circuit: every feature of every spliced SAE, plus one error node per hook.
+"""The nodes of a circuit: every feature of every spliced SAE, and one error node per hook.
 
-A hook's SAE ``sae`` splits its input ``x`` (at one position) into features ``f = encode(x)`` and an
-error ``err = x - decode(f)``, so ``x = decode(f) + err`` exactly. Nodes are indexed hook by hook in
-the order of :attr:`NodeSpace.hooks`: ``d_sae`` feature nodes, then the error node. Node ids are
-``"<hook name>/<feature index>"`` and ``"<hook name>/err"`` (the hook name identifies the site, as
-everywhere in refusal_lens).
+A hook's SAE ``sae`` splits its input ``x`` (at one position) into features ``f = encode(x)`` and an error
+``err = x - decode(f)``, so ``x = decode(f) + err`` exactly.
 
-Nodes live only at *sites*: prompt positions the SAEs were trained on (after the chat template's
-fixed opening, not special tokens, not padding). With ``positions: per_position`` a node is also
-tied to one of the last ``window`` prompt positions (``-1`` = the last prompt token).
+**Sites** are the positions where nodes live: every position of the prompt after the chat template's
+opening (the opening is identical in every prompt, so its activations carry nothing of the prompt and
+patching it changes nothing that depends on the prompt: leaving it clean opens no bypass). Sites fall
+in *site classes*: class 0 is the prompt's content (pooled over its positions), class ``1 + j`` is
+post-instruction token ``j`` (e.g. ``<|im_end|>`` ... ``assistant\\n``), each its own class because each
+has its own statistics; generated tokens form class ``1 + P`` (used during generation only).
+
+A **feature node** is one feature at every site; its effect is measured per site class and summed (the
+per-class effects are kept, so that a feature active on every content token does not win by prompt
+length alone: see ``per_site`` in :mod:`refusal_lens.circuits.stage`). An **error node** is one hook's
+whole error term at every site. Node ids: ``"<hook>/<feature>"`` and ``"<hook>/err"`` (the hook name
+identifies the site, as everywhere in refusal_lens). Flat feature indices run hook by hook in
+:attr:`NodeSpace.hooks` order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from refusal_lens.chat import left_pad
+from refusal_lens.chat import CONTENT, GENERATED, POST
 
 ERROR = "err"
+NOT_A_SITE = -1
 
 
 @dataclass(frozen=True)
 class NodeSpace:
-    """The hooks spliced (in model order), their SAEs, and the flat node index over them."""
+    """The hooks spliced (in model order), their SAEs, and the flat feature index over them."""
 
     hooks: tuple[str, ...]
     saes: dict  # hook -> SAE-Lens SAE
-    window: int = 1  # 1 = positions summed; W = per position over the last W prompt tokens
+    n_post: int  # post-instruction tokens of the chat template
 
     @property
-    def per_position(self) -> bool:
-        return self.window > 1
+    def n_classes(self) -> int:
+        """Site classes of a prompt: content, then each post-instruction token."""
+        return 1 + self.n_post
+
+    @property
+    def generated_class(self) -> int:
+        return 1 + self.n_post
+
+    def class_names(self) -> list[str]:
+        return ["content"] + [f"post{j - self.n_post}" for j in range(self.n_post)]
 
     def d_sae(self, hook: str) -> int:
         return int(self.saes[hook].cfg.d_sae)
-
-    def size(self, hook: str) -> int:
-        """Nodes of one hook: its features plus the error node."""
-        return self.d_sae(hook) + 1
 
     def offset(self, hook: str) -> int:
         out = 0
         for h in self.hooks:
             if h == hook:
                 return out
-            out += self.size(h)
+            out += self.d_sae(h)
         raise KeyError(hook)
 
     @property
-    def n_nodes(self) -> int:
-        return sum(self.size(h) for h in self.hooks)
-
-    def node_id(self, index: int) -> str:
-        hook, local = self.locate(index)
-        return f"{hook}/{ERROR if local == self.d_sae(hook) else local}"
+    def n_features(self) -> int:
+        return sum(self.d_sae(h) for h in self.hooks)
 
     def locate(self, index: int) -> tuple[str, int]:
+        """Flat feature index -> (hook, feature)."""
         for h in self.hooks:
-            if index < self.size(h):
+            if index < self.d_sae(h):
                 return h, index
-            index -= self.size(h)
-        raise IndexError("node index out of range")
+            index -= self.d_sae(h)
+        raise IndexError("feature index out of range")
 
-    def index_of(self, node_id: str) -> int:
-        hook, _, local = node_id.rpartition("/")
-        if hook not in self.hooks:
-            raise KeyError(f"node {node_id!r}: hook {hook!r} is not spliced (hooks: {list(self.hooks)})")
-        j = self.d_sae(hook) if local == ERROR else int(local)
-        return self.offset(hook) + j
+    def feature_id(self, index: int) -> str:
+        hook, j = self.locate(index)
+        return f"{hook}/{j}"
+
+    def error_id(self, hook: str) -> str:
+        return f"{hook}/{ERROR}"
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
-        """``[..., n_nodes]`` -> hook -> ``[..., d_sae + 1]`` views."""
+        """``[..., n_features]`` -> hook -> ``[..., d_sae]`` views."""
         out, start = {}, 0
         for h in self.hooks:
-            out[h] = flat[..., start : start + self.size(h)]
-            start += self.size(h)
+            out[h] = flat[..., start : start + self.d_sae(h)]
+            start += self.d_sae(h)
+        return out
+
+    def by_hook(self, features) -> dict[str, list[int]]:
+        """Flat feature indices grouped by hook (local indices)."""
+        out: dict[str, list[int]] = {}
+        for i in features:
+            hook, j = self.locate(int(i))
+            out.setdefault(hook, []).append(j)
         return out
 
 
-@dataclass
-class PromptBatch:
-    """Left-padded prompts: ``ids``/``mask`` ``[batch, pos]`` and ``sites`` (bool ``[batch, pos]``): where
-    nodes live. The metric is read at the last column (every prompt's last token, left padding)."""
-
-    ids: Tensor
-    mask: Tensor
-    sites: Tensor
-    rows: list[int]  # indices of these prompts in the stage's prompt list
-
-    def __len__(self) -> int:
-        return len(self.rows)
+def site_classes(classes: Tensor, n_post: int) -> Tensor:
+    """Position classes (:mod:`refusal_lens.chat`) -> site classes: content 0, post-instruction ``j`` ``1 + j``,
+    generated ``1 + n_post``, and :data:`NOT_A_SITE` for the opening and padding."""
+    out = torch.full_like(classes, NOT_A_SITE)
+    out[classes == CONTENT] = 0
+    post = (classes >= POST) & (classes < POST + n_post)
+    out[post] = classes[post] - POST + 1
+    out[classes == GENERATED] = 1 + n_post
+    return out
 
 
-def make_batch(
-    sequences: Sequence[Sequence[int]],
-    rows: Sequence[int],
-    pad_id: int,
-    *,
-    site_from: int,
-    skip_token_ids: Sequence[int],
-    window: int,
-    device: torch.device | str = "cpu",
-) -> PromptBatch:
-    """Pad prompts and mark their sites: positions from ``site_from`` on (the template's shared opening
-    is not a node), not special tokens, and with ``window > 1`` only the last ``window`` tokens."""
-    ids, mask = left_pad(sequences, pad_id)
-    pos = mask.cumsum(-1) - 1
-    sites = mask.bool() & (pos >= site_from)
-    if skip_token_ids:
-        sites &= ~torch.isin(ids, torch.tensor(sorted(set(skip_token_ids)), dtype=torch.long))
-    if window > 1:
-        sites[:, : max(ids.shape[1] - window, 0)] = False
-    return PromptBatch(ids.to(device), mask.to(device), sites.to(device), list(rows))
-
-
-def node_positions(batch: PromptBatch, window: int) -> Tensor:
-    """The per-position node axis: index ``[0, window)`` of each column (``window - 1`` = last token), or
-    ``0`` everywhere when positions are summed. Columns outside the window get ``-1``."""
-    width = batch.ids.shape[1]
-    if window <= 1:
-        return torch.zeros(width, dtype=torch.long, device=batch.ids.device)
-    cols = torch.arange(width, device=batch.ids.device)
-    return torch.where(cols >= width - window, cols - (width - window), torch.full_like(cols, -1))
-
-
-def fold_positions(per_pos: Tensor, batch: PromptBatch, window: int) -> Tensor:
-    """``[batch, pos, n]`` per-column values -> ``[batch, window, n]`` node values (summed over positions
-    when ``window == 1``); values outside sites are dropped."""
-    per_pos = per_pos * batch.sites[..., None]
-    if window <= 1:
-        return per_pos.sum(1, keepdim=True)
-    width = per_pos.shape[1]
-    if width >= window:
-        return per_pos[:, width - window :]
-    pad = per_pos.new_zeros(per_pos.shape[0], window - width, per_pos.shape[2])
-    return torch.cat([pad, per_pos], 1)
+def split_nodes(sae, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x -> (f, err)`` with ``decode(f) + err == x`` (float32)."""
+    xf = x.float()
+    f = sae.encode(xf.to(sae.dtype)).float()
+    err = xf - sae.decode(f.to(sae.dtype)).float()
+    return f, err

@@ -1,22 +1,33 @@
-"""Stage 3, discover: refusal circuits over SAE features, validated by intervention.
+"""Stage 4, discover: refusal circuits over SAE features, selected on discovery, validated on test.
+
+Table of contents (each step a function of objects, returning a typed result):
+
+1. :func:`load_inputs` — the collected prompts and their split, the SAEs (the node space), the per-class
+   baselines, the refusal direction of the direction stage;
+2. :func:`attribute` — per-prompt node effects on the refusal score (AtP or IG, exact error nodes), on the
+   discovery prompts (ranking) and on the test prompts (intervals, agreement, the analysis);
+3. :func:`build_circuits` — signed circuits per label x category and pooled: refusal-promoting and
+   refusal-suppressing nodes ranked on discovery, their effects and bootstrap intervals on test;
+4. :func:`~refusal_lens.circuits.select.rankings` — the promoting features of each selection method;
+5. validation on test: :func:`validate_agreement` (exact patching, by stratum),
+   :func:`~refusal_lens.circuits.faithfulness.faithfulness_curve` (with random distributions),
+   :func:`~refusal_lens.circuits.behaviour.behaviour` (the K-curve against random sets and the direction,
+   induction);
+6. :func:`circuit_edges` — edges of the pooled circuits (discovery);
+7. :func:`write_outputs` — circuit files, ``summary.json``, figures.
 
 Output folder (``circuits/``, schema in docs/circuits.md)::
 
-    manifest.json            fingerprint (circuit settings + the SAEs), status
-    config.yaml              the resolved config
-    space.json               spliced hooks, d_sae per hook, window, metric, baseline
-    prompts.json             the prompts attributed (id, category, label, refused, clean metric)
-    effects.safetensors      per-prompt node effects [n_prompts, window, n_nodes] (+ metric_clean)
-    effects/batch-*.safetensors   per-batch shards while the pass runs (resume point; effects/ledger.json
-                             holds their size and sha256, checked before a shard is reused)
-    direction.json / directions.safetensors   refusal direction per layer (held-out AUROC, effect size)
-    <label>/<category>.json  one circuit per label and category, and <label>/all.json (pooled)
-    validation/agreement.json, faithfulness.json, behaviour.json
-    summary.json             the key numbers of every circuit
-    figures/*.html           agreement scatter, faithfulness curves, behaviour
+    manifest.json, config.yaml, space.json
+    effects/<split>.safetensors   per-prompt effects: features [n, classes, features], errors [n, hooks], metric
+    effects/<split>-batch-*.safetensors + ledger.json   per-batch shards while the pass runs (resume point)
+    prompts.json                  the attributed prompts (split, label, category, refused, clean metric)
+    <label>/<category>.json       one circuit per label and category, and <label>/all.json (pooled)
+    validation/agreement.json, faithfulness.json, behaviour.json, edges.json, responses.jsonl
+    summary.json, figures/*.html
 
-Rerunning skips finished parts (batches of the attribution pass, validation files); ``--force``
-starts over. Under torchrun the work runs on rank 0 and the other ranks wait.
+Every part is written once and skipped on rerun; ``--force`` starts over. Under torchrun the work runs on
+rank 0 and the other ranks wait.
 """
 
 from __future__ import annotations
@@ -25,9 +36,7 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,60 +47,82 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from refusal_lens import durable
-from refusal_lens.activations.store import HookActivations
-from refusal_lens.chat import encode_prompt
-from refusal_lens.circuits.attribution import (
-    ProjectionMetric,
-    RefusalScoreMetric,
-    Runner,
-    capture,
-    fixed_baseline,
-    frozen_parameters,
-    split_nodes,
-)
-from refusal_lens.circuits.build import Group, bootstrap_ci, circuit_document, node_record, ranked_nodes, select_rule
-from refusal_lens.circuits.nodes import NodeSpace, PromptBatch, make_batch
-from refusal_lens.circuits.validate import (
-    agreement,
-    group_faithfulness,
-    faithfulness_curve,
-    feature_selection,
-    generate,
-    random_features_like,
-    sample_agreement_nodes,
-)
-from refusal_lens.collect import MANIFEST, PROMPTS_DIR
-from refusal_lens.config import Config, config_to_dict, dump_config
-from refusal_lens.direction import ablate_direction_hooks, choose_layer, refusal_directions
+from refusal_lens.behaviour import ResponseAudit
+from refusal_lens.circuits.agreement import sample_features, summarise
+from refusal_lens.circuits.attribution import Runner
+from refusal_lens.circuits.baselines import ClassMeans, means_for, refused_means
+from refusal_lens.circuits.behaviour import behaviour
+from refusal_lens.circuits.faithfulness import faithfulness_curve, ranked_nodes
+from refusal_lens.circuits.nodes import ERROR, NodeSpace
+from refusal_lens.circuits.select import Ranking, decoder_cosines, promoting, rankings, suppressing
+from refusal_lens.collect import MANIFEST, Collected, load_collected
+from refusal_lens.config import Config, config_to_dict
+from refusal_lens.direction.io import SavedDirection, load_direction
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
-from refusal_lens.hooks import hook_name, hook_sort_key, parse_hook_name, resolve_layer_specs
-from refusal_lens.refusal import RefusalTokens, is_refusal
+from refusal_lens.hooks import hook_sort_key, resolve_layer_specs
+from refusal_lens.intervene import Intervener, make_batch
+from refusal_lens.stage_folder import part, prepare
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
-#: exact patching of every node is one forward pass per node: refused above this many nodes.
-EXACT_MAX_NODES = 4096
+SCHEMA_VERSION = 2
+PARTS = ("attribution (discovery)", "attribution (test)", "circuits", "agreement", "faithfulness", "behaviour",
+         "edges", "writing")
 
 
 class CircuitError(UserError, RuntimeError):
-    """Missing SAEs or activations, a bad circuit setting, or a results folder from another config."""
+    """Missing SAEs, activations or direction, a bad circuit setting, or a results folder from another config."""
 
 
 @dataclass
 class DiscoverResult:
     folder: Path
     summary: dict
-    skipped: bool = False  # the circuits were already complete
+    skipped: bool = False
+
+
+@dataclass
+class Inputs:
+    data: Collected
+    space: NodeSpace
+    means: ClassMeans
+    refused: ClassMeans
+    direction: SavedDirection
+    cosines: torch.Tensor  # [n_features] decoder cosine with the direction
+
+
+@dataclass
+class Group:
+    label: str
+    category: str  # a category, or "all"
+    rows: dict[str, list[int]]  # split -> rows of the prompts table
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}/{self.category}"
+
+
+@dataclass
+class SplitEffects:
+    rows: list[int]  # rows of the prompts table, in effect order
+    features: torch.Tensor  # [n, n_classes, n_features]
+    errors: torch.Tensor  # [n, n_hooks]
+    metric: torch.Tensor  # [n]
+
+    def of(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = {r: i for i, r in enumerate(self.rows)}
+        idx = torch.tensor([pos[r] for r in rows], dtype=torch.long)
+        return self.features[idx], self.errors[idx]
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs
+# 1. Inputs
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, what: str) -> dict | list:
+def _read_json(path: Path, what: str):
     if not path.is_file():
         raise CircuitError(f"no {what} at {path}")
     return json.loads(path.read_text())
@@ -117,26 +148,6 @@ def circuit_hooks(cfg: Config, saes_dir: Path, n_layers: int) -> list[str]:
     return sorted(passing, key=hook_sort_key)
 
 
-def _fingerprint(cfg: Config, saes_dir: Path, hooks: Sequence[str]) -> str:
-    c = config_to_dict(cfg.circuits)
-    c.pop("num_threads")
-    sae_fp = json.loads((saes_dir / MANIFEST).read_text()).get("fingerprint")
-    blob = json.dumps({"circuits": c, "hooks": list(hooks), "saes": sae_fp}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool) -> None:
-    path = out_dir / MANIFEST
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
-    if path.is_file() and json.loads(path.read_text()).get("fingerprint") != fp:
-        raise CircuitError(f"{out_dir} holds circuits from other settings or SAEs; rerun with --force to redo them, "
-                           "or set output.run_name to write elsewhere")
-    if not path.is_file():
-        durable.write_text(path, json.dumps({"fingerprint": fp, "status": "running"}, indent=2))
-        durable.write_text(out_dir / "config.yaml", dump_config(cfg))
-
-
 def load_saes(saes_dir: Path, hooks: Sequence[str], device) -> dict:
     from sae_lens import SAE
 
@@ -150,92 +161,251 @@ def load_saes(saes_dir: Path, hooks: Sequence[str], device) -> dict:
     return saes
 
 
-def prompt_groups(rows: Sequence[dict], cfg: Config) -> tuple[list[Group], list[str]]:
-    """Circuit groups (label x category, and label x all) with the configured prompt selection.
-    Returns the non-empty groups and notes on the skipped ones."""
+def load_inputs(cfg: Config, loaded, acts_dir: Path, saes_dir: Path, direction_dir: Path, hooks: Sequence[str]) -> Inputs:
+    data = load_collected(acts_dir)
+    n_post = int(data.manifest.get("post_instruction_tokens") or max(r["n_post_instruction_tokens"] for r in data.rows))
+    space = NodeSpace(tuple(hooks), load_saes(saes_dir, hooks, loaded.device), n_post)
     c = cfg.circuits
-    available = sorted({r["category"] for r in rows})
+    try:
+        means = means_for(space, acts_dir, data, c.reference, c.baseline)
+    except ValueError as err:
+        raise CircuitError(str(err)) from None
+    direction = load_direction(direction_dir)
+    return Inputs(data, space, means, refused_means(space, acts_dir, data), direction,
+                  decoder_cosines(space, direction.vector))
+
+
+def prompt_groups(data: Collected, cfg: Config) -> tuple[list[Group], list[str]]:
+    """Groups (label x category, and label x all) of the configured prompt selection, per split; notes on
+    groups left out (no discovery prompts)."""
+    c = cfg.circuits
+    available = sorted({r["category"] for r in data.rows if r["label"] in c.labels})
     for cat in c.categories:
         if cat not in available:
             raise CircuitError(f"circuits.categories: category {cat!r} has no prompts; categories in the data: {available}")
     cats = list(c.categories) or available
 
     def chosen(r: dict) -> bool:
-        return c.select == "all" or (r["refused"] if c.select == "refused" else not r["refused"])
+        return c.select == "all" or (bool(r["refused"]) if c.select == "refused" else not r["refused"])
 
     groups, skipped = [], []
     for label in c.labels:
-        pooled = [i for i, r in enumerate(rows) if r["label"] == label and r["category"] in cats and chosen(r)]
-        if not pooled:
-            raise CircuitError(f"circuits.labels: no {label} prompts left (circuits.select={c.select!r}, "
-                               f"categories {cats})")
-        groups.append(Group(label, "all", pooled))
+        rows = {s: [i for i in data.split_rows(s, label) if chosen(data.rows[i]) and data.rows[i]["category"] in cats]
+                for s in ("discovery", "test")}
+        if not rows["discovery"]:
+            skipped.append(f"{label}: no discovery prompts with circuits.select={c.select!r}")
+            continue
+        groups.append(Group(label, "all", rows))
         for cat in cats:
-            members = [i for i in pooled if rows[i]["category"] == cat]
-            if members:
-                groups.append(Group(label, cat, members))
+            sub = {s: [i for i in r if data.rows[i]["category"] == cat] for s, r in rows.items()}
+            if sub["discovery"]:
+                groups.append(Group(label, cat, sub))
             else:
-                skipped.append(f"{label}/{cat}: no prompts with circuits.select={c.select!r}")
+                skipped.append(f"{label}/{cat}: no discovery prompts with circuits.select={c.select!r}")
+    if not groups:
+        raise CircuitError(f"no discovery prompts of circuits.labels={list(c.labels)} with circuits.select={c.select!r}")
     return groups, skipped
 
 
-def part_rng(seed: int, *part: str) -> np.random.Generator:
-    """The random generator of one resumable part (agreement, a faithfulness curve, ...): its draws do not
-    depend on which other parts a resumed run skipped."""
-    return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in part)])
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
 # --------------------------------------------------------------------------------------------
-# Baselines
+# 2. Attribution
 # --------------------------------------------------------------------------------------------
 
 
-def reference_means(saes: dict, acts_dir: Path, hooks: Sequence[str], reference: set[str], prefix: int,
-                    special: Sequence[int], chunk: int = 4096) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Mean features and mean error of each hook over the reference prompts' prompt tokens (the same
-    positions as the sites: after the template's opening, no special tokens), from stored activations."""
-    out = {}
-    for h in hooks:
-        acts = HookActivations(acts_dir / h)
-        is_response = np.asarray(acts.table.column("is_response").to_pylist(), dtype=bool)
-        keep = ~is_response & (acts.positions >= prefix) & ~np.isin(acts.token_ids, np.asarray(list(special), dtype=np.int64))
-        keep &= np.fromiter((p in reference for p in acts.prompt_ids), dtype=bool, count=len(acts))
-        rows = np.flatnonzero(keep)
-        if len(rows) == 0:
-            raise CircuitError(f"{h}: no reference tokens for the mean baseline (circuits.reference)")
-        sae = saes[h]
-        sum_f = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-        sum_e = torch.zeros(acts.width, dtype=torch.float64)
-        with torch.no_grad():
-            for s in range(0, len(rows), chunk):
-                x = acts.take(rows[s : s + chunk]).to(sae.device)
-                f, err = split_nodes(sae, x, torch.ones(len(x), dtype=torch.bool, device=x.device))
-                sum_f += f.double().sum(0).cpu()
-                sum_e += err.double().sum(0).cpu()
-        out[h] = ((sum_f / len(rows)).float().to(sae.device), (sum_e / len(rows)).float().to(sae.device))
+def attribute(runner: Runner, data: Collected, rows: Sequence[int], tokenizer, cfg: Config, folder: Path, split: str,
+              show_progress: bool, status: StatusFile | None = None) -> SplitEffects:
+    """Per-prompt effects of every node on the refusal score, batch by batch (resumable, shards checked)."""
+    c = cfg.circuits
+    path = folder / f"{split}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return SplitEffects(t["rows"].tolist(), t["features"], t["errors"], t["metric"])
+    folder.mkdir(parents=True, exist_ok=True)
+    ledger = durable.Ledger(folder / "ledger.json")
+    encoded = data.encoded(tokenizer, cfg.inference.max_prompt_tokens, rows)
+    order = sorted(range(len(rows)), key=lambda i: (len(encoded[i].ids), rows[i]))
+    chunks = [order[s : s + c.batch_size] for s in range(0, len(order), c.batch_size)]
+    feats, errs, metric, done_rows = [], [], [], []
+    for bi, chunk in enumerate(tqdm(chunks, desc=f"attribution ({c.method}, {split})", disable=not show_progress)):
+        shard = folder / f"{split}-batch-{bi:04d}.safetensors"
+        batch_rows = [rows[i] for i in chunk]
+        if ledger.verified(shard):
+            t = load_file(str(shard))
+            if t["rows"].tolist() == batch_rows:
+                feats.append(t["features"]), errs.append(t["errors"]), metric.append(t["metric"])
+                done_rows += batch_rows
+                continue
+        batch = make_batch([encoded[i] for i in chunk], batch_rows, tokenizer.pad_token_id, device=runner.device)
+        m, values = runner.clean(batch)
+        eff = runner.atp(batch, values) if c.method == "atp" else runner.ig(batch, values, c.ig_steps)
+        errors = runner.exact_errors(batch, m) if c.error_nodes == "exact" else eff.errors
+        t = {"features": eff.features.detach().float().cpu().contiguous(),
+             "errors": errors.detach().float().cpu().contiguous(), "metric": m.float().cpu(),
+             "rows": torch.tensor(batch_rows)}
+        durable.save_safetensors(t, shard)
+        ledger.add(shard)
+        feats.append(t["features"]), errs.append(t["errors"]), metric.append(t["metric"])
+        done_rows += batch_rows
+    out = SplitEffects(done_rows, torch.cat(feats) if feats else torch.zeros(0), torch.cat(errs) if errs else torch.zeros(0),
+                       torch.cat(metric) if metric else torch.zeros(0))
+    durable.save_safetensors({"rows": torch.tensor(out.rows), "features": out.features.contiguous(),
+                              "errors": out.errors.contiguous(), "metric": out.metric.contiguous()}, path)
     return out
 
 
-class DirectionAblatedBaseline:
-    """Per prompt and position: node values in the run with the refusal direction ablated everywhere."""
+# --------------------------------------------------------------------------------------------
+# 3. Circuits
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, runner: Runner, n_layers: int, unit: torch.Tensor):
-        self.runner, self.hooks = runner, ablate_direction_hooks(n_layers, unit)
-        self._cache: dict[tuple, dict] = {}
 
-    def __call__(self, batch: PromptBatch, hook: str):
-        key = tuple(batch.rows)
-        if key not in self._cache:
-            xs: dict[str, torch.Tensor] = {}
-            with torch.no_grad():
-                # the ablation hooks run first; the capture then sees the ablated activation
-                self.runner.forward(batch, [*self.hooks, *capture(self.runner.space.hooks, xs)])
-            self._cache = {key: {h: split_nodes(self.runner.space.saes[h], xs[h], batch.sites) for h in xs}}
-        return self._cache[key][hook]
+def bootstrap_ci(values: torch.Tensor, n_boot: int, seed: int, level: float = 0.95) -> np.ndarray:
+    """``values`` ``[n_prompts, k]`` -> ``[k, 2]`` percentile interval of the mean over prompts resampled."""
+    n, k = values.shape
+    if n == 0:
+        return np.full((k, 2), np.nan)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)
+    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    means = counts @ values.double() / n
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    return torch.quantile(means, torch.tensor([lo, hi], dtype=torch.float64), dim=0).T.numpy()
+
+
+def _node_records(space: NodeSpace, inputs: Inputs, ranking: Ranking, test_feats: torch.Tensor, n_boot: int,
+                  seed: int) -> list[dict]:
+    feats = ranking.features
+    if not feats:
+        return []
+    cols = test_feats[:, :, feats] if len(test_feats) else torch.zeros(0, space.n_classes, len(feats))
+    totals = cols.sum(1)
+    ci = bootstrap_ci(totals, n_boot, seed)
+    out = []
+    for k, (i, score) in enumerate(zip(feats, ranking.scores)):
+        hook, j = space.locate(i)
+        per_class = cols[:, :, k].mean(0).tolist() if len(cols) else None
+        out.append({"id": space.feature_id(i), "hook": hook, "feature": j, "kind": "feature", "rank": k + 1,
+                    "effect_discovery": float(score),
+                    "effect_test": float(totals[:, k].mean()) if len(totals) else None,
+                    "ci_low": float(ci[k, 0]), "ci_high": float(ci[k, 1]),
+                    "effect_test_by_site": dict(zip(space.class_names(), per_class)) if per_class else None,
+                    "cosine_with_direction": float(inputs.cosines[i])})
+    return out
+
+
+def build_circuits(inputs: Inputs, groups: Sequence[Group], effects: dict[str, SplitEffects], cfg: Config) -> dict[str, dict]:
+    """One circuit per group: its promoting and suppressing features (ranked on discovery, ``top_k`` each)
+    with test effects and intervals, and its error nodes."""
+    c = cfg.circuits
+    space = inputs.space
+    out = {}
+    for g in groups:
+        d_feats, d_errs = effects["discovery"].of(g.rows["discovery"])
+        t_feats, t_errs = effects["test"].of(g.rows["test"]) if g.rows["test"] else (torch.zeros(0), torch.zeros(0))
+        total = d_feats.sum(1).mean(0)
+        prom, supp = promoting(total), suppressing(total)
+        prom.features, prom.scores = prom.features[: c.top_k], prom.scores[: c.top_k]
+        supp.features, supp.scores = supp.features[: c.top_k], supp.scores[: c.top_k]
+        err_d = d_errs.mean(0)
+        err_ci = bootstrap_ci(t_errs, c.bootstrap, c.seed) if len(t_errs) else np.full((len(space.hooks), 2), np.nan)
+        errors = [{"id": space.error_id(h), "hook": h, "feature": None, "kind": ERROR,
+                   "effect_discovery": float(err_d[k]),
+                   "effect_test": float(t_errs[:, k].mean()) if len(t_errs) else None,
+                   "ci_low": float(err_ci[k, 0]), "ci_high": float(err_ci[k, 1])} for k, h in enumerate(space.hooks)]
+        out[g.key] = {
+            "schema_version": SCHEMA_VERSION, "label": g.label, "category": g.category,
+            "n_prompts": {s: len(r) for s, r in g.rows.items()},
+            "prompt_ids": {s: [inputs.data.rows[i]["prompt_id"] for i in r] for s, r in g.rows.items()},
+            "metric_clean_mean": {s: float(effects[s].metric[[effects[s].rows.index(i) for i in r]].mean()) if r else None
+                                  for s, r in g.rows.items()},
+            "hooks": list(space.hooks),
+            "promoting": _node_records(space, inputs, prom, t_feats, c.bootstrap, c.seed),
+            "suppressing": _node_records(space, inputs, supp, t_feats, c.bootstrap, c.seed + 1),
+            "error_nodes": errors,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Validation on test
+# --------------------------------------------------------------------------------------------
+
+
+def _hash_order(data: Collected, rows: Sequence[int]) -> list[int]:
+    return sorted(rows, key=lambda i: hashlib.sha256(data.rows[i]["prompt_id"].encode()).hexdigest())
+
+
+def validate_agreement(runner: Runner, inputs: Inputs, rows: Sequence[int], tokenizer, cfg: Config,
+                       rng: np.random.Generator, show_progress: bool) -> dict:
+    """Exact patching against the estimators on up to ``agreement_prompts`` test prompts, by stratum."""
+    c = cfg.circuits
+    space, data = inputs.space, inputs.data
+    chosen = sorted(_hash_order(data, rows)[: c.agreement_prompts])
+    enc = data.encoded(tokenizer, cfg.inference.max_prompt_tokens, chosen)
+    batches = [make_batch(enc[s : s + c.batch_size], chosen[s : s + c.batch_size], tokenizer.pad_token_id,
+                          device=runner.device) for s in range(0, len(chosen), c.batch_size)]
+    t0 = time.perf_counter()
+    est = {m: [] for m in c.agreement_methods}
+    cleans = []
+    for b in batches:
+        m, values = runner.clean(b)
+        cleans.append(m)
+        for name in c.agreement_methods:
+            e = runner.atp(b, values) if name == "atp" else runner.ig(b, values, c.ig_steps)
+            est[name].append(e)
+    atp_feats = torch.cat([e.features for e in est[c.agreement_methods[0]]]).sum(1)  # [n, F]
+    fired = np.flatnonzero((atp_feats != 0).any(0).numpy())
+    top, rand = sample_features(space, atp_feats.mean(0).numpy(), fired, c.agreement_nodes, rng)
+    records = []
+    nodes = [("error", k) for k in range(len(space.hooks))] + [("top", i) for i in top] + [("random", i) for i in rand]
+    for stratum, i in tqdm(nodes, desc="exact patching (agreement)", disable=not show_progress):
+        exact = []
+        for b, m in zip(batches, cleans):
+            if stratum == "error":
+                edit_m = runner.exact_error(b, m, i)
+            else:
+                edit_m = runner.exact_feature(b, m, i)
+            exact.append(edit_m)
+        rec = {"stratum": stratum, "hook": space.hooks[i] if stratum == "error" else space.locate(i)[0],
+               "node": space.error_id(space.hooks[i]) if stratum == "error" else space.feature_id(i),
+               "exact": torch.cat(exact).numpy()}
+        for name in c.agreement_methods:
+            if stratum == "error":
+                rec[name] = torch.cat([e.errors[:, i] for e in est[name]]).numpy()
+            else:
+                rec[name] = torch.cat([e.features[:, :, i].sum(1) for e in est[name]]).numpy()
+        records.append(rec)
+    out = summarise(space, records, c.agreement_methods)
+    out.update({"prompt_ids": [data.rows[i]["prompt_id"] for i in chosen], "seconds": time.perf_counter() - t0,
+                "ig_steps": c.ig_steps if "ig" in c.agreement_methods else None})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Edges
+# --------------------------------------------------------------------------------------------
+
+
+def circuit_edges(runner: Runner, inputs: Inputs, circuit: dict, rows: Sequence[int], tokenizer, cfg: Config,
+                  show_progress: bool) -> list[dict]:
+    c = cfg.circuits
+    space, data = inputs.space, inputs.data
+    feats = [space.offset(n["hook"]) + n["feature"] for n in circuit["promoting"] + circuit["suppressing"]]
+    chosen = sorted(_hash_order(data, rows)[: c.edge_prompts])
+    enc = data.encoded(tokenizer, cfg.inference.max_prompt_tokens, chosen)
+    total: dict[tuple[str, str], float] = {}
+    for s in tqdm(range(0, len(chosen), c.batch_size), desc="edges", disable=not show_progress):
+        b = make_batch(enc[s : s + c.batch_size], chosen[s : s + c.batch_size], tokenizer.pad_token_id,
+                       device=runner.device)
+        _, values = runner.clean(b)
+        for u, d, w in runner.edges(b, values, feats):
+            total[(u, d)] = total.get((u, d), 0.0) + w * len(b)
+    weights = {k: v / max(len(chosen), 1) for k, v in total.items()}
+    # the bar is relative to the largest edge between two features: edges between error nodes (whole
+    # residual-stream remainders) are orders of magnitude larger and would hide the rest
+    feature_edges = [abs(v) for (u, d), v in weights.items() if not (u.endswith("/" + ERROR) or d.endswith("/" + ERROR))]
+    top = max(feature_edges or [abs(v) for v in weights.values()] or [0.0])
+    return [{"from": u, "to": d, "effect": w} for (u, d), w in sorted(weights.items(), key=lambda kv: -abs(kv[1]))
+            if top > 0 and abs(w) >= c.edge_threshold * top]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,408 +413,244 @@ class DirectionAblatedBaseline:
 # --------------------------------------------------------------------------------------------
 
 
-def run_discover_stage(cfg: Config, loaded, acts_dir: Path, saes_dir: Path, out_dir: Path, *, force: bool = False,
-                       dist: Dist = Dist(), show_progress: bool = True, status: StatusFile | None = None) -> DiscoverResult:
-    status = status if status is not None else StatusFile(None)
-    c = cfg.circuits
-    manifest = _read_json(acts_dir / MANIFEST, "activations (run `refusal-lens collect` first)")
-    if manifest.get("status") != "complete":
-        raise CircuitError(f"the activations in {acts_dir} are not finished: run `refusal-lens collect` first")
-    n_layers = int(manifest["n_layers"])
-    hooks = circuit_hooks(cfg, saes_dir, n_layers)
-    import datasets
+def _fingerprint(cfg: Config, saes_dir: Path, direction_dir: Path, hooks: Sequence[str]) -> str:
+    c = config_to_dict(cfg.circuits)
+    c.pop("num_threads")
+    sae_fp = json.loads((saes_dir / MANIFEST).read_text()).get("fingerprint")
+    dir_fp = json.loads((direction_dir / MANIFEST).read_text()).get("fingerprint") \
+        if (direction_dir / MANIFEST).is_file() else None
+    blob = json.dumps({"circuits": c, "hooks": list(hooks), "saes": sae_fp, "direction": dir_fp,
+                       "intervention_dtype": cfg.model.intervention_dtype}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    rows = datasets.load_from_disk(str(acts_dir / PROMPTS_DIR)).to_list()
-    groups, skipped = prompt_groups(rows, cfg)
-    _check_settings(cfg, manifest, saes_dir, hooks)  # before anything is written
+
+def part_rng(seed: int, *part: str) -> np.random.Generator:
+    """A generator of its own per resumable part, so that a resumed run draws what an uninterrupted one draws."""
+    digest = hashlib.sha256("\x1f".join((str(seed), *part)).encode()).hexdigest()
+    return np.random.default_rng(int(digest[:16], 16))
+
+
+def run_discover_stage(cfg: Config, loaded, acts_dir: Path, saes_dir: Path, direction_dir: Path, out_dir: Path, *,
+                       force: bool = False, dist: Dist = Dist(), show_progress: bool = True,
+                       status: StatusFile | None = None) -> DiscoverResult:
+    status = status if status is not None else StatusFile(None)
+    data = load_collected(acts_dir)
+    hooks = circuit_hooks(cfg, saes_dir, int(data.manifest["n_layers"]))
+    if not (direction_dir / "direction.json").is_file():
+        raise CircuitError(f"no refusal direction in {direction_dir}: run `refusal-lens direction` first")
+    prompt_groups(data, cfg)  # bad settings fail before anything is written
     if dist.is_main:
-        _prepare(out_dir, _fingerprint(cfg, saes_dir, hooks), cfg, force)
+        manifest = prepare(out_dir, _fingerprint(cfg, saes_dir, direction_dir, hooks), cfg, force, CircuitError, 'circuits')
     dist.barrier()
-    if json.loads((out_dir / MANIFEST).read_text()).get("status") == "complete" and (out_dir / "summary.json").is_file():
-        logger.info("circuits already complete in %s (--force redoes them)", out_dir)
-        return DiscoverResult(out_dir, json.loads((out_dir / "summary.json").read_text()), skipped=True)
     if not dist.is_main:
         dist.barrier()
         return DiscoverResult(out_dir, json.loads((out_dir / "summary.json").read_text()))
+    if manifest.get("status") == "complete" and (out_dir / "summary.json").is_file():
+        logger.info("circuits already complete in %s (--force redoes them)", out_dir)
+        return DiscoverResult(out_dir, json.loads((out_dir / "summary.json").read_text()), skipped=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(c.num_threads)
+    torch.set_num_threads(cfg.circuits.num_threads)
     try:
-        with frozen_parameters(loaded.model):
-            summary = _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, saes_dir, out_dir,
-                                show_progress, status)
+        from refusal_lens.intervene import frozen
+
+        with frozen(loaded.model):
+            summary = _discover(cfg, loaded, acts_dir, saes_dir, direction_dir, out_dir, hooks, show_progress, status)
     finally:
         torch.set_num_threads(threads)
     dist.barrier()
     return DiscoverResult(out_dir, summary)
 
 
-def _check_settings(cfg: Config, manifest: dict, saes_dir: Path, hooks: Sequence[str]) -> None:
-    c = cfg.circuits
-    window = c.window if c.positions == "per_position" else 1
-    n_nodes = sum(int(json.loads((saes_dir / h / "cfg.json").read_text())["d_sae"]) + 1 for h in hooks)
-    if c.method == "exact" and n_nodes * window > EXACT_MAX_NODES:
-        raise CircuitError(f"circuits.method='exact' needs one forward pass per node ({n_nodes * window} nodes "
-                           f"here, limit {EXACT_MAX_NODES}); use 'atp' or 'ig' and exact patching for validation")
-    layers = sorted(site.layer for site in map(parse_hook_name, manifest["hooks"])
-                    if site is not None and site.point == "hook_resid_post")
-    if not layers:
-        raise CircuitError("the refusal direction needs resid_post activations: add residual layers to "
-                           "model.activation_layers and collect again")
-    if c.direction_layer is not None and c.direction_layer not in layers:
-        raise CircuitError(f"circuits.direction_layer={c.direction_layer}: no resid_post activations there; "
-                           f"collected layers: {layers}")
-
-
-def _discover(cfg, loaded, manifest, rows, groups, skipped, hooks, acts_dir, saes_dir, out_dir, show_progress, status):
+def _discover(cfg, loaded, acts_dir, saes_dir, direction_dir, out_dir, hooks, show_progress, status) -> dict:
     c = cfg.circuits
     t_start = time.perf_counter()
-    device = loaded.device
-    n_layers = int(manifest["n_layers"])
-    saes = load_saes(saes_dir, hooks, device)
-    window = c.window if c.positions == "per_position" else 1
-    space = NodeSpace(tuple(hooks), saes, window)
-    from refusal_lens.saes.stage import template_prefix
+    tok = loaded.tokenizer
+    status.progress(0, len(PARTS), "part")
 
-    prefix = 0
-    if cfg.sae.exclude_template_prefix:  # the SAEs never saw the template's shared opening: no nodes there
-        prefix = int(manifest.get("template_prefix_tokens",
-                                  template_prefix(loaded, acts_dir, cfg.inference.max_prompt_tokens)))
-    special = list(loaded.tokenizer.all_special_ids) if cfg.sae.exclude_special_tokens else []
+    def done(k: int) -> None:
+        status.progress(k + 1)
+        if k + 1 < len(PARTS):
+            status.set(message=f"discover: {PARTS[k + 1]}")
 
-    # refusal direction (from stored activations; no model run)
-    directions = refusal_directions(acts_dir, manifest["hooks"], cfg.sae.heldout_fraction)
-    layer = c.direction_layer if c.direction_layer is not None else choose_layer(directions, n_layers)
-    unit = directions[layer].unit.to(device)
-    durable.write_text(out_dir / "direction.json", json.dumps(
-        {"layer": layer, "chosen_by": "config" if c.direction_layer is not None
-         else "held-out AUROC, then effect size, among layers [n/4, 3n/4)",
-         "layers": [d.summary() for d in directions.values()]}, indent=2))
-    durable.save_safetensors({f"layer_{k}": d.direction.contiguous() for k, d in directions.items()}, out_dir / "directions.safetensors")
+    status.set(message=f"discover: {PARTS[0]}")
+    inputs = load_inputs(cfg, loaded, acts_dir, saes_dir, direction_dir, hooks)
+    space, data = inputs.space, inputs.data
+    groups, skipped = prompt_groups(data, cfg)
+    durable.write_json(out_dir / "space.json", {
+        "hooks": list(space.hooks), "d_sae": {h: space.d_sae(h) for h in space.hooks}, "n_features": space.n_features,
+        "site_classes": space.class_names(), "method": c.method, "baseline": c.baseline, "reference": c.reference,
+        "error_nodes": c.error_nodes, "direction": inputs.direction.info["hook"],
+        "reference_tokens": {h: inputs.means.counts[h] for h in space.hooks}})
+    runner = Runner(loaded.model, space, data.tokens, inputs.means, c.baseline)
 
-    metric = (RefusalScoreMetric(RefusalTokens.from_dict(manifest["refusal_tokens"])) if c.metric == "refusal_score"
-              else ProjectionMetric(hook_name("residuals", layer), unit))
-    runner = Runner(loaded.model, space, metric)
-
-    # baseline
-    if c.baseline == "direction_ablated":
-        base = DirectionAblatedBaseline(runner, n_layers=int(manifest["n_layers"]), unit=unit)
-    else:
-        if c.reference == "safe_complied":
-            reference = {r["prompt_id"] for r in rows if r["label"] == "safe" and not r["refused"]}
-        elif c.reference == "safe":
-            reference = {r["prompt_id"] for r in rows if r["label"] == "safe"}
-        else:
-            reference = {r["prompt_id"] for r in rows}
-        if not reference:
-            raise CircuitError(f"circuits.reference={c.reference!r}: no such prompts for the mean baseline")
-        means = reference_means(saes, acts_dir, hooks, reference, prefix, special)
-        if c.baseline == "zero":
-            means = {h: (torch.zeros_like(f), torch.zeros_like(e)) for h, (f, e) in means.items()}
-        base = fixed_baseline(means)
-
-    # prompts -> batches (by length, to pad little)
-    seqs = [encode_prompt(loaded.tokenizer, r["prompt"], cfg.inference.max_prompt_tokens).ids for r in rows]
-    wanted = sorted({i for g in groups for i in g.rows})
-    pad = loaded.tokenizer.pad_token_id
-
-    def batches_of(idx: Sequence[int]) -> list[PromptBatch]:
-        idx = sorted(idx, key=lambda i: (len(seqs[i]), i))
-        return [make_batch([seqs[i] for i in idx[s : s + c.batch_size]], idx[s : s + c.batch_size], pad,
-                           site_from=prefix, skip_token_ids=special, window=window, device=device)
-                for s in range(0, len(idx), c.batch_size)]
-
-    durable.write_text(out_dir / "space.json", json.dumps({
-        "hooks": list(hooks), "d_sae": {h: space.d_sae(h) for h in hooks}, "window": window, "n_nodes": space.n_nodes,
-        "metric": c.metric, "baseline": c.baseline, "reference": c.reference, "method": c.method,
-        "direction_layer": layer, "site_from": prefix}, indent=2))
-
-    # ---- 1. the attribution pass, batch by batch (resumable)
-    batches = batches_of(wanted)
-    shard_dir = out_dir / "effects"
-    shard_dir.mkdir(exist_ok=True)
-    ledger = durable.Ledger(shard_dir / "ledger.json")  # size and sha256 of each finished batch (the resume check)
-    # progress: one step per attribution batch, then the validation parts
-    parts = ["agreement with exact patching", "faithfulness", "edges", "behaviour (generation)", "writing circuits"]
-    n_steps = len(batches) + len(parts)
-
-    def part_done(k: int) -> None:
-        status.progress(len(batches) + k + 1, n_steps)
-        if k + 1 < len(parts):
-            status.set(message=f"discover: {parts[k + 1]}")
-
-    status.progress(0, n_steps, "step")
-    status.set(message=f"discover: attribution ({c.method}) of {len(wanted)} prompts in {len(batches)} batches")
-    effects = torch.zeros(len(rows), window, space.n_nodes)
-    m_clean = torch.full((len(rows),), float("nan"))
-    for bi, batch in enumerate(tqdm(batches, desc=f"attribution ({c.method})", disable=not show_progress)):
-        shard = shard_dir / f"batch-{bi:04d}.safetensors"
-        if ledger.verified(shard):
-            data = load_file(str(shard))
-            if data["rows"].tolist() == batch.rows:
-                effects[batch.rows], m_clean[batch.rows] = data["effects"], data["metric_clean"]
-                status.progress(bi + 1)
-                continue
-        m, values = runner.clean(batch)
-        if c.method == "atp":
-            eff = runner.atp(batch, values, base)
-        elif c.method == "ig":
-            eff = runner.ig(batch, values, base, c.ig_steps)
-        else:
-            all_nodes = [(s, i) for s in range(window) for i in range(space.n_nodes)]
-            eff = runner.exact(batch, base, all_nodes, m).reshape(len(batch), window, space.n_nodes)
-        if c.error_nodes == "exact" and c.method != "exact":
-            eff = runner.exact_error_nodes(batch, base, eff, m)
-        eff = eff.detach().float().cpu()
-        durable.save_safetensors({"effects": eff.contiguous(), "metric_clean": m.float().cpu(),
-                                  "rows": torch.tensor(batch.rows)}, shard)
-        ledger.add(shard)
-        effects[batch.rows], m_clean[batch.rows] = eff, m.float().cpu()
-        status.progress(bi + 1)
-    durable.save_safetensors({"effects": effects.contiguous(), "metric_clean": m_clean}, out_dir / "effects.safetensors")
+    # ---- 2. attribution: discovery (ranking) and test (intervals, agreement, analysis)
+    pooled = {g.label: g for g in groups if g.category == "all"}
+    effects = {}
+    for k, split in enumerate(("discovery", "test")):
+        rows = sorted({i for g in pooled.values() for i in g.rows[split]})
+        effects[split] = attribute(runner, data, rows, tok, cfg, out_dir / "effects", split, show_progress, status)
+        done(k)
     t_attr = time.perf_counter() - t_start
-    attributed = set(wanted)
-    durable.write_text(out_dir / "prompts.json", json.dumps([
-        {"index": i, "prompt_id": r["prompt_id"], "category": r["category"], "label": r["label"],
+    durable.write_json(out_dir / "prompts.json", [
+        {"index": i, "prompt_id": r["prompt_id"], "split": r["split"], "category": r["category"], "label": r["label"],
          "refused": bool(r["refused"]), "refusal_score": r["refusal_score"],
-         "metric_clean": float(m_clean[i]) if i in attributed else None} for i, r in enumerate(rows)], indent=1))
+         "n_content_tokens": r["n_prompt_tokens"] - r["n_opening_tokens"] - r["n_post_instruction_tokens"]}
+        for i, r in enumerate(data.rows) if i in set(effects["discovery"].rows) | set(effects["test"].rows)], indent=1)
 
-    val_dir = out_dir / "validation"
-    val_dir.mkdir(exist_ok=True)
+    # ---- 3-4. circuits and the selection methods' rankings
+    circuits = build_circuits(inputs, groups, effects, cfg)
+    toxic = pooled.get("toxic") or next(iter(pooled.values()))
+    d_feats, _ = effects["discovery"].of(toxic.rows["discovery"])
+    ranks = rankings(space, d_feats.sum(1).mean(0), inputs.direction.vector, c.cosine_preselect, c.methods)
+    done(2)
 
-    # ---- 2. agreement with exact patching
-    agree_path = val_dir / "agreement.json"
-    if not agree_path.is_file():
-        rng = part_rng(c.seed, "agreement")
-        t0 = time.perf_counter()
-        by_label = {lab: [i for i in wanted if rows[i]["label"] == lab] for lab in c.labels}
-        sample: list[int] = []
-        for lab in c.labels:
-            pool = by_label[lab]
-            take = min(len(pool), max(1, c.agreement_prompts // len(c.labels)))
-            sample += [int(i) for i in rng.choice(pool, size=take, replace=False)]
-        sample_batches = batches_of(sample)
-        est = {"atp": [], "ig": []}
-        cleans = []
-        for b in sample_batches:
-            m, values = runner.clean(b)
-            cleans.append((b, m))
-            est["atp"].append(runner.atp(b, values, base).detach())
-            est["ig"].append(runner.ig(b, values, base, c.ig_steps).detach())
-        atp_mean = torch.cat(est["atp"]).mean(0)
-        nodes = sample_agreement_nodes(space, atp_mean, c.agreement_nodes, rng)
-        exact = torch.cat([runner.exact(b, base, nodes, m) for b, m in tqdm(
-            cleans, desc="exact patching (agreement)", disable=not show_progress)]).mean(0).cpu().numpy()
-        estimates = {name: torch.cat(v).mean(0)[[s for s, _ in nodes], [i for _, i in nodes]].cpu().numpy()
-                     for name, v in est.items()}
-        result = agreement(space, nodes, exact, estimates)
-        result.update({"n_prompts": len(sample), "ig_steps": c.ig_steps, "seconds": time.perf_counter() - t0})
-        durable.write_text(agree_path, json.dumps(result, indent=2))
-    agree = json.loads(agree_path.read_text())
-    part_done(0)
+    # ---- 5. validation on test
+    val = out_dir / "validation"
+    val.mkdir(exist_ok=True)
+    test_rows = toxic.rows["test"]
+    agree = None
+    if test_rows:
+        agree = part(val / "agreement.json", lambda: validate_agreement(
+            runner, inputs, test_rows, tok, cfg, part_rng(c.seed, "agreement"), show_progress))
+    done(3)
+    fast = Intervener(loaded, c.intervention_batch_size)
 
-    # ---- 3. circuits per group; faithfulness curves of the pooled circuits; every circuit's faithfulness
-    group_means = {g.key: effects[g.rows].mean(0) for g in groups}
-    ranked = {g.key: ranked_nodes(group_means[g.key]) for g in groups}
-    faith_path = val_dir / "faithfulness.json"
-    faith = json.loads(faith_path.read_text()) if faith_path.is_file() else {"curves": {}, "circuits": {}}
+    def faith(g: Group) -> dict:
+        feats, errs = effects["discovery"].of(g.rows["discovery"])
+        ranked = ranked_nodes(space, feats.sum(1).mean(0), errs.mean(0))
+        chosen = sorted(_hash_order(data, g.rows["test"])[: c.faithfulness_prompts])
+        return faithfulness_curve(fast, space, inputs.means, data.tokens,
+                                  data.encoded(tok, cfg.inference.max_prompt_tokens, chosen), ranked,
+                                  c.faithfulness_sizes, c.random_controls, c.faithfulness_min_gap, c.bootstrap,
+                                  part_rng(c.seed, "faithfulness", g.key), show_progress) | {
+            "prompt_ids": [data.rows[i]["prompt_id"] for i in chosen]}
 
-    def sample(g: Group) -> list[int]:
-        if len(g.rows) <= c.faithfulness_prompts:
-            return list(g.rows)
-        return sorted(int(i) for i in np.random.default_rng(c.seed).choice(g.rows, c.faithfulness_prompts, replace=False))
+    faithfulness = part(val / "faithfulness.json",
+                         lambda: {g.key: faith(g) for g in pooled.values()
+                                  if g.rows["test"] and g.label in c.faithfulness_labels})
+    done(4)
+    max_new = c.max_new_tokens or cfg.inference.max_new_tokens
+    harmless = data.split_rows("test", "harmless", refused=False)
+    if c.behaviour_prompts is not None:
+        harmless = sorted(_hash_order(data, harmless)[: c.behaviour_prompts])
 
-    needs_curve = [g for g in groups if g.category == "all" or c.rule == "faithfulness"]
-    for g in tqdm(needs_curve, desc="faithfulness curves", disable=not show_progress):
-        if g.key not in faith["curves"]:
-            sub = sample(g)
-            faith["curves"][g.key] = faithfulness_curve(runner, batches_of(sub), base, ranked[g.key], c.faithfulness_sizes,
-                                                        c.random_controls, part_rng(c.seed, "curve", g.key),
-                                                        float(m_clean[sub].mean()),
-                                                        c.faithfulness_min_gap)
-            durable.write_text(faith_path, json.dumps(faith, indent=2))
-    circuits: dict[str, list[tuple[int, int]]] = {}
-    for g in groups:
-        if c.rule == "faithfulness":
-            pts = faith["curves"][g.key]["points"]
-            size = next((p["size"] for p in pts if (p["faithfulness"] or 0) >= c.target_faithfulness),
-                        pts[-1]["size"] if pts else 0)
-            circuits[g.key] = ranked[g.key][:size]
-        else:
-            circuits[g.key] = select_rule(ranked[g.key], group_means[g.key], c.rule, c.top_k, c.node_threshold)
-    if not faith["circuits"]:
-        # pooled circuits on their own pass (a prompt is in its label's pooled group and in its category's)
-        for pooled in (True, False):
-            part = [g for g in groups if (g.category == "all") == pooled]
-            group_of_row = {r: g.key for g in part for r in sample(g)}
-            faith["circuits"].update(group_faithfulness(
-                runner, batches_of(sorted(group_of_row)), base, group_of_row, {g.key: circuits[g.key] for g in part},
-                {g.key: ranked[g.key] for g in part}, m_clean, part_rng(c.seed, "faithfulness", str(pooled)),
-                c.faithfulness_min_gap))
-        durable.write_text(faith_path, json.dumps(faith, indent=2))
-    part_done(1)
+    val_rows = data.split_rows("validation", "toxic", refused=True)
+    if c.behaviour_prompts is not None:
+        test_rows = sorted(_hash_order(data, test_rows)[: c.behaviour_prompts])
+        val_rows = sorted(_hash_order(data, val_rows)[: c.behaviour_prompts])
 
-    # ---- 3b. edges of the pooled circuits (features of consecutive hooks)
-    edges_path = val_dir / "edges.json"
-    edges = json.loads(edges_path.read_text()) if edges_path.is_file() else {}
-    if c.edges and window == 1:
-        for g in groups:
-            if g.category != "all" or g.key in edges:
-                continue
-            sub = g.rows if len(g.rows) <= c.edge_prompts else sorted(
-                int(i) for i in np.random.default_rng(c.seed).choice(g.rows, c.edge_prompts, replace=False))
-            total: dict[tuple[int, int], float] = {}
-            for b in tqdm(batches_of(sub), desc=f"edges {g.key}", disable=not show_progress):
-                _, values = runner.clean(b)
-                for u, d, w in runner.edges(b, values, base, [i for _, i in circuits[g.key]]):
-                    total[(u, d)] = total.get((u, d), 0.0) + w * len(b)
-            weights = {k: v / len(sub) for k, v in total.items()}
-            # the bar is relative to the largest edge between two features: edges between error nodes
-            # (whole residual-stream remainders) are orders of magnitude larger and would hide the rest
-            feature_edges = [abs(v) for (u, d), v in weights.items() if not (_is_error(space, u) or _is_error(space, d))]
-            top = max(feature_edges or [abs(v) for v in weights.values()] or [0.0])
-            edges[g.key] = [{"from": space.node_id(u), "to": space.node_id(d), "effect": w}
-                            for (u, d), w in sorted(weights.items(), key=lambda kv: -abs(kv[1]))
-                            if top > 0 and abs(w) >= c.edge_threshold * top]
-            durable.write_text(edges_path, json.dumps(edges, indent=2))
+    def run_behaviour() -> dict:
+        audit = ResponseAudit(val / "responses.jsonl")
+        out = behaviour(
+            fast, space, ranks, inputs.means, inputs.refused, inputs.direction.vector, inputs.direction.layer,
+            int(data.manifest["n_layers"]), prompts=data.encoded(tok, cfg.inference.max_prompt_tokens, test_rows),
+            ids=[data.rows[i]["prompt_id"] for i in test_rows],
+            val_prompts=data.encoded(tok, cfg.inference.max_prompt_tokens, val_rows),
+            val_ids=[data.rows[i]["prompt_id"] for i in val_rows],
+            harmless=data.encoded(tok, cfg.inference.max_prompt_tokens, harmless),
+            harmless_ids=[data.rows[i]["prompt_id"] for i in harmless], ks=c.behaviour_k, headline_k=c.headline_k,
+            headline_method=c.headline_method, interventions=c.interventions, positions=c.positions,
+            scale_c=c.scale_c, random_sets=c.random_sets, induction_random_sets=c.induction_random_sets,
+            max_new_tokens=max_new, seed=int(part_rng(c.seed, "behaviour").integers(2**31)), audit=audit,
+            show_progress=show_progress)
+        audit.write()
+        return out
 
-    part_done(2)
+    behaviour_out = part(val / "behaviour.json", run_behaviour) if test_rows and val_rows else None
+    done(5)
 
-    # ---- 4. behaviour: generation with the pooled toxic circuit's features ablated
-    behaviour = _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of,
-                           part_rng(c.seed, "behaviour"), unit,
-                           int(manifest["n_layers"]), val_dir / "behaviour.json", show_progress)
+    # ---- 6. edges of the pooled circuits
+    edges = {}
+    if c.edges:
+        edges = part(val / "edges.json", lambda: {g.key: circuit_edges(runner, inputs, circuits[g.key], g.rows["discovery"],
+                                                                         tok, cfg, show_progress)
+                                                   for g in pooled.values()})
+    done(6)
 
-    part_done(3)
-
-    # ---- 5. write the circuits
-    groups_sorted = sorted(groups, key=lambda g: (g.category != "all", g.label, g.category))
-    settings = {k: v for k, v in config_to_dict(c).items() if k not in ("num_threads",)}
-    settings.update({"direction_layer": layer, "site_from": prefix})
-    summary_groups = []
-    for g in groups_sorted:
-        chosen = circuits[g.key]
-        mean = group_means[g.key]
-        ci = bootstrap_ci(effects[g.rows], chosen, c.bootstrap, c.seed)
-        nodes = [node_record(space, s, i, float(mean[s, i]), ci[k], {"rank": k + 1}) for k, (s, i) in enumerate(chosen)]
-        validation = {"faithfulness": faith["circuits"].get(g.key), "curve": faith["curves"].get(g.key),
-                      "agreement": {m: agree["methods"][m]["overall"] for m in agree["methods"]}}
-        if g.key == "toxic/all" and behaviour:
-            validation["behaviour"] = behaviour
-        doc = circuit_document(space, g, [rows[i]["prompt_id"] for i in g.rows], m_clean[g.rows].tolist(), nodes,
-                               settings, validation, edges.get(g.key))
-        path = out_dir / g.label / f"{_safe_name(g.category)}.json"
-        path.parent.mkdir(exist_ok=True)
-        durable.write_text(path, json.dumps(doc, indent=1))
-        f = faith["circuits"].get(g.key) or {}
-        summary_groups.append({"label": g.label, "category": g.category, "n_prompts": len(g.rows), "size": len(chosen),
-                               "metric_clean_mean": doc["metric_clean_mean"], "faithfulness": f.get("faithfulness"),
-                               "completeness": f.get("completeness"),
-                               "random_faithfulness": f.get("random_faithfulness"), "gap": f.get("gap"),
-                               "error_nodes": sum(1 for n in nodes if n["kind"] == "err"),
-                               "edges": len(edges.get(g.key, [])),
-                               "file": str(path.relative_to(out_dir))})
-    summary = {
-        "method": c.method, "metric": c.metric, "baseline": c.baseline, "hooks": list(hooks), "window": window,
-        "n_nodes": space.n_nodes, "n_prompts": len(wanted), "direction_layer": layer,
-        "direction_auroc": directions[layer].auroc, "attribution_seconds": t_attr,
-        "agreement": {m: {k: v[k] for k in ("overall", "features", "error_nodes", "by_hook_type")}
-                      for m, v in agree["methods"].items()},
-        "error_nodes": c.error_nodes,
-        "circuits": summary_groups, "skipped_groups": skipped, "behaviour": behaviour,
-    }
-    durable.write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    from refusal_lens.circuits.plots import write_figures
-
-    write_figures(out_dir, agree, faith, behaviour)
-    part_done(4)
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    manifest_path = out_dir / MANIFEST
-    man = json.loads(manifest_path.read_text())
-    man.update({"status": "complete", "seconds": time.perf_counter() - t_start})
-    durable.write_text(manifest_path, json.dumps(man, indent=2))
+    # ---- 7. outputs
+    summary = write_outputs(out_dir, cfg, inputs, groups, skipped, circuits, ranks, agree, faithfulness, behaviour_out,
+                            edges, t_attr)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    manifest.update({"status": "complete", "seconds": time.perf_counter() - t_start})
+    durable.write_json(out_dir / MANIFEST, manifest)  # the commit point of the stage
+    done(7)
     return summary
 
 
-def _behaviour(cfg, loaded, runner, space, base, circuits, rows, seqs, batches_of, rng, unit, n_layers, path,
-               show_progress) -> dict | None:
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def write_outputs(out_dir: Path, cfg: Config, inputs: Inputs, groups, skipped, circuits, ranks, agree, faithfulness,
+                  behaviour_out, edges, t_attr: float) -> dict:
     c = cfg.circuits
-    if c.behaviour_prompts == 0 or "toxic/all" not in circuits or c.baseline == "direction_ablated":
-        return None
-    if path.is_file():
-        return json.loads(path.read_text())
-    features = [(s, i) for s, i in circuits["toxic/all"] if space.locate(i)[1] != space.d_sae(space.locate(i)[0])]
-    refused = [i for i, r in enumerate(rows) if r["label"] == "toxic" and r["refused"]]
-    if not features or not refused:
-        return None
-    pick = sorted(int(i) for i in rng.choice(refused, size=min(c.behaviour_prompts, len(refused)), replace=False))
-    batches = batches_of(pick)
-    active = _active_features(runner, batches)
-    conditions = {"clean": lambda b: [],
-                  "circuit_features_ablated": lambda b: _edits(runner, b, base, feature_selection(runner, features)),
-                  "direction_ablated": lambda b: ablate_direction_hooks(n_layers, unit)}
-    for k in range(max(c.random_controls, 1)):
-        rand = random_features_like(space, features, active, rng)
-        conditions[f"random_features_{k}"] = (lambda sel: lambda b: _edits(runner, b, base, sel))(
-            feature_selection(runner, rand))
-    out = {"n_prompts": len(pick), "n_features": len(features), "max_new_tokens": cfg.inference.max_new_tokens,
-           "conditions": {}}
-    for name, make in tqdm(conditions.items(), desc="behaviour (generation)", disable=not show_progress):
-        texts = []
-        for b in batches:
-            texts += generate(loaded, b, cfg.inference.max_new_tokens, make(b))
-        refused_now = [is_refusal(t) for t in texts]
-        out["conditions"][name] = {"refusal_rate": float(np.mean(refused_now)), "refused": int(sum(refused_now)),
-                                   "examples": texts[:3]}
-    rand = [v["refusal_rate"] for k, v in out["conditions"].items() if k.startswith("random_features")]
-    out["random_features_refusal_rate_mean"] = float(np.mean(rand))
-    durable.write_text(path, json.dumps(out, indent=2))
-    return out
+    space = inputs.space
+    summary_groups = []
+    for g in sorted(groups, key=lambda g: (g.category != "all", g.label, g.category)):
+        doc = dict(circuits[g.key])
+        doc["settings"] = {k: v for k, v in config_to_dict(c).items() if k != "num_threads"}
+        doc["edges"] = edges.get(g.key, [])
+        doc["validation"] = {"faithfulness": (faithfulness or {}).get(g.key)}
+        if g.key == "toxic/all" and behaviour_out:
+            doc["validation"]["behaviour_headline"] = behaviour_out["headline"]
+        path = out_dir / g.label / f"{_safe_name(g.category)}.json"
+        path.parent.mkdir(exist_ok=True)
+        durable.write_json(path, doc, indent=1)
+        summary_groups.append({"label": g.label, "category": g.category, "n_discovery": len(g.rows["discovery"]),
+                               "n_test": len(g.rows["test"]), "n_promoting": len(doc["promoting"]),
+                               "n_suppressing": len(doc["suppressing"]), "file": str(path.relative_to(out_dir))})
+    summary = {
+        "method": c.method, "baseline": c.baseline, "reference": c.reference, "hooks": list(space.hooks),
+        "n_features": space.n_features, "direction": inputs.direction.info["hook"],
+        "direction_position": inputs.direction.info["position"], "attribution_seconds": t_attr,
+        "error_nodes": c.error_nodes, "circuits": summary_groups, "skipped_groups": skipped,
+        "rankings": {m: [space.feature_id(i) for i in r.top(c.headline_k)] for m, r in ranks.items()},
+        "agreement": {m: {k: v[k] for k in ("overall", "strata", "by_hook_type", "node_means")}
+                      for m, v in (agree or {}).get("methods", {}).items()},
+        "agreement_prompts": (agree or {}).get("n_prompts"),
+        "faithfulness": {k: {"gap": v["gap"], "n_prompts": v["n_prompts"], "size_reaching_half": v["size_reaching_half"],
+                             "largest_size": v["largest_size"],
+                             "points": [{q: p[q] for q in ("size", "faithfulness", "faithfulness_ci", "completeness",
+                                                          "completeness_ci", "random_faithfulness_mean",
+                                                          "random_completeness_mean", "faithfulness_p",
+                                                          "completeness_p")} for p in v["points"]]}
+                         for k, v in (faithfulness or {}).items()},
+        "behaviour": {k: behaviour_out[k] for k in ("headline", "clean", "direction", "n_prompts", "n_harmless")}
+        if behaviour_out else None,
+    }
+    durable.write_json(out_dir / "summary.json", summary)
+    from refusal_lens.circuits.plots import write_figures
 
-
-def _is_error(space: NodeSpace, index: int) -> bool:
-    hook, local = space.locate(index)
-    return local == space.d_sae(hook)
-
-
-def _edits(runner: Runner, batch: PromptBatch, base, selection: dict) -> list:
-    return [(h, runner.node_edit(batch, base, h, sel)) for h, sel in selection.items()]
-
-
-def _active_features(runner: Runner, batches: Sequence[PromptBatch]) -> dict[str, np.ndarray]:
-    """Features that fire somewhere on these prompts (random controls are drawn from them)."""
-    fired = {h: torch.zeros(runner.space.d_sae(h), dtype=torch.bool) for h in runner.space.hooks}
-    for b in batches:
-        _, values = runner.clean(b)
-        for h in runner.space.hooks:
-            fired[h] |= (values.f[h] != 0).flatten(0, 1).any(0).cpu()
-    return {h: torch.argwhere(v).flatten().numpy() for h, v in fired.items()}
+    write_figures(out_dir, agree, faithfulness, behaviour_out)
+    return summary
 
 
 def format_summary(summary: dict) -> str:
-    """The validation numbers of a discover run, as printed at the end of the stage."""
+    """The key numbers of a discover run, as printed at the end of the stage (test split)."""
     def f(v, fmt=".3f"):
         return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
 
-    lines = [f"circuits by {summary['method'].upper()} over {len(summary['hooks'])} hooks ({summary['n_nodes']} nodes), "
-             f"metric {summary['metric']}, baseline {summary['baseline']}, {summary['n_prompts']} prompts"]
-    lines.append("agreement with exact patching (node means; Pearson / Spearman):")
-    for m, v in summary["agreement"].items():
-        per_type = ", ".join(f"{t} {f(x['pearson'])}/{f(x['spearman'])}" for t, x in v["by_hook_type"].items())
-        lines.append(f"  {m:<4} all nodes {f(v['overall']['pearson'])} / {f(v['overall']['spearman'])} "
-                     f"(n={v['overall']['n']}); features {f(v['features']['pearson'])} / {f(v['features']['spearman'])}; "
-                     f"error nodes {f(v['error_nodes']['pearson'])} / {f(v['error_nodes']['spearman'])}; by hook type: {per_type}")
-    if summary.get("error_nodes") == "exact":
-        lines.append("  (circuits use exact patching for the error nodes and the estimate for features)")
-    head = (f"  {'label/category':<28}{'prompts':>8}{'nodes':>7}{'gap':>8}{'faithful':>10}{'complete':>10}{'random':>8}"
-            f"{'err':>5}")
-    lines += ["circuits (faithfulness / completeness on the group's prompts, null when the gap m(model) - m(every node "
-              "at baseline) is too small; random = a same-size random node set):", head]
-    for g in summary["circuits"]:
-        lines.append(f"  {g['label'] + '/' + g['category']:<28}{g['n_prompts']:>8}{g['size']:>7}{f(g.get('gap'), '.2f'):>8}"
-                     f"{f(g['faithfulness']):>10}"
-                     f"{f(g['completeness']):>10}{f(g['random_faithfulness']):>8}{g['error_nodes']:>5}")
+    lines = [f"circuits by {summary['method'].upper()} over {len(summary['hooks'])} hooks ({summary['n_features']} "
+             f"features + {len(summary['hooks'])} error nodes), baseline {summary['baseline']} ({summary['reference']})"]
+    for m, v in summary.get("agreement", {}).items():
+        s = v["strata"]
+        lines.append(f"agreement with exact patching ({m}, {summary.get('agreement_prompts')} test prompts; Pearson / "
+                     f"sign agreement): error nodes {f(s['error'].get('pearson'))} / {f(s['error'].get('sign_agreement'))}, "
+                     f"top {f(s['top'].get('pearson'))} / {f(s['top'].get('sign_agreement'))}, random "
+                     f"{f(s['random'].get('pearson'))} / {f(s['random'].get('sign_agreement'))}")
+    for key, v in summary.get("faithfulness", {}).items():
+        pts = ", ".join(f"{p['size']}: {f(p['faithfulness'], '.2f')} (random {f(p['random_faithfulness_mean'], '.2f')})"
+                        for p in v["points"])
+        lines.append(f"faithfulness {key} on {v['n_prompts']} test prompts (gap {f(v['gap'], '.2f')}): {pts}; "
+                     f"reaches 0.5 at {v['size_reaching_half'] or 'no size up to ' + str(v['largest_size'])}")
     b = summary.get("behaviour")
     if b:
-        rates = ", ".join(f"{k} {v['refusal_rate']:.0%}" for k, v in b["conditions"].items())
-        lines.append(f"behaviour on {b['n_prompts']} refused toxic prompts ({b['n_features']} features): {rates}")
+        h = b["headline"]
+        lines.append(
+            f"behaviour on {b['n_prompts']} refused toxic test prompts: clean {f(b['clean']['refusal_rate'], '.0%')}, "
+            f"direction ablated {f(b['direction']['refusal_rate'], '.0%')}, {h['method']} K={h['k']} ({h['intervention']}, "
+            f"{h['positions']}) {f(h['refusal_rate'], '.0%')} [{f(h['ci'][0], '.0%')}, {f(h['ci'][1], '.0%')}] = "
+            f"{f(h['fraction_of_direction'], '.0%')} of the direction's effect; random sets {f(h['random_mean'], '.0%')} "
+            f"(p = {f(h['random_p_value'])}); coherent {f(h['coherent_rate'], '.0%')}; smallest K reaching 90%: "
+            f"{h['smallest_k_reaching_90']}")
     return "\n".join(lines)

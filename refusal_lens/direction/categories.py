@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refusal_lens.behaviour import ResponseAudit, summarise
+from refusal_lens.behaviour import Condition, ResponseAudit, Runs, summarise
 from refusal_lens.chat import POST, EncodedPrompt
 from refusal_lens.direction.edits import ablation_edits, addition_edits
 from refusal_lens.hooks import hook_name
@@ -42,7 +42,7 @@ def site_activations(intervener: Intervener, prompts: Sequence[EncodedPrompt], l
                 store[row] = x[b][at[b]][0].double().cpu()
         return x
 
-    intervener.last_logits(prompts, [Edit(hook_name("resid_pre", layer), fn)])
+    intervener.last_logits(prompts, [Edit(hook_name("resid_pre", layer), fn, opening=False)])
     d = intervener.model.config.hidden_size
     return torch.stack([store[i] for i in range(len(prompts))]) if prompts else torch.zeros(0, d, dtype=torch.float64)
 
@@ -108,14 +108,20 @@ def cross_ablation(intervener: Intervener, directions: dict[str, torch.Tensor], 
                    audit: ResponseAudit, show_progress: bool = True) -> dict:
     """Rows: directions (``all`` and each category); columns: categories of the refused toxic test prompts."""
     cols = sorted(set(categories))
-    clean_texts = intervener.decode(intervener.generate(prompts, max_new_tokens))
-    audit.add("cross/clean", ids, clean_texts)
+    names = ["clean", *directions]
+    plan = [Condition("cross/clean", prompts, ids, [], {})] + [
+        Condition(f"cross/{name}", prompts, ids, ablation_edits(vec, n_layers), {}) for name, vec in directions.items()]
+    start = len(audit.rows)
+    with tqdm(total=len(plan), desc="cross-ablation", disable=not show_progress) as bar:
+        Runs(intervener, max_new_tokens, audit, bar)(plan)
+    texts_of = {name: [r["response"] for r in audit.rows[start + k * len(prompts) : start + (k + 1) * len(prompts)]]
+                for k, name in enumerate(names)}
+    clean_texts = texts_of["clean"]
     clean = np.asarray([judge(t).refused for t in clean_texts], dtype=float)
     refused: dict[str, np.ndarray] = {}
     rates: dict[str, dict[str, dict]] = {}
-    for name, vec in tqdm(directions.items(), desc="cross-ablation", disable=not show_progress):
-        texts = intervener.decode(intervener.generate(prompts, max_new_tokens, ablation_edits(vec, n_layers)))
-        audit.add(f"cross/{name}", ids, texts)
+    for name in directions:
+        texts = texts_of[name]
         refused[name] = np.asarray([judge(t).refused for t in texts], dtype=float)
         rates[name] = {c: summarise([t for t, cat in zip(texts, categories) if cat == c]) for c in cols}
     rng = np.random.default_rng(seed)
@@ -145,12 +151,12 @@ def over_refusal(intervener: Intervener, r_over: torch.Tensor, layer: int, n_lay
     """Refusal of safe and toxic test prompts: clean, ``r_over`` ablated, ``r_over`` subtracted at ``layer``."""
     conditions = {"clean": [], "ablated": ablation_edits(r_over, n_layers),
                   "subtracted": addition_edits(r_over, layer, -1.0)}
-    out = {}
-    for name, edits in tqdm(conditions.items(), desc="over-refusal", disable=not show_progress):
-        row = {}
-        for side, prompts, ids in (("safe", safe, safe_ids), ("toxic", toxic, toxic_ids)):
-            texts = intervener.decode(intervener.generate(prompts, max_new_tokens, edits))
-            audit.add(f"over_refusal/{name}/{side}", ids, texts)
-            row[side] = summarise(texts)
-        out[name] = row
+    plan = [Condition(f"over_refusal/{name}/{side}", ps, pid, edits, {})
+            for name, edits in conditions.items() for side, ps, pid in (("safe", safe, safe_ids), ("toxic", toxic, toxic_ids))]
+    with tqdm(total=len(plan), desc="over-refusal", disable=not show_progress) as bar:
+        summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
+    out: dict = {}
+    for c, s in zip(plan, summaries):
+        _, name, side = c.name.split("/")
+        out.setdefault(name, {})[side] = s
     return out

@@ -58,4 +58,4 @@ def capture_post_instruction(layers: Sequence[int], n_post: int, sums: Tensor) -
 
         return fn
 
-    return [Edit(hook_name("resid_pre", layer), capture(layer)) for layer in layers]
+    return [Edit(hook_name("resid_pre", layer), capture(layer), opening=False) for layer in layers]

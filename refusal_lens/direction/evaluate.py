@@ -21,18 +21,21 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_lens.analysis.stats import bootstrap_mean_ci
-from refusal_lens.behaviour import ResponseAudit, control_summary, summarise
+from refusal_lens.behaviour import Condition, ResponseAudit, Runs, control_summary, summarise
 from refusal_lens.chat import EncodedPrompt
 from refusal_lens.direction.edits import ablation_edits, addition_edits
-from refusal_lens.intervene import Edit, Intervener
+from refusal_lens.intervene import Intervener
 
 
-def generate_condition(intervener: Intervener, prompts: Sequence[EncodedPrompt], ids: Sequence[str],
-                       max_new_tokens: int, edits: Sequence[Edit], name: str, audit: ResponseAudit,
-                       **extra) -> tuple[dict, list[str]]:
-    texts = intervener.decode(intervener.generate(prompts, max_new_tokens, edits))
-    audit.add(name, ids, texts, **extra)
-    return summarise(texts), texts
+def _texts(runs: Runs, plan: Sequence[Condition], audit: ResponseAudit) -> list[list[str]]:
+    """Run ``plan`` and return each condition's judged texts (from the audit, in order)."""
+    start = len(audit.rows)
+    runs(plan)
+    out, at = [], start
+    for c in plan:
+        out.append([r["response"] for r in audit.rows[at : at + len(c.prompts)]])
+        at += len(c.prompts)
+    return out
 
 
 def random_units(d: int, n: int, seed: int) -> torch.Tensor:
@@ -45,42 +48,50 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
                        harmful: Sequence[EncodedPrompt], harmful_ids: Sequence[str], harmful_refused: Sequence[bool],
                        harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
                        harmless_responses: Sequence[Sequence[int]], max_new_tokens: int, n_random: int,
-                       n_bootstrap: int, seed: int, audit: ResponseAudit, show_progress: bool = True) -> dict:
+                       n_bootstrap: int, seed: int, audit: ResponseAudit, show_progress: bool = True,
+                       random_prompts: int | None = None) -> dict:
     """The test table; see the module docstring."""
     ablate = ablation_edits(direction, n_layers)
-    rows: dict[str, dict] = {}
+    runs = Runs(intervener, max_new_tokens, audit)
     refused_idx = [i for i, r in enumerate(harmful_refused) if r]
-    conditions = [("harmful", "clean", harmful, harmful_ids, []), ("harmful", "ablated", harmful, harmful_ids, ablate),
-                  ("harmful", "actadd_minus", harmful, harmful_ids, addition_edits(direction, layer, -1.0)),
-                  ("harmless", "clean", harmless, harmless_ids, []),
-                  ("harmless", "actadd_plus", harmless, harmless_ids, addition_edits(direction, layer, 1.0))]
-    outcomes: dict[tuple[str, str], list[str]] = {}
-    for side, name, prompts, ids, edits in tqdm(conditions, desc="direction evaluation", disable=not show_progress):
-        summary, texts = generate_condition(intervener, prompts, ids, max_new_tokens, edits, f"{side}/{name}", audit)
-        outcomes[(side, name)] = texts
-        rows[f"{side}/{name}"] = summary
+    conditions = [("harmful", "clean", []), ("harmful", "ablated", ablate),
+                  ("harmful", "actadd_minus", addition_edits(direction, layer, -1.0)),
+                  ("harmless", "clean", []), ("harmless", "actadd_plus", addition_edits(direction, layer, 1.0))]
+    sides = {"harmful": (harmful, harmful_ids), "harmless": (harmless, harmless_ids)}
+    texts_of: dict[tuple[str, str], list[str]] = {}
+    plan = [Condition(f"{side}/{name}", *sides[side], edits, {}) for side, name, edits in conditions]
+    for (side, name, _), texts in zip(conditions, _texts(runs, plan, audit)):
+        texts_of[(side, name)] = texts
+    rows: dict[str, dict] = {}
+    for (side, name), texts in texts_of.items():
+        rows[f"{side}/{name}"] = summarise(texts)
         if side == "harmful":
             rows[f"harmful_refused/{name}"] = summarise([texts[i] for i in refused_idx])
     out: dict = {"conditions": rows, "n_harmful": len(harmful), "n_harmful_refused": len(refused_idx),
                  "n_harmless": len(harmless), "layer": layer, "max_new_tokens": max_new_tokens}
 
-    # controls: random directions ablated (refused harmful), random vectors of |r| added (harmless)
-    refused_prompts = [harmful[i] for i in refused_idx]
-    refused_ids = [harmful_ids[i] for i in refused_idx]
+    # controls: random directions ablated (refused harmful), random vectors of |r| added (harmless), on up to
+    # ``random_prompts`` prompts per side; the direction's own rate on the same prompts gives its p-value
+    ctrl_h = refused_idx[:random_prompts] if random_prompts else refused_idx
+    ctrl_s = list(range(len(harmless)))[:random_prompts] if random_prompts else list(range(len(harmless)))
     units = random_units(direction.numel(), n_random, seed)
-    ablated_rates, added_rates = [], []
-    for k in tqdm(range(n_random), desc="direction random controls", disable=not show_progress or n_random == 0):
-        if refused_prompts:
-            s, _ = generate_condition(intervener, refused_prompts, refused_ids, max_new_tokens,
-                                      ablation_edits(units[k], n_layers), "harmful_refused/random_ablated", audit,
-                                      control=k)
-            ablated_rates.append(s["refusal_rate"])
-        s, _ = generate_condition(intervener, harmless, harmless_ids, max_new_tokens,
-                                  addition_edits(units[k] * direction.norm(), layer, 1.0), "harmless/random_added",
-                                  audit, control=k)
-        added_rates.append(s["refusal_rate"])
-    out["random_ablated"] = control_summary(rows["harmful_refused/ablated"]["refusal_rate"], ablated_rates, "less")
-    out["random_added"] = control_summary(rows["harmless/actadd_plus"]["refusal_rate"], added_rates, "greater")
+    plan = []
+    for k in range(n_random):
+        if ctrl_h:
+            plan.append(Condition("harmful_refused/random_ablated", [harmful[i] for i in ctrl_h],
+                                  [harmful_ids[i] for i in ctrl_h], ablation_edits(units[k], n_layers), {"control": k}))
+        plan.append(Condition("harmless/random_added", [harmless[i] for i in ctrl_s], [harmless_ids[i] for i in ctrl_s],
+                              addition_edits(units[k] * direction.norm(), layer, 1.0), {"control": k}))
+    with tqdm(total=len(plan), desc="direction random controls", disable=not show_progress or not plan) as bar:
+        summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
+    ablated_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_ablated")]
+    added_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_added")]
+    own_ablated = summarise([texts_of[("harmful", "ablated")][i] for i in ctrl_h])["refusal_rate"] if ctrl_h else float("nan")
+    own_added = summarise([texts_of[("harmless", "actadd_plus")][i] for i in ctrl_s])["refusal_rate"]
+    out["random_ablated"] = control_summary(own_ablated, ablated_rates, "less") | {"n_prompts": len(ctrl_h),
+                                                                                   "observed": own_ablated}
+    out["random_added"] = control_summary(own_added, added_rates, "greater") | {"n_prompts": len(ctrl_s),
+                                                                               "observed": own_added}
 
     # KL and CE on harmless prompts (clean responses teacher-forced), clean vs ablated
     conts = [list(r) for r in harmless_responses]

@@ -54,6 +54,8 @@ class Scored:
     bypass: float | None = None
     induce: float | None = None
     kl: float | None = None
+    norm: float = 0.0
+    degenerate: bool = False  # a zero difference in means: no direction
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,8 +141,10 @@ def exact_scores(intervener: Intervener, cands: Candidates, chosen: Sequence[Sco
 def shortlist(scored: Sequence[Scored], n_layers: int, max_layer_fraction: float, n: int | None,
               per_layer: int = 0) -> list[Scored]:
     """The candidates to measure exactly (layers passing the layer filter only): the ``per_layer`` lowest estimated
-    bypass of each layer and the ``n`` lowest overall (``n`` None = all), in order of estimated bypass."""
-    ok = sorted((s for s in scored if s.layer < max_layer_fraction * n_layers),
+    bypass of each layer and the ``n`` lowest overall (``n`` None = all), in order of estimated bypass. Degenerate
+    candidates (a zero difference: e.g. block 0's input at a template token, identical in every prompt) are left
+    out."""
+    ok = sorted((s for s in scored if s.layer < max_layer_fraction * n_layers and not s.degenerate),
                 key=lambda s: (s.bypass_estimate, s.layer, s.j))
     if n is None:
         return ok
@@ -196,7 +200,10 @@ def select_direction(intervener: Intervener, cands: Candidates, harmful: Sequenc
                      show_progress: bool = True) -> tuple[Choice, list[Scored]]:
     """Screen every candidate, measure the shortlist exactly, choose (see the module docstring)."""
     est_bypass, est_induce = linear_screen(intervener, cands, harmful, harmless, tokens, n_layers)
-    scored = [Scored(layer, j, cands.position(j), float(est_bypass[layer, j]), float(est_induce[layer, j]))
+    norms = cands.diff.norm(dim=-1)
+    tiny = 1e-6 * float(norms.max())
+    scored = [Scored(layer, j, cands.position(j), float(est_bypass[layer, j]), float(est_induce[layer, j]),
+                     norm=float(norms[layer, j]), degenerate=bool(norms[layer, j] <= tiny))
               for layer, j in cands.flat()]
     short = shortlist(scored, n_layers, max_layer_fraction, exact_candidates, exact_per_layer)
     exact_scores(intervener, cands, short, harmful, harmless, tokens, n_layers, show_progress)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from refusal_lens import durable
 from refusal_lens.behaviour import ResponseAudit
 from refusal_lens.collect import MANIFEST, Collected, load_collected
-from refusal_lens.config import Config, config_to_dict, dump_config
+from refusal_lens.config import Config, config_to_dict
 from refusal_lens.direction.candidates import Candidates, difference_in_means
 from refusal_lens.direction.categories import (
     bootstrap_cosines,
@@ -52,6 +51,7 @@ from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
 from refusal_lens.hooks import hook_name
 from refusal_lens.intervene import Intervener
+from refusal_lens.stage_folder import part, prepare
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
@@ -123,33 +123,6 @@ def _fingerprint(cfg: Config, data: Collected) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _prepare(out_dir: Path, fp: str, cfg: Config, force: bool) -> dict:
-    path = out_dir / MANIFEST
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
-    if path.is_file():
-        manifest = json.loads(path.read_text())
-        if manifest.get("fingerprint") != fp:
-            raise DirectionError(f"{out_dir} holds a direction from other settings or activations; rerun with --force "
-                                 "to redo it, or set output.run_name to write elsewhere")
-        return manifest
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"fingerprint": fp, "status": "running"}
-    durable.write_json(path, manifest)
-    durable.write_text(out_dir / "config.yaml", dump_config(cfg))
-    return manifest
-
-
-def _part(out_dir: Path, name: str, make) -> dict:
-    """The JSON of one part: read when written before, else made and written (atomically)."""
-    path = out_dir / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    durable.write_json(path, value, indent=1)
-    return value
-
-
 def run_direction_stage(cfg: Config, loaded, acts_dir: Path, out_dir: Path, *, force: bool = False,
                         dist: Dist = Dist(), show_progress: bool = True,
                         status: StatusFile | None = None) -> DirectionResult:
@@ -157,7 +130,7 @@ def run_direction_stage(cfg: Config, loaded, acts_dir: Path, out_dir: Path, *, f
     data = load_collected(acts_dir)
     contrast = contrast_sets(data, cfg.direction.selection_prompts, cfg.direction.keep)  # fails before any write
     if dist.is_main:
-        manifest = _prepare(out_dir, _fingerprint(cfg, data), cfg, force)
+        manifest = prepare(out_dir, _fingerprint(cfg, data), cfg, force, DirectionError, 'a direction')
     dist.barrier()
     if not dist.is_main:
         dist.barrier()
@@ -212,7 +185,7 @@ def _direction(cfg: Config, loaded, data: Collected, contrast: Contrast, out_dir
             n_layers, exact_candidates=c.exact_candidates, exact_per_layer=c.exact_per_layer, kl_max=c.kl_max,
             induce_min=c.induce_min,
             max_layer_fraction=c.max_layer_fraction, show_progress=show_progress)
-        _part(out_dir, "candidates", lambda: {"n_layers": n_layers, "n_post_instruction": cands.shape[1],
+        part(out_dir / "candidates.json", lambda: {"n_layers": n_layers, "n_post_instruction": cands.shape[1],
                                               "candidates": [s.to_dict() for s in scored],
                                               "screen_spearman": choice.screen_spearman})
         vector = cands.vector(choice.layer, choice.j)
@@ -233,12 +206,12 @@ def _direction(cfg: Config, loaded, data: Collected, contrast: Contrast, out_dir
     harmless_test = data.split_rows("test", "harmless")
     audit_dir = out_dir / "responses"
     status.set(message="direction: evaluation on test (generation)")
-    evaluation = _part(out_dir, "evaluation", lambda: _audited(audit_dir / "evaluation.jsonl", lambda audit: evaluate_direction(
+    evaluation = part(out_dir / "evaluation.json", lambda: _audited(audit_dir / "evaluation.jsonl", lambda audit: evaluate_direction(
         fast, saved.vector, layer, n_layers, harmful=enc(tox_test), harmful_ids=ids(tox_test),
         harmful_refused=[bool(data.rows[i]["refused"]) for i in tox_test], harmless=enc(harmless_test),
         harmless_ids=ids(harmless_test), harmless_responses=data.response_ids(tok, harmless_test),
         max_new_tokens=max_new, n_random=c.random_directions, n_bootstrap=c.bootstrap, seed=c.seed, audit=audit,
-        show_progress=show_progress)))
+        show_progress=show_progress, random_prompts=c.random_prompts)))
     status.progress(3)
 
     # ---- 5. per-category directions and cross-ablation (directions: discovery; ablation: test)
@@ -246,7 +219,7 @@ def _direction(cfg: Config, loaded, data: Collected, contrast: Contrast, out_dir
     categories = {}
     if c.per_category:
         status.set(message="direction: per-category directions and the cross-ablation matrix")
-        categories = _part(out_dir, "categories", lambda: _audited(audit_dir / "categories.jsonl", lambda audit: _categories(
+        categories = part(out_dir / "categories.json", lambda: _audited(audit_dir / "categories.jsonl", lambda audit: _categories(
             cfg, fast, precise, data, contrast, saved.vector, layer, j, n_layers, refused_tox_test, max_new, audit,
             show_progress)))
     status.progress(4)
@@ -255,13 +228,13 @@ def _direction(cfg: Config, loaded, data: Collected, contrast: Contrast, out_dir
     over = {}
     if c.over_refusal:
         status.set(message="direction: the over-refusal direction")
-        over = _part(out_dir, "over_refusal", lambda: _audited(audit_dir / "over_refusal.jsonl", lambda audit: _over_refusal(
+        over = part(out_dir / "over_refusal.json", lambda: _audited(audit_dir / "over_refusal.jsonl", lambda audit: _over_refusal(
             cfg, fast, precise, data, layer, j, n_layers, max_new, audit, show_progress)))
     status.progress(5)
 
     # ---- 7. emergence (test)
     status.set(message="direction: emergence by intervention")
-    emergence = _part(out_dir, "emergence", lambda: emergence_curve(
+    emergence = part(out_dir / "emergence.json", lambda: emergence_curve(
         fast, saved.vector, n_layers, {"toxic_refused": enc(refused_tox_test),
                                        "safe_refused": enc(data.split_rows("test", "safe", refused=True))},
         data.tokens, c.emergence_stride, c.bootstrap, c.seed, show_progress))
@@ -294,7 +267,7 @@ def _categories(cfg, fast, precise, data, contrast, global_vec, layer, j, n_laye
     harmless = site_activations(precise, data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens,
                                                       contrast.harmless["discovery"]), layer, j)
     by_cat: dict[str, list[int]] = {}
-    for i in contrast.harmful["discovery"]:
+    for i in data.split_rows("discovery", "toxic", refused=True):  # the model's refusals of each category
         by_cat.setdefault(data.rows[i]["category"], []).append(i)
     acts = {cat: site_activations(precise, data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens, rows), layer, j)
             for cat, rows in sorted(by_cat.items()) if len(rows) >= 2}

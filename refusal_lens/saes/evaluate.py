@@ -11,8 +11,9 @@ template's opening). ``ce_clean``, ``ce_sae`` (reconstruction), ``ce_increase = 
 per token), ``ce_mean`` (the activation mean-ablated: replaced by its mean over the training sites, the
 reference a useless SAE reaches; zero ablation is far worse and made every SAE look good),
 ``ce_loss_recovered = (ce_mean - ce_sae) / (ce_mean - ce_clean)``, ``kl_sae`` and ``kl_mean``
-(KL(clean || spliced) per token), and ``ce_with_error_term``: with SAE-Lens's ``use_error_term`` the
-spliced output equals the input, so this must equal ``ce_clean`` (a check of the splice itself).
+(KL(clean || spliced) per token), and, when asked (tests), ``ce_with_error_term``: with SAE-Lens's
+``use_error_term`` the spliced output equals the input, so this must equal ``ce_clean`` (a check of the
+splice itself).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def splice_metrics(
     splice_from: int = 0,
     skip_token_ids: Sequence[int] = (),
     mean: torch.Tensor | None = None,
+    check_error_term: bool = False,
 ) -> dict:
     """CE loss recovered and KL with ``sae`` spliced at ``hook``; see the module docstring. ``mean`` is the
     mean-ablation reference (default: zero, which only a test should use).
@@ -111,8 +113,11 @@ def splice_metrics(
     def mean_ablate(act, hook):  # noqa: ARG001
         return torch.where(where["mask"], reference.to(act.device, act.dtype).expand_as(act), act)
 
-    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_mean": 0.0, "ce_with_error_term": 0.0, "kl_sae": 0.0,
-              "kl_mean": 0.0}
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_mean": 0.0, "kl_sae": 0.0, "kl_mean": 0.0}
+    runs = [("ce_sae", replace(False)), ("ce_mean", mean_ablate)]
+    if check_error_term:  # the splice itself: with the error term it must give the clean CE (one more pass)
+        totals["ce_with_error_term"] = 0.0
+        runs.append(("ce_with_error_term", replace(True)))
     n_tokens = 0
     for start in range(0, len(sequences), batch_size):
         ids, mask = left_pad(sequences[start : start + batch_size], pad_id)
@@ -126,7 +131,7 @@ def splice_metrics(
         clean = model(ids, attention_mask=mask)
         ce_clean, lp_clean, tmask = _ce_and_logprobs(clean, ids, mask)
         totals["ce_clean"] += ce_clean
-        for name, fn in (("ce_sae", replace(False)), ("ce_with_error_term", replace(True)), ("ce_mean", mean_ablate)):
+        for name, fn in runs:
             logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook, fn)])
             ce, lp, _ = _ce_and_logprobs(logits, ids, mask)
             totals[name] += ce

@@ -1,0 +1,73 @@
+"""Intervention passes (generation and forward) on the embedded Qwen: the model's dtype and the shared opening.
+
+Every behaviour number of refusal_lens is a greedy generation (or a forward pass) under an edit, on
+``loaded.gen_model``. This measures, on the sample prompts (interleaved, median of ``--repeats``), the
+time of 32 prompts for: float32 whole prompts (the baseline), float32 with the template's opening computed once
+and shared, bfloat16 whole, bfloat16 shared; with a directional-ablation edit (which changes the opening, so the
+shared opening is recomputed once per call) and with no edit. Ratios are against the baseline of the same run.
+
+Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from refusal_lens.chat import encode_prompt  # noqa: E402
+from refusal_lens.config import ModelConfig  # noqa: E402
+from refusal_lens.direction.edits import ablation_edits  # noqa: E402
+from refusal_lens.intervene import Intervener  # noqa: E402
+from refusal_lens.models.loading import load_model  # noqa: E402
+from refusal_lens.prompts import read_prompts  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    loaded = load_model(ModelConfig(name="qwen2.5-coder-0.5b-instruct", intervention_dtype="bfloat16"))
+    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 256) for p in read_prompts(None)[: args.prompts]]
+    edit = ablation_edits(torch.randn(loaded.d_model), loaded.n_layers)
+    variants = {f"{dtype} {'shared' if share else 'whole'}": Intervener(
+        loaded, args.batch_size, model=loaded.hf_model if dtype == "float32" else loaded.gen_model, share_opening=share)
+        for dtype in ("float32", "bfloat16") for share in (False, True)}
+    tasks = {"generate (no edit)": lambda iv: iv.generate(prompts, args.new_tokens),
+             "generate (ablation)": lambda iv: iv.generate(prompts, args.new_tokens, edit),
+             "forward (no edit)": lambda iv: iv.last_logits(prompts),
+             "forward (ablation)": lambda iv: iv.last_logits(prompts, edit)}
+    times = {(t, v): [] for t in tasks for v in variants}
+    for _ in range(args.repeats):
+        for t, fn in tasks.items():
+            for v, iv in variants.items():
+                t0 = time.perf_counter()
+                fn(iv)
+                times[(t, v)].append(time.perf_counter() - t0)
+    n_tok = sum(len(p.ids) for p in prompts)
+    print(f"{args.prompts} sample prompts ({n_tok} prompt tokens, opening {prompts[0].n_opening} tokens each), "
+          f"{args.new_tokens} new tokens, batch {args.batch_size}, 2 threads, median of {args.repeats}")
+    print(f"{'task':<22}{'variant':<18}{'s':>8}{'x baseline':>12}")
+    for t in tasks:
+        base = statistics.median(times[(t, "float32 whole")])
+        for v in variants:
+            m = statistics.median(times[(t, v)])
+            print(f"{t:<22}{v:<18}{m:>8.2f}{m / base:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""How numbers are written in the report, the CLI and the README: rates with their interval and n."""
+
+from __future__ import annotations
+
+
+def pct(v) -> str:
+    """A share as a whole percentage; "-" for None or NaN."""
+    return "-" if v is None or v != v else f"{v:.0%}"
+
+
+def num(v, fmt: str = ".2f") -> str:
+    """A number in ``fmt``; "-" for None or NaN."""
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+def fmt_rate(r: dict | None) -> str:
+    """``62% [41%, 80%] (n=15)`` from a rate record (``refusal_rate`` or ``rate``, ``ci``, ``n``)."""
+    if not r or not r.get("n"):
+        return "- (n=0)"
+    lo, hi = r["ci"]
+    return f"{pct(r.get('refusal_rate', r.get('rate')))} [{pct(lo)}, {pct(hi)}] (n={r['n']})"

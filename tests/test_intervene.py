@@ -1,0 +1,92 @@
+"""The Intervener: edits on the HF modules, and the shared opening computed once (same logits and tokens)."""
+
+import pytest
+import torch
+
+from planted import build_planted_model, load_planted_directions, planted_prompts
+from refusal_lens.chat import OPENING, encode_prompt
+from refusal_lens.direction.edits import ablation_edits, addition_edits, capture_post_instruction
+from refusal_lens.intervene import Edit, Intervener, shared_opening
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from refusal_lens.config import ModelConfig
+    from refusal_lens.models.loading import load_model
+
+    folder = build_planted_model(tmp_path_factory.mktemp("planted-iv") / "model")
+    loaded = load_model(ModelConfig(name=str(folder)))
+    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[::3]]
+    return folder, loaded, prompts
+
+
+def both(loaded, batch_size=4):
+    return (Intervener(loaded, batch_size, model=loaded.hf_model, share_opening=True),
+            Intervener(loaded, batch_size, model=loaded.hf_model, share_opening=False))
+
+
+def test_the_shared_opening_is_found_from_the_template(planted):
+    _, loaded, prompts = planted
+    prefix = shared_opening(prompts)
+    assert len(prefix) == prompts[0].n_opening == 2 and all(tuple(p.ids[:2]) == prefix for p in prompts)
+    odd = prompts[:2] + [type(prompts[0])("", [5, 6, 7, 8], 1, False, 2)]
+    assert shared_opening(odd) == ()  # a prompt with another opening: nothing shared
+
+
+def test_cached_opening_gives_the_same_logits_nll_and_tokens(planted):
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    cached, whole = both(loaded)
+    sums = {k: torch.zeros(loaded.n_layers, prompts[0].n_post_instruction, loaded.d_model, dtype=torch.float64)
+            for k in ("cached", "whole")}
+
+    def site_only(x, ctx):  # touches the prompt's own positions only
+        return x + 0.5 * e_h * (ctx.classes != OPENING)[..., None]
+
+    cases = {"none": None, "ablation (changes the opening)": ablation_edits(e_h, loaded.n_layers),
+             "addition (changes the opening)": addition_edits(3 * e_h, 1),
+             "sites only": [Edit("blocks.1.hook_resid_pre", site_only, opening=False)]}
+    for name, edits in cases.items():
+        torch.testing.assert_close(cached.last_logits(prompts, edits), whole.last_logits(prompts, edits),
+                                   rtol=1e-4, atol=1e-4, msg=name)
+        assert cached.generate(prompts, 5, edits) == whole.generate(prompts, 5, edits), name
+        conts = [[7, 8, 9]] * len(prompts)
+        a, b = cached.continuation_logprobs(prompts, conts, edits), whole.continuation_logprobs(prompts, conts, edits)
+        assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-4), name
+        torch.testing.assert_close(torch.stack(a[0]), torch.stack(b[0]), rtol=1e-4, atol=1e-4)
+    cached.last_logits(prompts, capture_post_instruction(range(loaded.n_layers), prompts[0].n_post_instruction,
+                                                         sums["cached"]))
+    whole.last_logits(prompts, capture_post_instruction(range(loaded.n_layers), prompts[0].n_post_instruction,
+                                                        sums["whole"]))
+    torch.testing.assert_close(sums["cached"], sums["whole"], rtol=1e-4, atol=1e-4)
+    # the clean opening is computed once and reused
+    assert len(cached._clean_prefix) == 1
+
+
+def test_an_edit_that_says_it_spares_the_opening_but_does_not_is_caught_by_the_comparison(planted):
+    """The flag matters: an edit that changes the opening, declared as sparing it, gives other logits when the
+    opening is shared (so tests of each edit's flag can fail)."""
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    cached, whole = both(loaded)
+    liar = [Edit("blocks.0.hook_resid_pre", lambda x, ctx: x + 5 * e_h, opening=False)]
+    assert not torch.allclose(cached.last_logits(prompts, liar), whole.last_logits(prompts, liar), atol=1e-3)
+
+
+def test_conditions_in_shared_batches_give_what_each_gives_alone(planted):
+    """Rows of several conditions run together; each condition's edits touch its own rows only (with edits that
+    change the opening, and edits that do not)."""
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    iv = Intervener(loaded, 16, model=loaded.hf_model)
+
+    def site_only(x, ctx):
+        return x + 2.0 * e_h * (ctx.classes != OPENING)[..., None]
+
+    conditions = [(prompts, []), (prompts[:3], ablation_edits(e_h, loaded.n_layers)),
+                  (prompts, [Edit("blocks.1.hook_resid_pre", site_only, opening=False)]),
+                  (prompts[1:], addition_edits(3 * e_h, 1))]
+    together = iv.generate_conditions(conditions, 5)
+    alone = [Intervener(loaded, 4, model=loaded.hf_model).generate(ps, 5, edits) for ps, edits in conditions]
+    assert together == alone
+    assert len(together[1]) == 3 and together[1] != together[0][:3]  # the edits did something, on their rows only

@@ -1,0 +1,26 @@
+"""The README's results section is generated from the recorded analysis summaries (docs/results/*.json)."""
+
+import json
+
+import pytest
+
+from refusal_lens.readme_results import BEGIN, END, RESULTS, ROOT, render, render_run
+
+
+def test_the_readme_section_is_what_the_recorded_summaries_render():
+    text = (ROOT / "README.md").read_text()
+    assert BEGIN in text and END in text, "README.md lost its results markers"
+    section = text[text.index(BEGIN) : text.index(END) + len(END)]
+    assert section == render(RESULTS), "README.md results are stale: run `.venv/bin/python -m refusal_lens.readme_results`"
+
+
+def test_every_recorded_run_states_its_timing_and_its_underpowered_entries():
+    files = sorted(RESULTS.glob("*.json"))
+    if not files:
+        pytest.skip("no recorded run yet")
+    for path in files:
+        summary = json.loads(path.read_text())
+        lines = render_run(path.stem, summary)
+        assert any("Measured" in line and "min" in line for line in lines), path
+        if summary.get("underpowered"):
+            assert any(line.startswith("Underpowered here") for line in lines), path
