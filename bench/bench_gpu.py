@@ -376,37 +376,42 @@ def part_sae(shape: Shape, device: torch.device, report: Report, scratch: Path) 
 
 def part_discover(loaded, shape: Shape, report: Report) -> None:
     """AtP over every node of 4 SAEs and exact patching of their error nodes, for one batch."""
-    from refusal_lens.circuits.attribution import RefusalScoreMetric, Runner, fixed_baseline, frozen_parameters
-    from refusal_lens.circuits.nodes import NodeSpace, make_batch
+    from refusal_lens.chat import EncodedPrompt
+    from refusal_lens.circuits.attribution import Runner
+    from refusal_lens.circuits.baselines import ClassMeans
+    from refusal_lens.circuits.nodes import NodeSpace
     from refusal_lens.config import SAEConfig
     from refusal_lens.estimate import ModelShape, backward_bytes, node_values_bytes, sae_param_count
+    from refusal_lens.intervene import frozen, make_batch
     from refusal_lens.saes.train import build_training_sae
 
     device, d, d_sae = loaded.device, shape.d_model, shape.d_model * shape.expansion
     hooks = tuple(hook_name("residuals", layer) for layer in shape.discover_layers)
     cfg = SAEConfig(architecture="topk", expansion_factor=shape.expansion, k=shape.k, device=str(device))
     saes = {h: build_training_sae(cfg, d, h, "bench").eval().requires_grad_(False) for h in hooks}
-    space = NodeSpace(hooks, saes)
-    runner = Runner(loaded.model, space, RefusalScoreMetric(refusal_tokens(loaded)))
-    base = fixed_baseline({h: (torch.zeros(d_sae, device=device), torch.zeros(d, device=device)) for h in hooks})
+    space = NodeSpace(hooks, saes, n_post=1)
+    n_cls = space.n_post + 2
+    means = ClassMeans({h: torch.zeros(n_cls, d_sae, device=device) for h in hooks},
+                       {h: torch.zeros(n_cls, d, device=device) for h in hooks}, {h: [] for h in hooks})
+    runner = Runner(loaded.model, space, refusal_tokens(loaded), means)
     gen = torch.Generator().manual_seed(1)
     seqs = torch.randint(100, shape.vocab, (shape.discover_batch, shape.seq), generator=gen).tolist()
-    batch = make_batch(seqs, list(range(len(seqs))), loaded.tokenizer.pad_token_id, site_from=0, skip_token_ids=[],
-                       window=1, device=device)
+    batch = make_batch([EncodedPrompt("", s, 1, False, 1) for s in seqs], list(range(len(seqs))),
+                       loaded.tokenizer.pad_token_id, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with frozen_parameters(loaded.model):
+    with frozen(loaded.model):
         t0 = time.perf_counter()
         m, values = runner.clean(batch)
         sync(device)
         t_clean = time.perf_counter() - t0
         effects = {}
-        t_atp = timed(lambda: effects.update(atp=runner.atp(batch, values, base)), device)
+        t_atp = timed(lambda: effects.update(atp=runner.atp(batch, values)), device)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        t_err = timed(lambda: effects.update(exact=runner.exact_error_nodes(batch, base, effects["atp"], m)), device)
+        t_err = timed(lambda: effects.update(exact=runner.exact_errors(batch, m)), device)
     eff = effects["exact"]
     report.add("discover", "clean pass (node values)", t_clean * 1e3)
-    report.add("discover", f"AtP, all {space.n_nodes:,} nodes (1 forward + 1 backward)", t_atp * 1e3)
+    report.add("discover", f"AtP, all {space.n_features + len(hooks):,} nodes (1 forward + 1 backward)", t_atp * 1e3)
     report.add("discover", f"exact error nodes ({len(hooks)} forward passes)", t_err * 1e3)
     report.add("discover", f"one batch ({len(seqs)} x {shape.seq} tokens)", (t_clean + t_atp + t_err) * 1e3,
                note=f"effects {tuple(eff.shape)}, finite: {bool(torch.isfinite(eff).all())}")
@@ -442,8 +447,9 @@ def pipeline_overrides(shape: Shape, model_dir: Path, results: Path, device: tor
         "circuits.faithfulness_sizes": [10, 50], "circuits.faithfulness_prompts": 8, "circuits.random_controls": 1,
         "circuits.behaviour_prompts": 4, "circuits.bootstrap": 100, "circuits.edge_prompts": 4,
         "circuits.hooks": ["residuals_15-16"],  # whether or not the SAEs pass the quality bar
-        "analysis.permutations": 100, "analysis.bootstrap": 50, "analysis.direction_prompts": 4,
-        "analysis.check_render": False,
+        "direction.exact_candidates": 4, "direction.selection_prompts": 8, "direction.random_directions": 2,
+        "direction.random_prompts": 4, "direction.bootstrap": 100, "direction.emergence_stride": 4,
+        "analysis.permutations": 100, "analysis.interval_draws": 50, "analysis.check_render": False,
     }
     if device.type != "cuda":
         sets.update({"model.device": "cpu", "model.torch_dtype": "float32", "sae.device": "cpu"})

@@ -95,23 +95,26 @@ def test_collect_forward_and_generation(small):
 
 
 def test_attribution_forward_and_backward(small):
-    from refusal_lens.circuits.attribution import Metric, Runner, frozen_parameters
-    from refusal_lens.circuits.nodes import NodeSpace, make_batch
+    from refusal_lens.chat import EncodedPrompt
+    from refusal_lens.circuits.attribution import Runner
+    from refusal_lens.circuits.baselines import ClassMeans
+    from refusal_lens.circuits.nodes import NodeSpace
+    from refusal_lens.intervene import frozen, make_batch
+    from refusal_lens.refusal import RefusalTokens
     from refusal_lens.saes.train import build_training_sae
-
-    class FirstLogit(Metric):
-        def value(self, logits_last, store):
-            return logits_last[:, 0].float()
 
     loaded, shape = small
     hooks = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
     saes = {h: build_training_sae(SAEConfig(expansion_factor=4, k=8), shape.d_model, h, "small").eval() for h in hooks}
     for sae in saes.values():
         sae.requires_grad_(False)
-    runner = Runner(loaded.model, NodeSpace(hooks, saes), FirstLogit())
+    space = NodeSpace(hooks, saes, n_post=1)
+    means = ClassMeans({h: torch.zeros(space.n_post + 2, space.d_sae(h)) for h in hooks},
+                       {h: torch.zeros(space.n_post + 2, shape.d_model) for h in hooks}, {h: [] for h in hooks})
+    runner = Runner(loaded.model, space, RefusalTokens((0,), ("",), "family"), means)
     ids, _ = batch_ids(shape.d_vocab)
-    batch = make_batch(ids.tolist(), list(range(B)), 0, site_from=0, skip_token_ids=[], window=1)
-    with frozen_parameters(loaded.model):
+    batch = make_batch([EncodedPrompt("", row, 1, False, 1) for row in ids.tolist()], list(range(B)), 0)
+    with frozen(loaded.model):
         measured = peak_bytes(lambda: runner.gradients(batch))
     plan = backward_bytes(shape, B, T, layers=shape.n_layers - 2, n_hooks=len(hooks))  # blocks after the first hook
     assert within(plan, measured), (plan, measured)
