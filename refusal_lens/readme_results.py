@@ -22,6 +22,14 @@ RESULTS = ROOT / "docs" / "results"
 
 
 
+def by_method(values: dict) -> str:
+    return ", ".join(f"{k} {'none up to the largest K' if v is None else v}" for k, v in (values or {}).items()) or "-"
+
+
+def verdict_counts(verdicts: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in (verdicts or {}).items() if n) or "no cells"
+
+
 def render_run(title: str, s: dict) -> list[str]:
     d, data = s["direction"], s["data"]
     lines = [f"### {title}", ""]
@@ -42,8 +50,8 @@ def render_run(title: str, s: dict) -> list[str]:
     lines.append(f"* **Refusal direction**: `{dd['hook']}`, position {dd['position']} (validation: bypass "
                  f"{num(dd['scores']['bypass'])}, induce {num(dd['scores']['induce'])}, KL {num(dd['scores']['kl'], '.3f')}; "
                  f"contrast after the filter: discovery {dd['splits']['discovery']['harmful']} harmful / "
-                 f"{dd['splits']['discovery']['harmless']} harmless). " + ("; ".join(dd["filters"]["notes"]) + "." if
-                                                                        dd["filters"]["notes"] else ""))
+                 f"{dd['splits']['discovery']['harmless']} harmless" + ("; " + "; ".join(dd["filters"]["notes"]) if
+                                                                     dd["filters"]["notes"] else "") + ").")
     hr = d["harmful_refused"]
     lines.append(f"  Test: refused harmful prompts {fmt_rate(hr['clean'])} -> ablated {fmt_rate(hr['ablated'])} -> "
                  f"ActAdd(-r) {fmt_rate(hr['actadd_minus'])}; harmless {fmt_rate(d['harmless']['clean'])} -> ActAdd(+r) "
@@ -60,7 +68,7 @@ def render_run(title: str, s: dict) -> list[str]:
                      f"(p = {num(b['random']['p_value'], '.3f')}), direction ablated {fmt_rate(b['direction'])}: "
                      f"**{pct(c['fraction_of_direction'])} of the direction's effect** (random sets: "
                      f"{pct(b['random_fraction_of_direction_mean'])}); coherent {pct(c['coherent_rate'])}; smallest K "
-                     f"reaching 90%: {c['smallest_k_reaching_90']}.")
+                     f"reaching 90% of the direction's effect: {by_method(c['smallest_k_reaching_90'])}.")
         ind = b["induction"]
         lines.append(f"  Induction on harmless test prompts: clean {fmt_rate(ind['clean'])}, direction ActAdd(+r) "
                      f"{fmt_rate(ind['direction_actadd'])}, " + ", ".join(f"{i['method']} {fmt_rate(i)}" for i in ind["circuits"])
@@ -79,7 +87,7 @@ def render_run(title: str, s: dict) -> list[str]:
     verdicts = s["similarity"]["verdicts"]
     lines.append("* **One mechanism or many** (circuit similarity on test): " + ("; ".join(
         f"{t}: " + ", ".join(f"{n} {k}" for k, n in c.items() if n) for t, c in verdicts.items()) or "no pairs") +
-        f". Cross-ablation: {d['cross_ablation_verdicts'] or 'no cells'}.")
+        f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}.")
     if d.get("over_refusal"):
         o = d["over_refusal"]
         lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(
@@ -91,7 +99,7 @@ def render_run(title: str, s: dict) -> list[str]:
 
 def render(results: Path = RESULTS) -> str:
     parts = [BEGIN, ""]
-    for name, title in (("main_job.json", "The main job (`make run`, 120 sample prompts)"),
+    for name, title in (("main_job.json", "The main job (`make run`: 120 sample OR-Bench prompts, 60 harmless instructions)"),
                         ("full_cpu.json", "The `full` configuration (`configs/pipelines/full_cpu.yaml`)")):
         path = results / name
         if path.is_file():

@@ -3,8 +3,11 @@ classes, active-only nodes, the planted refusal feature, faithfulness with no un
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+
 import torch
 
 from planted import build_planted_model, load_planted_directions, planted_prompts
@@ -21,6 +24,15 @@ from refusal_lens.intervene import Edit, EditContext, Intervener, frozen, make_b
 from refusal_lens.refusal import RefusalTokens
 
 PROMPTS = ["how make bomb ?", "bake a cake", "what is python code", "steal car", "hello world", "print the code"]
+
+
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def sae_from(hook: str, w_enc: torch.Tensor, w_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, arch="standard"):
@@ -304,6 +316,16 @@ def test_the_planted_refusal_feature_is_ranked_first_and_moves_the_metric_by_the
     from refusal_lens.judge import is_refusal
 
     assert all(is_refusal(t) for t in clean) and not any(is_refusal(t) for t in texts)
+    # scripts/rerun_circuit.py applies the same interventions with its own hooks on the HF model: same responses
+    rerun = load_script("rerun_circuit")
+    for mode, positions in (("zero", "all"), ("scale", "after_opening")):
+        ours = iv.decode(iv.generate(prompts, 4, [feature_edit(space, hook, mask, mode, means, 3.0, positions)]))
+        openings = [p.n_opening for p in prompts] if positions == "after_opening" else None
+        theirs = rerun.generate(loaded.hf_model, loaded.tokenizer, [p.ids for p in prompts], 4, 3,
+                                lambda o, mode=mode: rerun.circuit_hooks(loaded.hf_model, space.saes, {hook: [0]}, mode,
+                                                                         3.0, o), openings)
+        assert [t.strip() for t in theirs] == [t.strip() for t in ours], (mode, positions)
+        assert not any(is_refusal(t) for t in theirs)
 
 
 def test_selection_rankings_are_signed_and_combined_preselects_by_cosine():

@@ -39,6 +39,15 @@ output: {{result_dir: "{tmp_path / 'results'}", run_name: "tiny"}}
     return path
 
 
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 STAGES = ["collect", "direction", "train-saes", "discover", "analyze"]
 
 
@@ -79,6 +88,14 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert analysis["circuit_behaviour"]["n"] == behaviour["n_prompts"]
     report = (run / "analysis" / "report.html").read_text()
     assert "Evidence (test split)" in report and "One mechanism or many?" in report
+    # an independent re-run of the headline ablation from the run's files (scripts/rerun_circuit.py) gives the
+    # stage's responses, prompt by prompt
+    rerun = load_script("rerun_circuit")
+    assert rerun.main(["--run", str(run), "--prompts", "test", "--batch-size", "4"]) == 0
+    doc = json.loads((run / "rerun_circuit-test.json").read_text())
+    assert doc["same_responses_as_stage"] == {"equal": behaviour["headline"]["n"], "of": behaviour["headline"]["n"]}
+    assert doc["circuit"]["refusal_rate"] == behaviour["headline"]["refusal_rate"]
+    assert doc["direction"]["refusal_rate"] == behaviour["direction"]["refusal_rate"]
     assert main(["run", "--config", str(config)]) == 0
     assert "(trained 0 here, already done 2)" in capsys.readouterr().out
     status = json.loads((run / "status.json").read_text())
