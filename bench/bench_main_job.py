@@ -65,7 +65,12 @@ def main() -> int:
     if args.record:
         from refusal_lens import readme_results
 
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True).stdout.strip())
         timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": str(Path(args.config).relative_to(ROOT)),
+                  "commit": commit + ("+changes" if dirty else ""),
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}}
         out = readme_results.save(results / "main" / "analysis" / "summary.json", args.record, timing)

@@ -43,7 +43,7 @@ from refusal_lens.config import Config, config_to_dict
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
 from refusal_lens.report.html import FigureItem, Section, Table, write_report
-from refusal_lens.report.numbers import fmt_rate
+from refusal_lens.report.numbers import by_method, fmt_rate
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def headline_table(s: dict) -> dict:
         frac = c["fraction_of_direction"]
         out[f"circuit ({c['method']}, K={c['k']}, {c['intervention']}): share of the direction's effect"] = (
             f"{frac:.0%}" if frac is not None else "-") + f"; coherent {c['coherent_rate']:.0%}; smallest K reaching 90%: " \
-                                                           f"{c['smallest_k_reaching_90']}"
+                                                           f"{by_method(c['smallest_k_reaching_90'])}"
     for key, v in (s.get("faithfulness") or {}).items():
         pts = "; ".join(f"{p['size']}: {_f(p['faithfulness'])} (random {_f(p['random_faithfulness_mean'])}, p="
                         f"{_f(p['faithfulness_p'], '.3f')})" for p in v["points"])

@@ -19,3 +19,8 @@ def fmt_rate(r: dict | None) -> str:
         return "- (n=0)"
     lo, hi = r["ci"]
     return f"{pct(r.get('refusal_rate', r.get('rate')))} [{pct(lo)}, {pct(hi)}] (n={r['n']})"
+
+
+def by_method(values: dict | None) -> str:
+    """``attribution 20, cosine none up to the largest K`` from ``{method: K or None}``."""
+    return ", ".join(f"{k} {'none up to the largest K' if v is None else v}" for k, v in (values or {}).items()) or "-"
