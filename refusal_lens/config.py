@@ -386,6 +386,9 @@ class CircuitConfig:
     faithfulness_sizes: tuple[int, ...] = (10, 100, 1000, 5000)
     #: test prompts per pooled group on which faithfulness is measured (the first by prompt-id hash).
     faithfulness_prompts: int = 16
+    #: the order in which nodes join the circuit of the faithfulness curve (discovery effects): the most
+    #: refusal-promoting first (the signed circuit), or by |effect| (both signs mixed, Sparse Feature Circuits).
+    faithfulness_order: Literal["promoting", "magnitude"] = "promoting"
     #: the pooled groups whose faithfulness is measured (labels).
     faithfulness_labels: tuple[Literal["safe", "toxic"], ...] = ("safe", "toxic")
     #: random node sets per faithfulness / completeness point.

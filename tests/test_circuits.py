@@ -351,8 +351,16 @@ def test_ranked_nodes_and_bootstrap():
         cfg = type("C", (), {"d_sae": 3})
 
     space = NodeSpace(("a",), {"a": S()}, 1)
-    nodes = ranked_nodes(space, torch.tensor([0.1, 0.0, -0.5]), torch.tensor([0.3]))
-    assert nodes == [("feature", 2), ("error", "a"), ("feature", 0)]
+    effects = torch.tensor([0.1, 0.0, -0.5]), torch.tensor([-0.3])
+    assert ranked_nodes(space, *effects, "magnitude") == [("feature", 2), ("error", "a"), ("feature", 0)]
+    # the signed circuit: the most refusal-promoting first, the suppressing feature last, the inactive one never
+    assert ranked_nodes(space, *effects) == [("feature", 2), ("error", "a"), ("feature", 0)]
+    assert ranked_nodes(space, torch.tensor([0.4, 0.0, -0.1]), torch.tensor([-0.3])) == [
+        ("error", "a"), ("feature", 2), ("feature", 0)]
+    assert ranked_nodes(space, torch.tensor([0.4, 0.0, -0.1]), torch.tensor([-0.3]), "magnitude") == [
+        ("feature", 0), ("error", "a"), ("feature", 2)]
+    with pytest.raises(ValueError, match="allowed: promoting, magnitude"):
+        ranked_nodes(space, *effects, "abs")
     gen = torch.Generator().manual_seed(0)
     small = bootstrap_ci(torch.randn(10, 2, generator=gen), 500, 0)
     large = bootstrap_ci(torch.randn(400, 2, generator=gen), 500, 0)

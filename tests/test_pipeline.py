@@ -86,6 +86,10 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     analysis = json.loads((run / "analysis" / "summary.json").read_text())
     assert analysis["direction"]["direction"]["hook"].startswith("blocks.")
     assert analysis["circuit_behaviour"]["n"] == behaviour["n_prompts"]
+    fitted = analysis["direction"]["direction"]["splits"]
+    said = any("the direction is a mean difference of" in note for note in analysis["underpowered"])
+    fewest = min(fitted[s][side] for s in ("discovery", "validation") for side in ("harmful", "harmless"))
+    assert said == (fewest < 4), (fitted, analysis["underpowered"])
     report = (run / "analysis" / "report.html").read_text()
     assert "Evidence (test split)" in report and "One mechanism or many?" in report
     # an independent re-run of the headline ablation from the run's files (scripts/rerun_circuit.py) gives the

@@ -210,6 +210,12 @@ def evidence(cfg, acts, rates, quality, d_summary, direction, c_summary, behavio
     n_ref = (d_summary["harmful_refused"]["clean"] or {}).get("n")
     if (why := _underpowered(n_ref, a.min_prompts)):
         notes.append(f"direction evaluation on refused harmful prompts: {why}")
+    fitted, chosen = (d_summary["direction"]["splits"][s] for s in ("discovery", "validation"))
+    if min(fitted["harmful"], fitted["harmless"], chosen["harmful"], chosen["harmless"]) < a.min_prompts:
+        notes.append(f"the direction is a mean difference of {fitted['harmful']} harmful and {fitted['harmless']} harmless "
+                     f"discovery prompts, selected on {chosen['harmful']} harmful and {chosen['harmless']} harmless "
+                     f"validation prompts (those direction.keep={cfg.direction.keep!r} kept), fewer than {a.min_prompts} "
+                     "on a side")
     if behaviour:
         h = behaviour["headline"]
         out["circuit_behaviour"] = {

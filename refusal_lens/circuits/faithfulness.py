@@ -1,7 +1,12 @@
 """Faithfulness and completeness of a circuit against its size, on test prompts, with random controls.
 
-Nodes (features and error nodes of every spliced hook) are ranked by |mean effect| on the **discovery**
-prompts of the group; the circuit of size N is the top N. On the group's **test** prompts (Sparse Feature
+Nodes (features and error nodes of every spliced hook) are ranked by their mean effect on the **discovery**
+prompts of the group (``circuits.faithfulness_order``): ``promoting`` (default) puts the most
+refusal-promoting first, so that the circuit of size N is the N nodes whose patching lowers refusal most
+(the signed circuit; refusal-suppressing nodes are outside it until every promoting node is in);
+``magnitude`` ranks by |effect| as Sparse Feature Circuits do, which mixes promoting and suppressing nodes
+(on the main job the top 10 by |effect| kept alone pushed the score *below* every node at its mean:
+faithfulness -1.67). The circuit of size N is the top N. On the group's **test** prompts (Sparse Feature
 Circuits, with the refusal score as the metric ``m``, mean over prompts):
 
 * ``faithfulness = (m(C) - m(empty)) / (m(model) - m(empty))``: ``m(C)`` keeps only C, every other node of
@@ -39,15 +44,24 @@ from refusal_lens.refusal import RefusalTokens, refusal_score
 Node = tuple[str, object]
 
 
-def ranked_nodes(space: NodeSpace, feature_effect: torch.Tensor, error_effect: torch.Tensor) -> list[Node]:
-    """All nodes with a nonzero mean effect, by decreasing |effect|."""
+ORDERS = ("promoting", "magnitude")
+
+
+def ranked_nodes(space: NodeSpace, feature_effect: torch.Tensor, error_effect: torch.Tensor,
+                 order: str = "promoting") -> list[Node]:
+    """All nodes with a nonzero mean effect: ``promoting`` = the most refusal-promoting first (increasing
+    signed effect: patching them lowers the score most; refusal-suppressing nodes come last), ``magnitude`` =
+    by decreasing |effect| (both signs mixed, as in Sparse Feature Circuits)."""
+    if order not in ORDERS:
+        raise ValueError(f"circuits.faithfulness_order={order!r}; allowed: {', '.join(ORDERS)}")
+    key = (lambda v: v) if order == "promoting" else (lambda v: -abs(v))
     nodes: list[tuple[float, int, Node]] = []
     for i in torch.argwhere(feature_effect != 0).flatten().tolist():
-        nodes.append((abs(float(feature_effect[i])), i, ("feature", i)))
+        nodes.append((key(float(feature_effect[i])), i, ("feature", i)))
     for k, h in enumerate(space.hooks):
         if float(error_effect[k]) != 0:
-            nodes.append((abs(float(error_effect[k])), -1 - k, ("error", h)))
-    nodes.sort(key=lambda t: (-t[0], t[1]))
+            nodes.append((key(float(error_effect[k])), -1 - k, ("error", h)))
+    nodes.sort(key=lambda t: (t[0], t[1]))
     return [n for _, _, n in nodes]
 
 

@@ -517,7 +517,7 @@ def _discover(cfg, loaded, acts_dir, saes_dir, direction_dir, out_dir, hooks, sh
 
     def faith(g: Group) -> dict:
         feats, errs = effects["discovery"].of(g.rows["discovery"])
-        ranked = ranked_nodes(space, feats.sum(1).mean(0), errs.mean(0))
+        ranked = ranked_nodes(space, feats.sum(1).mean(0), errs.mean(0), c.faithfulness_order)
         chosen = sorted(_hash_order(data, g.rows["test"])[: c.faithfulness_prompts])
         return faithfulness_curve(fast, space, inputs.means, data.tokens,
                                   data.encoded(tok, cfg.inference.max_prompt_tokens, chosen), ranked,
