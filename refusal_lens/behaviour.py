@@ -7,7 +7,9 @@ incoherent responses (counted apart, never as compliance). :func:`control_summar
 condition with a distribution of matched random controls (each a rate): their mean and 5-95% range, and
 the empirical p-value ``(1 + #{control <= observed}) / (1 + n)`` of a condition meant to *lower* refusal
 (or ``>=`` for one meant to raise it). :func:`fraction_of` is the share of a reference intervention's
-effect that a condition reaches, ``(clean - condition) / (clean - reference)``.
+effect that a condition reaches, ``(clean - condition) / (clean - reference)``; :func:`fraction_interval`
+its paired bootstrap interval over prompts (unbounded on a side when resamples exist in which the
+reference removes nothing: a ratio over a small denominator is not a number to quote alone).
 
 Every condition's responses are kept (:class:`ResponseAudit`) so that a reader can check the judge.
 """
@@ -58,6 +60,54 @@ def fraction_of(clean: float, condition: float, reference: float) -> float | Non
     if not den or den != den:
         return None
     return (clean - condition) / den
+
+
+def fraction_interval(clean: Sequence[float], condition: Sequence[float], reference: Sequence[float],
+                      draws: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of :func:`fraction_of` over prompts, from per-prompt outcomes (1 refused,
+    0 not) of the three conditions on the same prompts, resampled together. A resample in which the
+    reference removes nothing gives an infinite share (of the sign of the condition's effect), so a weak
+    reference gives an unbounded interval, returned as None on that side."""
+    c, x, r = (np.asarray(v, dtype=float) for v in (clean, condition, reference))
+    if not (len(c) == len(x) == len(r)) or len(c) == 0:
+        raise ValueError("fraction_interval needs the same prompts, at least one, in every condition")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(c), (draws, len(c)))
+    num = c[idx].mean(1) - x[idx].mean(1)
+    den = c[idx].mean(1) - r[idx].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.sign(num) * np.inf)
+    vals = vals[~((den <= 0) & (num == 0))]  # neither moved anything: no share to speak of
+    if len(vals) == 0:
+        return None, None
+    with np.errstate(invalid="ignore"):  # a quantile between two infinite shares is unbounded too
+        lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return (float(lo) if np.isfinite(lo) else None), (float(hi) if np.isfinite(hi) else None)
+
+
+def refused_by_prompt(path: Path, conditions: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per condition (of those asked for), ``{prompt_id: 1 if refused else 0}`` from a stage's response audit."""
+    wanted = set(conditions)
+    out: dict[str, dict[str, int]] = {c: {} for c in conditions}
+    with Path(path).open() as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["condition"] in wanted:
+                out[row["condition"]][row["prompt_id"]] = int(row["outcome"] == "refused")
+    return out
+
+
+def paired_fraction_interval(path: Path, clean: str, condition: str, reference: str, draws: int = 2000,
+                             seed: int = 0, level: float = 0.95) -> dict | None:
+    """:func:`fraction_interval` of three conditions of a response audit, paired by prompt id (the prompts
+    every one of them answered); None when the audit holds none of them in common."""
+    got = refused_by_prompt(path, [clean, condition, reference])
+    ids = sorted(set(got[clean]) & set(got[condition]) & set(got[reference]))
+    if not ids:
+        return None
+    lo, hi = fraction_interval([got[clean][i] for i in ids], [got[condition][i] for i in ids],
+                               [got[reference][i] for i in ids], draws, seed, level)
+    return {"ci": [lo, hi], "n": len(ids), "level": level, "draws": draws}
 
 
 @dataclass

@@ -86,6 +86,11 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     analysis = json.loads((run / "analysis" / "summary.json").read_text())
     assert analysis["direction"]["direction"]["hook"].startswith("blocks.")
     assert analysis["circuit_behaviour"]["n"] == behaviour["n_prompts"]
+    frac = analysis["circuit_behaviour"]["circuit"]
+    assert frac["fraction_of_direction"] == behaviour["headline"]["fraction_of_direction"]
+    assert len(frac["fraction_ci"]) == 2  # the paired interval over the same test prompts (None = unbounded)
+    if frac["fraction_of_direction"] is not None and None not in frac["fraction_ci"]:
+        assert frac["fraction_ci"][0] <= frac["fraction_of_direction"] <= frac["fraction_ci"][1]
     fitted = analysis["direction"]["direction"]["splits"]
     said = any("the direction is a mean difference of" in note for note in analysis["underpowered"])
     fewest = min(fitted[s][side] for s in ("discovery", "validation") for side in ("harmful", "harmless"))

@@ -38,12 +38,13 @@ from refusal_lens.activations.store import HookActivations
 from refusal_lens.analysis import figures as F
 from refusal_lens.analysis.similarity import per_site_effects, similarity_tables, verdict_counts
 from refusal_lens.analysis.stats import wilson_interval
+from refusal_lens.behaviour import paired_fraction_interval
 from refusal_lens.collect import MANIFEST
 from refusal_lens.config import Config, config_to_dict
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
 from refusal_lens.report.html import FigureItem, Section, Table, write_report
-from refusal_lens.report.numbers import by_method, fmt_rate
+from refusal_lens.report.numbers import by_method, fmt_rate, fmt_share, share_note
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,11 @@ def _analyse(cfg: Config, loaded_fn, run_dir: Path, out_dir: Path, c_manifest: d
     behaviour = _optional(val / "behaviour.json")
     faithfulness = _optional(val / "faithfulness.json")
     agreement = _optional(val / "agreement.json")
+    fraction_ci = None
+    if behaviour and (val / "responses.jsonl").is_file():
+        h = behaviour["headline"]
+        fraction_ci = paired_fraction_interval(val / "responses.jsonl", "clean", f"{h['method']}/{h['intervention']}/k{h['k']}",
+                                               "direction_ablated", draws=a.interval_draws, seed=cfg.circuits.seed)
     groups = {}
     for label in ("safe", "toxic"):
         for path in sorted((circuits_dir / label).glob("*.json")):
@@ -160,7 +166,7 @@ def _analyse(cfg: Config, loaded_fn, run_dir: Path, out_dir: Path, c_manifest: d
     status.progress(3)
 
     summary = evidence(cfg, acts, rates, quality, d_summary, direction, c_summary, behaviour, faithfulness, agreement,
-                       sims, groups)
+                       sims, groups, fraction_ci)
     summary.update({"circuits_fingerprint": c_manifest["fingerprint"], "analysis_settings": config_to_dict(a),
                     "run": run_dir.name, "model": cfg.model.name})
     comparison = _compare_runs(run_dir) if a.compare_runs else []
@@ -198,8 +204,10 @@ def _underpowered(n: int | None, floor: int) -> str | None:
 
 
 def evidence(cfg, acts, rates, quality, d_summary, direction, c_summary, behaviour, faithfulness, agreement, sims,
-             groups) -> dict:
-    """The headline numbers, each with its n and interval (test split), and notes on what is underpowered."""
+             groups, fraction_ci: dict | None = None) -> dict:
+    """The headline numbers, each with its n and interval (test split), and notes on what is underpowered.
+    ``fraction_ci`` is the paired bootstrap interval of the headline circuit's share of the direction's effect
+    (:func:`refusal_lens.behaviour.paired_fraction_interval`)."""
     a = cfg.analysis
     data = _data_evidence(acts, rates)
     out: dict = {"data": data}
@@ -222,7 +230,8 @@ def evidence(cfg, acts, rates, quality, d_summary, direction, c_summary, behavio
             "n": behaviour["n_prompts"], "clean": _rate_of(behaviour["clean"]), "direction": _rate_of(behaviour["direction"]),
             "circuit": {k: h[k] for k in ("method", "k", "intervention", "positions", "refusal_rate", "ci", "n",
                                           "fraction_of_direction", "coherent_rate", "incoherent_rate", "random_p_value",
-                                          "random_mean", "smallest_k_reaching_90")},
+                                          "random_mean", "smallest_k_reaching_90")}
+                       | {"fraction_ci": (fraction_ci or {}).get("ci", [None, None])},
             "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
             "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],
             "induction": {"clean": _rate_of(behaviour["induction"]["clean"]),
@@ -289,10 +298,9 @@ def headline_table(s: dict) -> dict:
         out["circuit: clean / circuit / random / direction"] = (
             f"{fmt_rate(b['clean'])} / {fmt_rate(c)} / mean {b['random']['mean']:.0%} (p = {b['random']['p_value']:.3f}, "
             f"{b['random']['n']} sets) / {fmt_rate(b['direction'])}")
-        frac = c["fraction_of_direction"]
         out[f"circuit ({c['method']}, K={c['k']}, {c['intervention']}): share of the direction's effect"] = (
-            f"{frac:.0%}" if frac is not None else "-") + f"; coherent {c['coherent_rate']:.0%}; smallest K reaching 90%: " \
-                                                           f"{by_method(c['smallest_k_reaching_90'])}"
+            fmt_share(c["fraction_of_direction"], c.get("fraction_ci")) + share_note(c["fraction_of_direction"]) + f"; coherent {c['coherent_rate']:.0%}; "
+            f"smallest K reaching 90%: {by_method(c['smallest_k_reaching_90'])}")
     for key, v in (s.get("faithfulness") or {}).items():
         pts = "; ".join(f"{p['size']}: {_f(p['faithfulness'])} (random {_f(p['random_faithfulness_mean'])}, p="
                         f"{_f(p['faithfulness_p'], '.3f')})" for p in v["points"])

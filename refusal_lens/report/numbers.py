@@ -24,3 +24,22 @@ def fmt_rate(r: dict | None) -> str:
 def by_method(values: dict | None) -> str:
     """``attribution 20, cosine none up to the largest K`` from ``{method: K or None}``."""
     return ", ".join(f"{k} {'none up to the largest K' if v is None else v}" for k, v in (values or {}).items()) or "-"
+
+
+def fmt_share(value: float | None, ci: list | tuple | None = None) -> str:
+    """A share of a reference's effect with its interval: ``112% [98%, 130%]``; a None bound of ``ci`` is
+    written "unbounded" (resamples in which the reference removed nothing)."""
+    if value is None or value != value:
+        return "- (the reference removed nothing)"
+    out = pct(value)
+    if ci is not None:
+        lo, hi = ci
+        out += f" [{'unbounded' if lo is None else pct(lo)}, {'unbounded' if hi is None else pct(hi)}]"
+    return out
+
+
+def share_note(value: float | None) -> str:
+    """What a share above 100% means, for the circuit against the direction; "" otherwise."""
+    if value is None or value != value or value <= 1:
+        return ""
+    return " (above 100%: the circuit removes more refusal than the direction does)"
