@@ -30,6 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def head_commit() -> str:
+    """``git rev-parse --short HEAD`` of the checkout, ``+changes`` when tracked files differ from it."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout.strip())
+    return commit + ("+changes" if dirty else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/pipelines/default.yaml"))
@@ -44,6 +53,7 @@ def main() -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "refusal_lens", "run", "--config", args.config,
            "--set", f"output.result_dir={results}", "--set", "output.run_name=main"]
+    started_at = head_commit()  # the code the stages run is the code at the start
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -65,14 +75,12 @@ def main() -> int:
     if args.record:
         from refusal_lens import readme_results
 
-        git = ["git", "-C", str(ROOT)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True).stdout.strip())
         timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": str(Path(args.config).relative_to(ROOT)),
-                  "commit": commit + ("+changes" if dirty else ""),
+                  "commit": started_at,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}}
+        if (ended_at := head_commit()) != started_at:
+            timing["head_at_end"] = ended_at  # commits landed while it ran: said, not hidden
         out = readme_results.save(results / "main" / "analysis" / "summary.json", args.record, timing)
         readme_results.update()
         print(f"recorded {out}; README results rewritten")
