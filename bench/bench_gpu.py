@@ -442,7 +442,7 @@ def pipeline_overrides(shape: Shape, model_dir: Path, results: Path, device: tor
         "data.max_samples_per_category": 4, "output.result_dir": str(results), "output.run_name": "smoke",
         "inference.batch_size": 16, "sae.hooks": ["residuals_15-16"], "sae.training_tokens": shape.pipeline_sae_tokens,
         "sae.train_batch_size_tokens": shape.sae_batch, "sae.eval_prompts": 8, "sae.lr_decay_steps": 0,
-        "circuits.select": "all",  # random weights refuse nothing
+        "circuits.select": "all", "direction.keep": "all",  # random weights refuse nothing
         "circuits.ig_steps": 2, "circuits.top_k": 10, "circuits.agreement_prompts": 4, "circuits.agreement_nodes": 4,
         "circuits.faithfulness_sizes": [10, 50], "circuits.faithfulness_prompts": 8, "circuits.random_controls": 1,
         "circuits.behaviour_prompts": 4, "circuits.bootstrap": 100, "circuits.edge_prompts": 4,

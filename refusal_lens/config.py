@@ -266,8 +266,10 @@ class DirectionConfig:
     harmless_samples: int | None = None
     #: which prompts the model "agrees with" (the contrast keeps only those): ``score`` = the reference's filter
     #: (refusal score > 0 for harmful, < 0 for harmless), ``judged`` = harmful prompts it refused and harmless
-    #: ones it did not (by the judge of the responses), ``both`` = both conditions.
-    keep: Literal["score", "judged", "both"] = "score"
+    #: ones it did not (by the judge of the responses), ``both`` = both conditions, ``all`` = every toxic and
+    #: harmless prompt whatever the model did (no agreement filter: for smoke runs on random weights, which
+    #: refuse nothing, and to measure what the filter does).
+    keep: Literal["score", "judged", "both", "all"] = "score"
     #: candidates whose selection scores are measured exactly (by intervention) on the validation split, after
     #: the linear screen of every candidate: the best ``exact_per_layer`` positions of each layer below the layer
     #: filter, plus the best ``exact_candidates`` overall (null = every candidate).

@@ -179,6 +179,9 @@ def test_contrast_keeps_only_prompts_the_model_agrees_with():
     both = contrast_sets(data, None, "both")
     assert both.harmful["discovery"] == [0] and both.harmless["discovery"] == [3]
     assert both.counts()["discovery"] == {"harmful": 1, "harmless": 1, "harmful_dropped": 2, "harmless_dropped": 1}
+    every = contrast_sets(data, None, "all")  # no filter: every toxic and harmless prompt (safe ones never)
+    assert every.harmful["discovery"] == [0, 1, 2] and every.harmless["discovery"] == [3, 4]
+    assert every.counts()["discovery"]["harmful_dropped"] == 0
     rows[5]["label"] = "safe"
     with pytest.raises(DirectionError, match="validation split has 0 harmful"):
         contrast_sets(data, None, "score")

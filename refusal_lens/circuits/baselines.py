@@ -102,10 +102,11 @@ def means_for(space: NodeSpace, acts_dir: Path, data: Collected, reference: str,
     return means.zero() if baseline == "zero" else means
 
 
-def refused_means(space: NodeSpace, acts_dir: Path, data: Collected) -> ClassMeans:
-    """Class means over the refused toxic discovery prompts (the targets of induction)."""
+def refused_means(space: NodeSpace, acts_dir: Path, data: Collected) -> ClassMeans | None:
+    """Class means over the refused toxic discovery prompts (the targets of induction); None when the model
+    refused none of them (e.g. random weights): there is then no refusal to induce or remove."""
     ids = {r["prompt_id"] for r in data.rows if r["split"] == "discovery" and r["label"] == "toxic" and r["refused"]}
-    return class_means(space, acts_dir, data, ids)
+    return class_means(space, acts_dir, data, ids) if ids else None
 
 
 def gather_class(values: Tensor, site_cls: Tensor) -> Tensor:

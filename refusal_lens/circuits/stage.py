@@ -88,7 +88,7 @@ class Inputs:
     data: Collected
     space: NodeSpace
     means: ClassMeans
-    refused: ClassMeans
+    refused: ClassMeans | None  # None: no refused toxic discovery prompt (behaviour is skipped)
     direction: SavedDirection
     cosines: torch.Tensor  # [n_features] decoder cosine with the direction
 
@@ -556,7 +556,13 @@ def _discover(cfg, loaded, acts_dir, saes_dir, direction_dir, out_dir, hooks, sh
         audit.write()
         return out
 
-    behaviour_out = part(val / "behaviour.json", run_behaviour) if test_rows and val_rows else None
+    if test_rows and val_rows and inputs.refused is not None:
+        behaviour_out = part(val / "behaviour.json", run_behaviour)
+    else:
+        behaviour_out = None
+        logger.warning("circuit behaviour skipped: %d refused toxic test, %d validation prompts, %s refused toxic "
+                       "discovery prompts (the induction targets)", len(test_rows), len(val_rows),
+                       "some" if inputs.refused is not None else "no")
     done(5)
 
     # ---- 6. edges of the pooled circuits

@@ -86,10 +86,10 @@ class Contrast:
 
 def agrees(row: dict, harmful: bool, keep: str) -> bool:
     """Whether the model agrees with a prompt's side: ``score`` (refusal score > 0 harmful, < 0 harmless, as
-    Arditi et al.), ``judged`` (refused harmful, not refused harmless), or ``both``."""
+    Arditi et al.), ``judged`` (refused harmful, not refused harmless), ``both``, or ``all`` (always)."""
     by_score = row["refusal_score"] > 0 if harmful else row["refusal_score"] < 0
     by_judge = bool(row["refused"]) if harmful else not row["refused"]
-    return {"score": by_score, "judged": by_judge, "both": by_score and by_judge}[keep]
+    return {"score": by_score, "judged": by_judge, "both": by_score and by_judge, "all": True}[keep]
 
 
 def contrast_sets(data: Collected, cap: int | None, keep: str = "score") -> Contrast:
