@@ -365,3 +365,16 @@ def test_ranked_nodes_and_bootstrap():
     small = bootstrap_ci(torch.randn(10, 2, generator=gen), 500, 0)
     large = bootstrap_ci(torch.randn(400, 2, generator=gen), 500, 0)
     assert (small[:, 0] < small[:, 1]).all() and ((large[:, 1] - large[:, 0]) < (small[:, 1] - small[:, 0])).all()
+
+
+def test_no_refused_discovery_prompt_means_no_induction_targets(tmp_path):
+    """A model that refused no toxic discovery prompt (random weights) has no refused-prompt means: None, and
+    the stage skips the behaviour part instead of failing (bench_gpu's smoke run on random weights)."""
+    from refusal_lens.circuits.baselines import refused_means
+    from refusal_lens.collect import Collected
+
+    rows = [{"prompt_id": f"p{i}", "label": label, "refused": refused, "split": split, "category": "c"}
+            for i, (label, refused, split) in enumerate([("toxic", False, "discovery"), ("toxic", True, "test"),
+                                                          ("harmless", False, "discovery")])]
+    data = Collected(tmp_path, {}, rows, RefusalTokens((1,), ("I",), "family"))
+    assert refused_means(None, tmp_path / "missing", data) is None  # never reads activations it does not need
