@@ -75,7 +75,7 @@ def main() -> int:
     if args.record:
         from refusal_lens import readme_results
 
-        timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": str(Path(args.config).relative_to(ROOT)),
+        timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": str(Path(args.config).resolve().relative_to(ROOT)),
                   "commit": started_at,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}}

@@ -35,6 +35,8 @@ def render_run(title: str, s: dict) -> list[str]:
         at = f" at commit {t['commit']}" if t.get("commit") else ""
         if t.get("head_at_end"):
             at += f" (HEAD was {t['head_at_end']} when it ended)"
+        if t.get("note"):
+            at += f" ({t['note']})"
         if t.get("analysis_commit"):
             at += f"; analysis re-run at commit {t['analysis_commit']}"
         lines += [f"Measured {t.get('date', '?')}{at} on {t.get('machine', '?')}: **{t['total_s'] / 60:.1f} min** "
