@@ -77,6 +77,14 @@ def render_run(title: str, s: dict) -> list[str]:
         lines.append(f"  Induction on harmless test prompts: clean {fmt_rate(ind['clean'])}, direction ActAdd(+r) "
                      f"{fmt_rate(ind['direction_actadd'])}, " + ", ".join(f"{i['method']} {fmt_rate(i)}" for i in ind["circuits"])
                      + ".")
+    if (r := s.get("rerun")):
+        st = r["stage"]
+        lines.append(f"* **Independent re-run** (`scripts/rerun_circuit.py`, its own hooks on the HF model) on "
+                     f"{r['clean']['n']} toxic prompts the run never saw that the clean model refuses (of "
+                     f"{r['clean_all']['n']} generated): circuit ablated {fmt_rate(r['circuit'])}, direction ablated "
+                     f"{fmt_rate(r['direction'])}: {fmt_share(r['fraction_of_direction'], r.get('fraction_ci'))} of the "
+                     f"direction's effect (the stage, on its {st['n']} test prompts: circuit {pct(st['circuit'])}, "
+                     f"direction {pct(st['direction'])}, {pct(st['fraction_of_direction'])}).")
     for key, v in (s.get("faithfulness") or {}).items():
         pts = "; ".join(f"{p['size']} nodes {num(p['faithfulness'])} (random {num(p['random_faithfulness_mean'])})"
                         for p in v["points"])
@@ -135,6 +143,17 @@ def save(summary_path: Path, name: str, timing: dict | None = None, results: Pat
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"{name}.json"
     out.write_text(json.dumps(keep, indent=1) + "\n")
+    return out
+
+
+def attach_rerun(name: str, rerun_path: Path, results: Path = RESULTS) -> Path:
+    """Add an independent re-run's result (``scripts/rerun_circuit.py``'s JSON) to ``docs/results/<name>.json``."""
+    out = results / f"{name}.json"
+    record = json.loads(out.read_text())
+    r = json.loads(Path(rerun_path).read_text())
+    record["rerun"] = {k: r[k] for k in ("prompts", "clean_all", "clean", "circuit", "direction", "fraction_of_direction",
+                                         "fraction_ci", "stage", "max_new_tokens", "dtype") if k in r}
+    out.write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 

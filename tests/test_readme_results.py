@@ -24,3 +24,15 @@ def test_every_recorded_run_states_its_timing_and_its_underpowered_entries():
         assert any("Measured" in line and "min" in line for line in lines), path
         if summary.get("underpowered"):
             assert any(line.startswith("Underpowered here") for line in lines), path
+
+
+def test_an_independent_rerun_is_attached_to_its_record(tmp_path):
+    from refusal_lens.readme_results import attach_rerun
+
+    (tmp_path / "main_job.json").write_text(json.dumps({"model": "m"}))
+    rerun = {"prompts": "other", "clean": {"n": 4}, "circuit": {"n": 4}, "direction": {"n": 4}, "responses": ["..."],
+             "fraction_of_direction": 1.5, "fraction_ci": [1.0, None], "stage": {"n": 3}}
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    record = json.loads(attach_rerun("main_job", tmp_path / "rerun.json", tmp_path).read_text())
+    assert record["model"] == "m" and record["rerun"]["fraction_ci"] == [1.0, None]
+    assert "responses" not in record["rerun"]  # the record keeps the numbers, the run folder the responses
