@@ -16,12 +16,13 @@ model, generating with ``model.generate`` (greedy) in the run's intervention dty
 * **direction**: the unit direction is projected out of every residual write (the embeddings, every
   attention output, every MLP output) at every position.
 
-Prompts: ``--prompts other`` (default) takes toxic prompts of the embedded 1,000-prompt OR-Bench-shaped set (`embedded:large`) that the
-run never saw, generates them clean, keeps those the model refuses (the project's judge) and measures both
-ablations on them; ``--prompts test`` re-runs the headline's own test prompts (the responses must then equal
-the stage's, prompt by prompt, up to floating-point ties). The result: refusal rates with Wilson intervals,
-``fraction_of_direction = (clean - circuit) / (clean - direction)`` with a bootstrap interval over prompts, and
-the run's own numbers next to them, in ``<run>/rerun_circuit[-test].json``.
+Prompts: ``--prompts other`` (default) takes toxic prompts of the embedded 1,000-prompt OR-Bench-shaped set
+(``embedded:large``) that the run never saw, generates them clean, keeps those the model refuses (the project's
+judge) and measures both ablations on them; ``--prompts test`` re-runs the headline's own test prompts (the
+responses must then equal the stage's, prompt by prompt, up to floating-point ties). The result: refusal rates
+with Wilson intervals, ``fraction_of_direction = (clean - circuit) / (clean - direction)`` with the stage's own
+paired bootstrap interval over prompts (:func:`refusal_lens.behaviour.fraction_interval`, so that the two
+intervals are the same statistic), and the run's own numbers next to them, in ``<run>/rerun_circuit[-test].json``.
 
 Usage: .venv/bin/python scripts/rerun_circuit.py --run results/default [--prompts other|test] [--n 96]
 """
@@ -48,38 +49,14 @@ import yaml  # noqa: E402
 log = logging.getLogger("rerun_circuit")
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> list[float | None]:
-    if n == 0:
-        return [None, None]
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [float(mid - half), float(mid + half)]
-
-
 def rate(outcomes: list[str]) -> dict:
+    """Counts and the refusal rate with its Wilson interval (the project's statistics: only the intervention is
+    re-implemented here)."""
+    from refusal_lens.analysis.stats import wilson_interval
+
     n, k = len(outcomes), sum(o == "refused" for o in outcomes)
     return {"n": n, "refused": k, "incoherent": sum(o == "incoherent" for o in outcomes),
-            "refusal_rate": k / n if n else None, "ci": wilson(k, n)}
-
-
-def fraction(clean: np.ndarray, circuit: np.ndarray, direction: np.ndarray) -> float | None:
-    den = clean.mean() - direction.mean()
-    return float((clean.mean() - circuit.mean()) / den) if den > 0 else None
-
-
-def bootstrap_fraction(clean, circuit, direction, draws: int = 2000, seed: int = 0) -> list[float | None]:
-    """Percentile interval of the fraction, resampling prompts (paired: one prompt, three outcomes)."""
-    gen = np.random.default_rng(seed)
-    n = len(clean)
-    vals = []
-    for _ in range(draws):
-        i = gen.integers(0, n, n)
-        f = fraction(clean[i], circuit[i], direction[i])
-        if f is not None:
-            vals.append(f)
-    return [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))] if vals else [None, None]
+            "refusal_rate": k / n if n else None, "ci": list(wilson_interval(k, n)) if n else [None, None]}
 
 
 # ------------------------------------------------------------------ the run's files
@@ -251,6 +228,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoModelForCausalLM
 
+    from refusal_lens.behaviour import fraction_interval, fraction_of
     from refusal_lens.chat import encode_prompt
     from refusal_lens.judge import judge
     from refusal_lens.models.loading import load_tokenizer, resolve_source
@@ -308,8 +286,8 @@ def main(argv=None) -> int:
     cl = np.array([clean_out[i] == "refused" for i in keep], float)
     ci_, di_ = np.array([o == "refused" for o in c_out], float), np.array([o == "refused" for o in d_out], float)
     doc.update({"clean": rate([clean_out[i] for i in keep]), "circuit": rate(c_out), "direction": rate(d_out),
-                "fraction_of_direction": fraction(cl, ci_, di_) if len(keep) else None,
-                "fraction_ci": bootstrap_fraction(cl, ci_, di_) if len(keep) else [None, None]})
+                "fraction_of_direction": fraction_of(cl.mean(), ci_.mean(), di_.mean()) if len(keep) else None,
+                "fraction_ci": list(fraction_interval(cl, ci_, di_)) if len(keep) else [None, None]})
     b = head["behaviour"]
     doc["stage"] = {"n": b["headline"]["n"], "clean": b["clean"]["refusal_rate"], "circuit": b["headline"]["refusal_rate"],
                     "circuit_ci": b["headline"]["ci"], "direction": b["direction"]["refusal_rate"],
