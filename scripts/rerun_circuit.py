@@ -63,6 +63,8 @@ def rate(outcomes: list[str]) -> dict:
 
 
 def read_headline(run: Path) -> dict:
+    from refusal_lens.circuits.behaviour import curve_condition
+
     b = json.loads((run / "circuits" / "validation" / "behaviour.json").read_text())
     h, chosen = b["headline"], b["selection"]["chosen"]
     feats: dict[str, list[int]] = {}
@@ -70,7 +72,7 @@ def read_headline(run: Path) -> dict:
         hook, j = fid.rsplit("/", 1)
         feats.setdefault(hook, []).append(int(j))
     return {"features": feats, "mode": chosen["mode"], "c": float(chosen["c"]), "positions": chosen["positions"],
-            "condition": f"{h['method']}/{h['intervention']}/k{h['k']}", "behaviour": b,
+            "condition": curve_condition(h["method"], h["intervention"], h["k"]), "behaviour": b,
             "max_new_tokens": int(b["max_new_tokens"])}
 
 

@@ -39,6 +39,7 @@ from refusal_lens.analysis import figures as F
 from refusal_lens.analysis.similarity import per_site_effects, similarity_tables, verdict_counts
 from refusal_lens.analysis.stats import wilson_interval
 from refusal_lens.behaviour import paired_fraction_interval
+from refusal_lens.circuits.behaviour import curve_condition
 from refusal_lens.collect import MANIFEST
 from refusal_lens.config import Config, config_to_dict
 from refusal_lens.distributed import Dist
@@ -131,8 +132,9 @@ def _analyse(cfg: Config, loaded_fn, run_dir: Path, out_dir: Path, c_manifest: d
     fraction_ci = None
     if behaviour and (val / "responses.jsonl").is_file():
         h = behaviour["headline"]
-        fraction_ci = paired_fraction_interval(val / "responses.jsonl", "clean", f"{h['method']}/{h['intervention']}/k{h['k']}",
-                                               "direction_ablated", draws=a.interval_draws, seed=cfg.circuits.seed)
+        head = curve_condition(h["method"], h["intervention"], h["k"])
+        fraction_ci = paired_fraction_interval(val / "responses.jsonl", "clean", head, "direction_ablated",
+                                               draws=a.interval_draws, seed=cfg.circuits.seed)
     groups = {}
     for label in ("safe", "toxic"):
         for path in sorted((circuits_dir / label).glob("*.json")):

@@ -49,6 +49,12 @@ from refusal_lens.direction.edits import ablation_edits, addition_edits
 from refusal_lens.intervene import Edit, Intervener
 
 
+def curve_condition(method: str, intervention: str, k: int) -> str:
+    """The name of a K-curve condition in the response audit (``responses.jsonl``), e.g.
+    ``attribution/scale(c=3)/all/k20``; validation's are prefixed ``validation/``."""
+    return f"{method}/{intervention}/k{k}"
+
+
 def ablate(space: NodeSpace, features: Sequence[int], mode: str, means: ClassMeans, scale_c: float,
            positions: str) -> list[Edit]:
     return [feature_edit(space, h, m, mode, means, scale_c, positions)
@@ -119,7 +125,7 @@ def choose_on_validation(runs: Runs, space: NodeSpace, rankings: dict[str, Ranki
     """Every method x intervention at K = ``k`` on the validation prompts; the choice: the fewest refusals among
     those answered coherently in at least ``min_coherent`` (ties: the config's order)."""
     grid = [(m, iv) for m in methods for iv in candidates]
-    summaries = runs([Condition(f"validation/{m}/{iv.label}/k{k}", prompts, ids,
+    summaries = runs([Condition(f"validation/{curve_condition(m, iv.label, k)}", prompts, ids,
                                 ablate(space, rankings[m].top(k), iv.mode, means, iv.c, iv.positions),
                                 {"split": "validation"}) for m, iv in grid])
     rows = [{"method": m, "intervention": iv.label, "mode": iv.mode, "c": iv.c, "positions": iv.positions, **s}
@@ -159,7 +165,7 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
             variants = [chosen] + ([iv for iv in candidates if iv != chosen] if (k, m) == (headline_k, method) else [])
             for iv in variants:
                 feats = ranking.top(k)
-                plan.append(Condition(f"{m}/{iv.label}/k{k}", prompts, ids,
+                plan.append(Condition(curve_condition(m, iv.label, k), prompts, ids,
                                       ablate(space, feats, iv.mode, means, iv.c, iv.positions),
                                       {"method": m, "k": k, "intervention": iv.label}))
                 curve_keys.append((m, k, iv, feats))
