@@ -45,7 +45,7 @@ from refusal_lens.config import Config, config_to_dict
 from refusal_lens.distributed import Dist
 from refusal_lens.errors import UserError
 from refusal_lens.report.html import FigureItem, Section, Table, write_report
-from refusal_lens.report.numbers import by_method, fmt_rate, fmt_share, share_note
+from refusal_lens.report.numbers import by_method, fmt_rate, fmt_share, num, share_note
 from refusal_lens.status import StatusFile
 
 logger = logging.getLogger(__name__)
@@ -304,23 +304,19 @@ def headline_table(s: dict) -> dict:
             fmt_share(c["fraction_of_direction"], c.get("fraction_ci")) + share_note(c["fraction_of_direction"]) + f"; coherent {c['coherent_rate']:.0%}; "
             f"smallest K reaching 90%: {by_method(c['smallest_k_reaching_90'])}")
     for key, v in (s.get("faithfulness") or {}).items():
-        pts = "; ".join(f"{p['size']}: {_f(p['faithfulness'])} (random {_f(p['random_faithfulness_mean'])}, p="
-                        f"{_f(p['faithfulness_p'], '.3f')})" for p in v["points"])
+        pts = "; ".join(f"{p['size']}: {num(p['faithfulness'])} (random {num(p['random_faithfulness_mean'])}, p="
+                        f"{num(p['faithfulness_p'], '.3f')})" for p in v["points"])
         out[f"faithfulness {key} (n={v['n_prompts']})"] = pts
     for m, v in (s.get("agreement") or {}).items():
         st = v["strata"]
         out[f"agreement {m} vs exact (Pearson; n pairs)"] = ", ".join(
-            f"{k} {_f(st[k].get('pearson'))} ({st[k].get('n', 0)})" for k in ("error", "top", "random"))
+            f"{k} {num(st[k].get('pearson'))} ({st[k].get('n', 0)})" for k in ("error", "top", "random"))
     out["circuit similarity verdicts"] = "; ".join(f"{t}: " + ", ".join(f"{n} {v}" for v, n in c.items() if n)
                                                    for t, c in s["similarity"]["verdicts"].items()) or "-"
     for note in s["underpowered"]:
         out.setdefault("underpowered", "")
         out["underpowered"] = (out["underpowered"] + "; " if out["underpowered"] else "") + note
     return out
-
-
-def _f(v, fmt=".2f") -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
 
 
 # --------------------------------------------------------------------------------------------
