@@ -20,8 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 
 
-
-
 def verdict_counts(verdicts: dict) -> str:
     return ", ".join(f"{n} {k}" for k, n in (verdicts or {}).items() if n) or "no cells"
 

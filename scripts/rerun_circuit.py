@@ -227,6 +227,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", type=Path, help="default: <run>/rerun_circuit[-test].json")
     args = ap.parse_args(argv)
+    needed = [args.run / "circuits" / "config.yaml", args.run / "circuits" / "validation" / "behaviour.json",
+              args.run / "direction" / "direction.safetensors"]
+    if missing := [str(p.relative_to(args.run)) for p in needed if not p.is_file()]:
+        ap.error(f"--run {args.run}: not a run folder whose discover stage measured behaviour (missing "
+                 f"{', '.join(missing)}); allowed: results/<run_name> after `refusal-lens run` or `discover`")
+    if args.n < 1 or args.batch_size < 1:
+        ap.error(f"--n={args.n}, --batch-size={args.batch_size}; allowed: integers >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoModelForCausalLM
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from planted import build_planted_model, write_planted_data
 from refusal_lens.cli import main
 
@@ -169,3 +171,12 @@ def test_stages_refuse_bad_settings_with_clear_errors(tmp_path, capsys):
         assert (tmp_path / "results" / "tiny" / "circuits" / "manifest.json").read_text() == manifest
     assert main(["analyze", "--config", str(config), "--set", "output.run_name=missing"]) == 2
     assert "no circuits at" in capsys.readouterr().err
+
+
+def test_rerun_circuit_refuses_a_folder_without_a_finished_discover(tmp_path, capsys):
+    rerun = load_script("rerun_circuit")
+    with pytest.raises(SystemExit) as err:
+        rerun.main(["--run", str(tmp_path)])
+    assert err.value.code == 2
+    assert "missing circuits/config.yaml, circuits/validation/behaviour.json" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
