@@ -103,6 +103,12 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     # stage's responses, prompt by prompt
     rerun = load_script("rerun_circuit")
     assert rerun.main(["--run", str(run), "--prompts", "test", "--batch-size", "4"]) == 0
+    # the contrast check of docs/direction.md runs on the run's discovery and validation prompts
+    check = load_script("direction_contrast_check")
+    assert check.main(["--run", str(run), "--candidates", "1:-1", "--fit-prompts", "4", "--eval-prompts", "4"]) == 0
+    row = json.loads((run / "direction_contrast_check.json").read_text())["candidates"]["L1/-1"]
+    assert -1.0 <= row["cosine"] <= 1.0 and all(row[side]["kl_harmless"] >= 0 for side in
+                                                  ("harmless instructions", "OR-Bench safe, answered"))
     doc = json.loads((run / "rerun_circuit-test.json").read_text())
     assert doc["same_responses_as_stage"] == {"equal": behaviour["headline"]["n"], "of": behaviour["headline"]["n"]}
     assert doc["circuit"]["refusal_rate"] == behaviour["headline"]["refusal_rate"]
