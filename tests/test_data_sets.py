@@ -15,8 +15,15 @@ from refusal_lens.prompts import CATEGORIES, OR_BENCH_FILES, read_prompts, sampl
 DATA = Path(str(resources.files("refusal_lens") / "data"))
 LARGE = DATA / "or_bench_large"
 HARMLESS = DATA / "harmless" / "harmless.csv"
-#: rows per category in each file of the large set
+#: rows per category in each file of the large set as first written (its first 600 / 200 / 200 rows)
 LARGE_PER_CATEGORY = {"or-bench-toxic": 60, "or-bench-80k": 20, "or-bench-hard-1k": 20}
+#: rows appended later (2026-12-02) so that every refused category x label group of the `full` run's test split
+#: reaches analysis.min_prompts: seemingly toxic prompts where the model refuses least, and toxic deception
+LARGE_ADDED = {("or-bench-hard-1k", "privacy"): 80, ("or-bench-hard-1k", "sexual"): 65,
+               ("or-bench-hard-1k", "harmful"): 62, ("or-bench-hard-1k", "self-harm"): 56,
+               ("or-bench-hard-1k", "illegal"): 20, ("or-bench-hard-1k", "unethical"): 16,
+               ("or-bench-hard-1k", "hate"): 10, ("or-bench-hard-1k", "violence"): 10,
+               ("or-bench-hard-1k", "harassment"): 8, ("or-bench-toxic", "deception"): 15}
 
 
 def normalise(text: str) -> str:
@@ -36,9 +43,17 @@ def large():
 
 def test_large_set_counts_per_file_category_and_label(large):
     counts = Counter((p.source, p.category) for p in large)
-    assert counts == Counter({(s, c): n for s, n in LARGE_PER_CATEGORY.items() for c in CATEGORIES})
+    expected = Counter({(s, c): n for s, n in LARGE_PER_CATEGORY.items() for c in CATEGORIES}) + Counter(LARGE_ADDED)
+    assert counts == expected
     assert {p.source: p.label for p in large} == OR_BENCH_FILES
-    assert Counter(p.label for p in large) == {"toxic": 600, "safe": 400}
+    assert Counter(p.label for p in large) == {"toxic": 615, "safe": 727}
+
+
+def test_large_set_keeps_its_first_rows_in_place(large):
+    """Rows were only appended: the first rows of every file (and so their prompt ids) are the original ones."""
+    for source, per_category in LARGE_PER_CATEGORY.items():
+        first = [p for p in large if p.source == source][:per_category * len(CATEGORIES)]
+        assert Counter(p.category for p in first) == {c: per_category for c in CATEGORIES}
 
 
 def test_large_set_has_no_duplicates_within_or_across_files(large):
