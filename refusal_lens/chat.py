@@ -25,10 +25,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def render(tokenizer, user_text: str) -> str:
+def render(tokenizer, user_text: str, template: str | None = None) -> str:
+    """The chat-formatted prompt: the tokenizer's own chat template, or ``template`` (a string with one
+    ``{instruction}``, e.g. refusal_direction's hand-written Qwen template without the default system prompt)."""
+    if template is not None:
+        return template.replace("{instruction}", user_text)
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
     )
+
+
+def check_template(template: str) -> str:
+    """``template`` if it holds exactly one ``{instruction}`` (a ValueError naming what is allowed otherwise)."""
+    if template.count("{instruction}") != 1:
+        raise ValueError(f"chat template {template!r}: allowed: a string with exactly one {{instruction}}")
+    return template
 
 
 #: position classes (see the module docstring); post-instruction token ``j`` is ``POST + j``.
@@ -50,9 +61,12 @@ class EncodedPrompt:
                 + [POST + j for j in range(self.n_post_instruction)] + [GENERATED] * n_generated)
 
 
-def encode_prompt(tokenizer, user_text: str, max_tokens: int) -> EncodedPrompt:
-    """Render and tokenize one prompt; cut the user's message (not the template) to fit ``max_tokens``."""
-    text = render(tokenizer, user_text)
+def encode_prompt(tokenizer, user_text: str, max_tokens: int, template: str | None = None) -> EncodedPrompt:
+    """Render and tokenize one prompt (see :func:`render`); cut the user's message (not the template) to fit
+    ``max_tokens``."""
+    if template is not None:
+        check_template(template)
+    text = render(tokenizer, user_text, template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     truncated = False
@@ -65,7 +79,7 @@ def encode_prompt(tokenizer, user_text: str, max_tokens: int) -> EncodedPrompt:
                 f"({len(ids) - len(user_ids)} tokens); raise it"
             )
         user_text = tokenizer.decode(user_ids[: len(user_ids) - overflow - 1])
-        text = render(tokenizer, user_text)
+        text = render(tokenizer, user_text, template)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         truncated = True

@@ -800,8 +800,9 @@ class Collected:
         return [i for i, r in enumerate(self.rows) if r["split"] == split and (label is None or r["label"] == label)
                 and (refused is None or bool(r["refused"]) == refused)]
 
-    def encoded(self, tokenizer, max_tokens: int, rows: Sequence[int]) -> list[EncodedPrompt]:
-        return [encode_prompt(tokenizer, self.rows[i]["prompt"], max_tokens) for i in rows]
+    def encoded(self, tokenizer, max_tokens: int, rows: Sequence[int], template: str | None = None
+                ) -> list[EncodedPrompt]:
+        return [encode_prompt(tokenizer, self.rows[i]["prompt"], max_tokens, template) for i in rows]
 
     def response_ids(self, tokenizer, rows: Sequence[int]) -> list[list[int]]:
         """The judged responses of ``rows`` as token ids (as collected, from ``responses/``)."""

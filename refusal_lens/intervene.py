@@ -293,8 +293,9 @@ class Intervener:
         out: list[Tensor | None] = [None] * len(prompts)
         for batch in self.batches(prompts, prefix=prefix):
             mine = self._edits_for(edits, batch.rows)
+            inputs = self._inputs(batch, cache, mine)  # before the batch's edits attach (a per-batch opening cache)
             with self.edits(mine, batch):
-                logits = self.model(**self._inputs(batch, cache, mine), logits_to_keep=1).logits[:, -1].float().cpu()
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
             for b, row in enumerate(batch.rows):
                 out[row] = logits[b]
         return torch.stack(out)  # type: ignore[arg-type]
@@ -312,8 +313,9 @@ class Intervener:
         kl = [0.0] * len(prompts)
         for batch in self.batches(prompts, continuations, prefix=prefix):
             mine = self._edits_for(edits, batch.rows)
+            inputs = self._inputs(batch, cache, mine)
             with self.edits(mine, batch):
-                logits = self.model(**self._inputs(batch, cache, mine)).logits.float()
+                logits = self.model(**inputs).logits.float()
             logp = logits.log_softmax(-1)
             width = batch.ids.shape[1]
             for b, row in enumerate(batch.rows):

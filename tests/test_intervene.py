@@ -90,3 +90,44 @@ def test_conditions_in_shared_batches_give_what_each_gives_alone(planted):
     alone = [Intervener(loaded, 4, model=loaded.hf_model).generate(ps, 5, edits) for ps, edits in conditions]
     assert together == alone
     assert len(together[1]) == 3 and together[1] != together[0][:3]  # the edits did something, on their rows only
+
+
+def test_per_row_edits_that_change_the_opening_give_whole_prompt_results_in_every_pass(planted):
+    """Per-row edits that change the opening (several conditions in one batch) compute the opening's cache per
+    batch: last_logits and continuation_logprobs must give what running every prompt whole gives, as generate
+    does (the batch's own edits must not be attached while that cache is computed)."""
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    owner = [i % 2 for i in range(len(prompts))]
+    from refusal_lens.intervene import per_condition
+
+    edits = per_condition([ablation_edits(e_h, loaded.n_layers), addition_edits(3 * e_h, 1)], owner)
+    assert any(e.opening and e.per_row for e in edits)
+    cached, whole = both(loaded)
+    torch.testing.assert_close(cached.last_logits(prompts, edits), whole.last_logits(prompts, edits),
+                               rtol=1e-4, atol=1e-4)
+    conts = [[7, 8, 9]] * len(prompts)
+    a, b = cached.continuation_logprobs(prompts, conts, edits), whole.continuation_logprobs(prompts, conts, edits)
+    assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-4)
+    assert cached.generate(prompts, 5, edits) == whole.generate(prompts, 5, edits)
+
+
+def test_an_explicit_template_sets_the_position_classes_from_its_own_text(planted):
+    """encode_prompt with a hand-written template (refusal_direction's Qwen one): the opening and the
+    post-instruction tokens are those of that template, the user's text sits between them, and a template
+    without exactly one {instruction} is refused naming what is allowed."""
+    from refusal_lens.chat import encode_prompt
+
+    _, loaded, _ = planted
+    tok = loaded.tokenizer
+    template = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+    enc = encode_prompt(tok, "How do I bake bread?", 64, template)
+    assert enc.text == template.replace("{instruction}", "How do I bake bread?")
+    assert enc.ids == tok(enc.text, add_special_tokens=False)["input_ids"]
+    opening = tok(template.split("{instruction}")[0], add_special_tokens=False)["input_ids"]
+    post = tok(template.split("{instruction}")[1], add_special_tokens=False)["input_ids"]
+    assert enc.ids[: enc.n_opening] == opening and enc.ids[len(enc.ids) - enc.n_post_instruction:] == post
+    default = encode_prompt(tok, "How do I bake bread?", 64)
+    assert default.text != enc.text  # the tokenizer's own template is a different one
+    with pytest.raises(ValueError, match="exactly one"):
+        encode_prompt(tok, "x", 64, "<|im_start|>user\n<|im_end|>")

@@ -109,6 +109,18 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     row = json.loads((run / "direction_contrast_check.json").read_text())["candidates"]["L1/-1"]
     assert -1.0 <= row["cosine"] <= 1.0 and all(row[side]["kl_harmless"] >= 0 for side in
                                                   ("harmless instructions", "OR-Bench safe, answered"))
+    # so does the template check (the tokenizer's template vs refusal_direction's hand-written one)
+    tcheck = load_script("direction_template_check")
+    assert tcheck.main(["--run", str(run), "--candidates", "1:-1", "--fit-prompts", "4", "--eval-prompts", "4",
+                        "--max-new-tokens", "3"]) == 0
+    templ = json.loads((run / "direction_template_check.json").read_text())
+    assert set(templ["templates"]) == {"tokenizer's template", "given template"} and -1 <= templ["cosine"]["L1/-1"] <= 1
+    for res in templ["templates"].values():
+        cand = res["candidates"]["L1/-1"]
+        assert cand["kl_harmless"] >= 0 and 0 <= cand["ablated_refusal_rate"] <= 1 and 0 <= res["clean_refusal_rate"] <= 1
+    with pytest.raises(SystemExit) as err:
+        tcheck.main(["--run", str(run), "--template", "no placeholder"])
+    assert err.value.code == 2
     doc = json.loads((run / "rerun_circuit-test.json").read_text())
     assert doc["same_responses_as_stage"] == {"equal": behaviour["headline"]["n"], "of": behaviour["headline"]["n"]}
     assert doc["circuit"]["refusal_rate"] == behaviour["headline"]["refusal_rate"]
