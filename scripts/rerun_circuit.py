@@ -16,7 +16,7 @@ model, generating with ``model.generate`` (greedy) in the run's intervention dty
 * **direction**: the unit direction is projected out of every residual write (the embeddings, every
   attention output, every MLP output) at every position.
 
-Prompts: ``--prompts other`` (default) takes toxic prompts of the embedded 1,000-prompt OR-Bench-shaped set
+Prompts: ``--prompts other`` (default) takes toxic prompts of the embedded large OR-Bench-shaped set
 (``embedded:large``) that the run never saw, generates them clean, keeps those the model refuses (the project's
 judge) and measures both ablations on them; ``--prompts test`` re-runs the headline's own test prompts (the
 responses must then equal the stage's, prompt by prompt, up to floating-point ties). The result: refusal rates

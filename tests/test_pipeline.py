@@ -114,7 +114,7 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert tcheck.main(["--run", str(run), "--candidates", "1:-1", "--fit-prompts", "4", "--eval-prompts", "4",
                         "--max-new-tokens", "3"]) == 0
     templ = json.loads((run / "direction_template_check.json").read_text())
-    assert set(templ["templates"]) == {"tokenizer's template", "given template"} and -1 <= templ["cosine"]["L1/-1"] <= 1
+    assert set(templ["templates"]) == {"tokenizer's template", "given template"} and abs(templ["cosine"]["L1/-1"]) <= 1 + 1e-6
     for res in templ["templates"].values():
         cand = res["candidates"]["L1/-1"]
         assert cand["kl_harmless"] >= 0 and 0 <= cand["ablated_refusal_rate"] <= 1 and 0 <= res["clean_refusal_rate"] <= 1
