@@ -41,6 +41,31 @@ def parse_candidates(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def open_run(ap: argparse.ArgumentParser, run: Path, picks: list[tuple[int, int]], batch_size: int):
+    """``(config, collection, loaded model, Intervener)`` of a run whose collect stage finished; candidates outside
+    the model's layers (or at a position >= 0) are refused through ``ap`` naming the allowed values."""
+    from refusal_lens.collect import load_collected
+    from refusal_lens.config import load_config
+    from refusal_lens.intervene import Intervener
+    from refusal_lens.models.loading import load_model
+
+    cfg = load_config(run / "activations" / "config.yaml")
+    data = load_collected(run / "activations")
+    n_layers = int(data.manifest["n_layers"])
+    bad = [(layer, pos) for layer, pos in picks if not (0 <= layer < n_layers and pos < 0)]
+    if bad:
+        ap.error(f"--candidates {bad}: allowed: layers 0..{n_layers - 1}, positions < 0")
+    loaded = load_model(cfg.model)
+    return cfg, data, loaded, Intervener(loaded, batch_size, model=loaded.hf_model)
+
+
+def last_position_kl(iv, prompts, edits) -> float:
+    """Mean KL(clean || edited) of the prompts' last-position next-token distributions."""
+    clean = iv.last_logits(prompts).float().log_softmax(-1)
+    edited = iv.last_logits(prompts, edits).float().log_softmax(-1)
+    return float((clean.exp() * (clean - edited)).sum(-1).mean())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a run folder whose collect stage finished")
@@ -60,22 +85,12 @@ def main(argv=None) -> int:
     import torch
 
     from refusal_lens import durable
-    from refusal_lens.collect import load_collected
-    from refusal_lens.config import load_config
     from refusal_lens.direction.candidates import difference_in_means
     from refusal_lens.direction.edits import ablation_edits
     from refusal_lens.direction.select import scores_of
-    from refusal_lens.intervene import Intervener
-    from refusal_lens.models.loading import load_model
 
-    cfg = load_config(config_path)
-    data = load_collected(args.run / "activations")
+    cfg, data, loaded, iv = open_run(ap, args.run, picks, args.batch_size)
     n_layers = int(data.manifest["n_layers"])
-    bad = [(layer, pos) for layer, pos in picks if not (0 <= layer < n_layers and pos < 0)]
-    if bad:
-        ap.error(f"--candidates {bad}: allowed: layers 0..{n_layers - 1}, positions < 0")
-    loaded = load_model(cfg.model)
-    iv = Intervener(loaded, args.batch_size, model=loaded.hf_model)
     d_model = loaded.hf_model.config.hidden_size
 
     def enc(split: str, label: str, refused: bool, cap: int):
@@ -98,11 +113,6 @@ def main(argv=None) -> int:
                          f"(allowed: -{n_post}..-1)")
     cands = {name: difference_in_means(iv, harmful, side, n_layers, d_model) for name, side in sides.items()}
 
-    def kl(prompts, edits) -> float:
-        clean = iv.last_logits(prompts).float().log_softmax(-1)
-        ablated = iv.last_logits(prompts, edits).float().log_softmax(-1)
-        return float((clean.exp() * (clean - ablated)).sum(-1).mean())
-
     out = {"run": str(args.run), "prompts": sizes,
            "clean_bypass": float(scores_of(iv, val_harmful, data.tokens).mean()), "candidates": {}}
     for layer, pos in picks:
@@ -113,7 +123,8 @@ def main(argv=None) -> int:
         for name, v in vectors.items():
             edits = ablation_edits(v, n_layers)
             row[name] = {"bypass": float(scores_of(iv, val_harmful, data.tokens, edits).mean()),
-                         "kl_harmless": kl(val_harmless, edits), "kl_safe_answered": kl(val_safe, edits)}
+                         "kl_harmless": last_position_kl(iv, val_harmless, edits),
+                         "kl_safe_answered": last_position_kl(iv, val_safe, edits)}
         out["candidates"][f"L{layer}/{pos}"] = row
         log.info("L%d/%d: %s", layer, pos, json.dumps(row))
     path = args.run / "direction_contrast_check.json"

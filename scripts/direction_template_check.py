@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from direction_contrast_check import parse_candidates  # noqa: E402  (the sibling script's LAYER:POSITION parser)
+from direction_contrast_check import last_position_kl, open_run, parse_candidates  # noqa: E402  (the sibling script)
 
 log = logging.getLogger("direction_template_check")
 
@@ -51,31 +51,25 @@ def main(argv=None) -> int:
         ap.error(f"--run {args.run}: no activations/config.yaml; allowed: results/<run_name> after `refusal-lens collect`")
     if min(args.fit_prompts, args.eval_prompts, args.batch_size, args.max_new_tokens) < 1:
         ap.error("--fit-prompts, --eval-prompts, --max-new-tokens and --batch-size must be integers >= 1")
-    if args.template.count("{instruction}") != 1:
-        ap.error(f"--template {args.template!r}: allowed: a string with exactly one {{instruction}}")
+    from refusal_lens.chat import check_template
+
+    try:
+        check_template(args.template)
+    except ValueError as err:
+        ap.error(f"--template: {err}")
     picks = parse_candidates(args.candidates)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
 
     from refusal_lens import durable
-    from refusal_lens.collect import load_collected
-    from refusal_lens.config import load_config
     from refusal_lens.direction.candidates import difference_in_means
     from refusal_lens.direction.edits import ablation_edits
     from refusal_lens.direction.select import scores_of
-    from refusal_lens.intervene import Intervener
     from refusal_lens.judge import judge
-    from refusal_lens.models.loading import load_model
 
-    cfg = load_config(config_path)
-    data = load_collected(args.run / "activations")
+    cfg, data, loaded, iv = open_run(ap, args.run, picks, args.batch_size)
     n_layers = int(data.manifest["n_layers"])
-    bad = [(layer, pos) for layer, pos in picks if not (0 <= layer < n_layers and pos < 0)]
-    if bad:
-        ap.error(f"--candidates {bad}: allowed: layers 0..{n_layers - 1}, positions < 0")
-    loaded = load_model(cfg.model)
-    iv = Intervener(loaded, args.batch_size, model=loaded.hf_model)
     d_model = loaded.hf_model.config.hidden_size
     rows = {"fit harmful": data.split_rows("discovery", "toxic", True)[: args.fit_prompts],
             "fit harmless": data.split_rows("discovery", "harmless", False)[: args.fit_prompts],
@@ -90,11 +84,6 @@ def main(argv=None) -> int:
         outs = iv.generate(prompts, args.max_new_tokens, edits)
         texts = [loaded.tokenizer.decode(ids, skip_special_tokens=True) for ids in outs]
         return sum(judge(t).refused for t in texts) / len(texts)
-
-    def kl(prompts, edits) -> float:
-        clean = iv.last_logits(prompts).float().log_softmax(-1)
-        ablated = iv.last_logits(prompts, edits).float().log_softmax(-1)
-        return float((clean.exp() * (clean - ablated)).sum(-1).mean())
 
     templates = {"tokenizer's template": None, "given template": args.template}
     out: dict = {"run": str(args.run), "prompts": sizes, "template": args.template, "templates": {}}
@@ -116,7 +105,7 @@ def main(argv=None) -> int:
             edits = ablation_edits(v, n_layers)
             res["candidates"][f"L{layer}/{pos}"] = {
                 "bypass": float(scores_of(iv, val_h, data.tokens, edits).mean()),
-                "ablated_refusal_rate": refusal_rate(val_h, edits), "kl_harmless": kl(val_ok, edits),
+                "ablated_refusal_rate": refusal_rate(val_h, edits), "kl_harmless": last_position_kl(iv, val_ok, edits),
                 "norm": float(v.norm())}
             log.info("%s L%d/%d: %s", name, layer, pos, json.dumps(res["candidates"][f"L{layer}/{pos}"]))
         out["templates"][name] = res
