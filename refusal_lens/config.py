@@ -258,7 +258,8 @@ class SAEConfig:
 class DirectionConfig:
     """The refusal direction of Arditi et al. 2024: contrast, candidates, selection by cause (docs/direction.md)."""
 
-    #: harmless contrast prompts: null = the embedded set written by the project (refusal_lens/data/harmless),
+    #: harmless contrast prompts: null = ``embedded:harmless``, the set of varied task instructions written by the
+    #: project (refusal_lens/data/harmless/instructions.csv; ``embedded:harmless-questions``: its how-to questions),
     #: or a CSV/JSONL/parquet file or a datasets folder with a ``prompt`` column (e.g. Alpaca). Collected with
     #: label ``harmless`` (responses, judgements, activations) and split like every prompt.
     harmless: str | None = None

@@ -5,8 +5,9 @@ Every row becomes a :class:`Prompt` with ``source`` (file it came from) and ``la
 ``or-bench-80k.csv`` and ``or-bench-hard-1k.csv`` are *safe*, ``or-bench-toxic.csv`` is *toxic*.
 
 The *harmless* prompts of the refusal-direction contrast (plain instructions, label ``harmless``) come
-from ``direction.harmless``: the embedded set (``refusal_lens/data/harmless/harmless.csv``) or any file or
-datasets folder with a ``prompt`` column (:func:`load_harmless`).
+from ``direction.harmless``: an embedded set (``embedded:harmless``, the default: varied task instructions,
+``refusal_lens/data/harmless/instructions.csv``; ``embedded:harmless-questions``: how-to questions,
+``harmless/questions.csv``) or any file or datasets folder with a ``prompt`` column (:func:`load_harmless`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def sample_set_path() -> Path:
 
 #: ``data.path`` / ``direction.harmless`` values naming an embedded set instead of a path.
 EMBEDDED_SETS = {"embedded:sample": "sample_or_bench", "embedded:large": "or_bench_large",
-                 "embedded:harmless": "harmless/harmless.csv"}
+                 "embedded:harmless": "harmless/instructions.csv", "embedded:harmless-questions": "harmless/questions.csv"}
 
 
 def embedded_set_path(name: str) -> Path:
@@ -293,9 +294,13 @@ def load_prompts(cfg: DataConfig) -> list[Prompt]:
 
 def read_harmless(path: str | Path | None) -> list[Prompt]:
     """Plain harmless instructions: ``path`` (a file or datasets folder with a ``prompt`` column; ``category``
-    optional) or, when None, the embedded set. Labelled ``harmless``; category ``harmless`` when absent."""
-    root = embedded_set_path("embedded:harmless") if path is None or str(path) == "embedded:harmless" \
-        else Path(path).expanduser()
+    optional; or an embedded set's name, ``embedded:harmless*``) or, when None, the embedded default
+    (``embedded:harmless``). Labelled ``harmless``; category ``harmless`` when absent."""
+    name = "embedded:harmless" if path is None else str(path)
+    if name.startswith("embedded:") and not name.startswith("embedded:harmless"):
+        raise DataError(f"direction.harmless={name!r}: allowed embedded sets: embedded:harmless, "
+                        "embedded:harmless-questions, or a file or datasets folder with a 'prompt' column")
+    root = embedded_set_path(name) if name.startswith("embedded:") else Path(path).expanduser()
     if not root.exists():
         raise DataError(f"direction.harmless={str(root)!r} does not exist")
     if root.is_dir():

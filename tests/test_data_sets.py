@@ -14,7 +14,8 @@ from refusal_lens.prompts import CATEGORIES, OR_BENCH_FILES, read_prompts, sampl
 
 DATA = Path(str(resources.files("refusal_lens") / "data"))
 LARGE = DATA / "or_bench_large"
-HARMLESS = DATA / "harmless" / "harmless.csv"
+#: the harmless sets: varied task instructions (the default, ``embedded:harmless``) and how-to questions
+HARMLESS = {"instructions": DATA / "harmless" / "instructions.csv", "questions": DATA / "harmless" / "questions.csv"}
 #: rows per category in each file of the large set as first written (its first 600 / 200 / 200 rows)
 LARGE_PER_CATEGORY = {"or-bench-toxic": 60, "or-bench-80k": 20, "or-bench-hard-1k": 20}
 #: rows appended later (2026-12-02) so that every refused category x label group of the `full` run's test split
@@ -30,8 +31,8 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
-def read_harmless() -> tuple[list[str], list[dict]]:
-    with HARMLESS.open(newline="", encoding="utf-8") as fh:
+def read_harmless(name: str) -> tuple[list[str], list[dict]]:
+    with HARMLESS[name].open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         return list(reader.fieldnames or []), list(reader)
 
@@ -68,10 +69,11 @@ def test_large_set_contains_every_sample_row(large):
     assert [p.prompt for p in sample if (p.source, p.prompt, p.category) not in rows] == []
 
 
-def test_harmless_rows_topics_and_no_overlap_with_large_set(large):
-    columns, rows = read_harmless()
+@pytest.mark.parametrize(("name", "n_rows"), [("instructions", 400), ("questions", 299)])
+def test_harmless_rows_topics_and_no_overlap_with_large_set(large, name, n_rows):
+    columns, rows = read_harmless(name)
     assert columns == ["prompt", "category"]
-    assert len(rows) >= 260
+    assert len(rows) == n_rows
     assert all(r["prompt"].strip() and r["category"].strip() for r in rows)
     topics = Counter(r["category"] for r in rows)
     assert len(topics) >= 10 and not set(topics) & set(CATEGORIES)
@@ -80,9 +82,28 @@ def test_harmless_rows_topics_and_no_overlap_with_large_set(large):
     assert set(texts) & {normalise(p.prompt) for p in large} == set()
 
 
+def test_harmless_sets_do_not_overlap_and_the_instructions_vary_in_form():
+    """The default set is written in varied task forms (not mostly how-to questions like the other set)."""
+    instructions = [normalise(r["prompt"]) for r in read_harmless("instructions")[1]]
+    questions = {normalise(r["prompt"]) for r in read_harmless("questions")[1]}
+    assert set(instructions) & questions == set()
+    first_words = Counter(t.split()[0] for t in instructions)
+    assert (first_words["how"] + first_words["what"]) / len(instructions) < 0.15
+    assert len(first_words) >= 40
+
+
+def test_embedded_harmless_names():
+    from refusal_lens.prompts import DataError, read_harmless as read
+
+    assert len(read(None)) == len(read("embedded:harmless")) == 400
+    assert len(read("embedded:harmless-questions")) == 299
+    with pytest.raises(DataError, match="embedded:harmless-questions"):
+        read("embedded:large")
+
+
 def test_every_embedded_csv_is_package_data():
     with (Path(__file__).parents[1] / "pyproject.toml").open("rb") as fh:
         globs = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["refusal_lens"]
     files = sorted(p.relative_to(DATA.parent).as_posix() for p in DATA.rglob("*.csv"))
-    assert len(files) == 7
+    assert len(files) == 8
     assert [f for f in files if not any(fnmatch(f, g) for g in globs)] == []
