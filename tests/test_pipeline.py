@@ -121,6 +121,25 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         tcheck.main(["--run", str(run), "--template", "no placeholder"])
     assert err.value.code == 2
+    # and the contrast-sets check (every harmful x harmless set pair; files go through the score filter)
+    from planted import HARMLESS, TOXIC
+
+    harmful_file = tmp_path / "harmful.json"
+    harmful_file.write_text(json.dumps([{"instruction": t} for t in TOXIC]))
+    harmless_file = tmp_path / "harmless-other.csv"
+    harmless_file.write_text("prompt\n" + "\n".join(HARMLESS) + "\n")
+    scheck = load_script("direction_sets_check")
+    assert scheck.main(["--run", str(run), "--candidates", "1:-1", "--harmful", "run", "--harmful", f"file={harmful_file}",
+                        "--harmless", "run", "--harmless", f"other={harmless_file}", "--fit-prompts", "4",
+                        "--eval-prompts", "4", "--max-new-tokens", "3"]) == 0
+    sets = json.loads((run / "direction_sets_check.json").read_text())
+    pairs = sets["candidates"]["L1/-1"]
+    assert set(pairs) == {"run+run", "run+other", "file+run", "file+other"}
+    assert pairs["run+run"]["cosine_with_run+run"] == pytest.approx(1.0, abs=1e-5)
+    assert all(set(row["kl"]) == {"run", "other"} and min(row["kl"].values()) >= 0 for row in pairs.values())
+    assert 0 < sets["prompts"]["fit"]["harmful"]["file"] <= 4 and sets["prompts"]["kl"]["other"] <= 4
+    with pytest.raises(SystemExit, match="each NAME once"):
+        scheck.main(["--run", str(run), "--harmless", "a=x.csv", "--harmless", "a=y.csv"])
     doc = json.loads((run / "rerun_circuit-test.json").read_text())
     assert doc["same_responses_as_stage"] == {"equal": behaviour["headline"]["n"], "of": behaviour["headline"]["n"]}
     assert doc["circuit"]["refusal_rate"] == behaviour["headline"]["refusal_rate"]
