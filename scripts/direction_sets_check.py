@@ -105,11 +105,13 @@ def main(argv=None) -> int:
     def from_file(source: str, harmful: bool, n: int):
         texts = read_texts(source)
         random.Random(args.seed).shuffle(texts)
-        enc = [encode_prompt(tok, t, max_tokens) for t in texts[: 4 * n]]  # enough to keep n after the filter
-        scores = scores_of(iv, enc, data.tokens)
-        kept = [p for p, s in zip(enc, scores) if (s > 0 if harmful else s < 0)]
-        log.info("%s: %d of %d prompts kept by the score filter", source, len(kept), len(enc))
-        return kept
+        kept, seen = [], 0
+        while len(kept) < n and seen < len(texts):  # score chunks until n are kept (or the file ends)
+            enc = [encode_prompt(tok, t, max_tokens) for t in texts[seen: seen + n]]
+            seen += len(enc)
+            kept += [p for p, s in zip(enc, scores_of(iv, enc, data.tokens)) if (s > 0 if harmful else s < 0)]
+        log.info("%s: %d of %d prompts kept by the score filter", source, len(kept), seen)
+        return kept[:n]
 
     fit: dict[str, dict] = {"harmful": {}, "harmless": {}}
     kl_prompts: dict[str, list] = {}
