@@ -360,8 +360,12 @@ def part_sae(shape: Shape, device: torch.device, report: Report, scratch: Path) 
             del sae
         per_step[precision] = (runs[long] - runs[short]) / (long - short)
     for precision, s in per_step.items():
-        report.add("sae", f"TopK {d_in} -> {d_in * shape.expansion} (k {shape.k}), {n}-token batches, {precision}",
-                   s * 1e3, per_step["fp32"] / s, f"{n / s:,.0f} tok/s; ratio = throughput vs fp32",
+        name = f"TopK {d_in} -> {d_in * shape.expansion} (k {shape.k}), {n}-token batches, {precision}"
+        if s <= 0 or per_step["fp32"] <= 0:  # the longer run was not slower: a step is below the timing noise
+            report.add("sae", name, None, None, f"not resolved: {long} steps took no longer than {short} "
+                       "(timing noise; use larger shapes)", seconds_per_step=s)
+            continue
+        report.add("sae", name, s * 1e3, per_step["fp32"] / s, f"{n / s:,.0f} tok/s; ratio = throughput vs fp32",
                    seconds_per_step=s)
     for precision in ("tf32", "bf16"):
         if precision not in per_step:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def test_bench_gpu_tiny_runs_and_reports(tmp_path, capsys):
     assert collect["check: hf_hooks == HF hidden states (fp16, layers 0-30)"]["equal"] is True
     assert collect["check: hf_hooks (sdpa) vs bridge (eager-like), max relative L2 over hooks"]["relative_error"] < 1e-2
     sae = doc["parts"]["sae"]
-    assert sae[0]["seconds_per_step"] > 0 and [r["note"] for r in sae[1:3]] == ["skipped: needs CUDA"] * 2
+    # a timing difference (long minus short run): its sign is wall-clock noise at tiny shapes, so only its
+    # reporting is checked, never its value
+    assert math.isfinite(sae[0]["seconds_per_step"]) and [r["note"] for r in sae[1:3]] == ["skipped: needs CUDA"] * 2
+    assert (sae[0]["ratio"] == 1.0) == (sae[0]["seconds_per_step"] > 0)
     discover = {r["variant"].split(" (")[0]: r for r in doc["parts"]["discover"]}
     assert "finite: True" in discover["one batch"]["note"]
     assert not any(r["variant"] == "FAILED" for rows in doc["parts"].values() for r in rows)
