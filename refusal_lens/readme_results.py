@@ -109,7 +109,7 @@ def render_run(title: str, s: dict) -> list[str]:
 
 def render(results: Path = RESULTS) -> str:
     parts = [BEGIN, ""]
-    for name, title in (("main_job.json", "The main job (`make run`: 120 sample OR-Bench prompts, 60 harmless instructions)"),
+    for name, title in (("main_job.json", "The main job (`make run`: 120 sample OR-Bench prompts, 100 harmless instructions)"),
                         ("full_cpu.json", "The `full` configuration (`configs/pipelines/full_cpu.yaml`)")):
         path = results / name
         if path.is_file():
