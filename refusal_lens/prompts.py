@@ -78,6 +78,10 @@ EMBEDDED_SETS = {"embedded:sample": "sample_or_bench", "embedded:large": "or_ben
                  "embedded:harmless": "harmless/instructions.csv", "embedded:harmless-questions": "harmless/questions.csv"}
 
 
+#: the embedded sets ``direction.harmless`` accepts (the others are OR-Bench-shaped ``data.path`` sets).
+HARMLESS_SETS = tuple(k for k, v in EMBEDDED_SETS.items() if v.startswith("harmless/"))
+
+
 def embedded_set_path(name: str) -> Path:
     """The package folder (or file) of an embedded prompt set, ``embedded:<name>``."""
     if name not in EMBEDDED_SETS:
@@ -297,10 +301,10 @@ def read_harmless(path: str | Path | None) -> list[Prompt]:
     optional; or an embedded set's name, ``embedded:harmless*``) or, when None, the embedded default
     (``embedded:harmless``). Labelled ``harmless``; category ``harmless`` when absent."""
     name = "embedded:harmless" if path is None else str(path)
-    if name.startswith("embedded:") and not name.startswith("embedded:harmless"):
-        raise DataError(f"direction.harmless={name!r}: allowed embedded sets: embedded:harmless, "
-                        "embedded:harmless-questions, or a file or datasets folder with a 'prompt' column")
-    root = embedded_set_path(name) if name.startswith("embedded:") else Path(path).expanduser()
+    if name.startswith("embedded:") and name not in HARMLESS_SETS:
+        raise DataError(f"direction.harmless={name!r}: allowed embedded sets: {', '.join(HARMLESS_SETS)}, "
+                        "or a file or datasets folder with a 'prompt' column")
+    root = embedded_set_path(name) if name in HARMLESS_SETS else Path(path).expanduser()
     if not root.exists():
         raise DataError(f"direction.harmless={str(root)!r} does not exist")
     if root.is_dir():

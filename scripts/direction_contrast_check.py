@@ -66,6 +66,14 @@ def last_position_kl(iv, prompts, edits) -> float:
     return float((clean.exp() * (clean - edited)).sum(-1).mean())
 
 
+def judged_refusal_rate(iv, tokenizer, prompts, max_new_tokens: int, edits=None) -> float:
+    """Share of ``prompts`` whose greedy response (``max_new_tokens``, under ``edits``) the judge calls refused."""
+    from refusal_lens.judge import judge
+
+    outs = iv.generate(prompts, max_new_tokens, edits)
+    return sum(judge(tokenizer.decode(ids, skip_special_tokens=True)).refused for ids in outs) / len(outs)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a run folder whose collect stage finished")

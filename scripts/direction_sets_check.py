@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from direction_contrast_check import last_position_kl, open_run, parse_candidates  # noqa: E402  (the sibling script)
+from direction_contrast_check import judged_refusal_rate, last_position_kl, open_run, parse_candidates  # noqa: E402
 
 log = logging.getLogger("direction_sets_check")
 
@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     from refusal_lens.direction.candidates import difference_in_means
     from refusal_lens.direction.edits import ablation_edits
     from refusal_lens.direction.select import scores_of
-    from refusal_lens.judge import judge
 
     cfg, data, loaded, iv = open_run(ap, args.run, picks, args.batch_size)
     n_layers, d_model = int(data.manifest["n_layers"]), loaded.hf_model.config.hidden_size
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
                          f"(allowed: -{n_post}..-1)")
 
     def refusal_rate(edits=None) -> float:
-        outs = iv.generate(val_harmful, args.max_new_tokens, edits)
-        return sum(judge(tok.decode(o, skip_special_tokens=True)).refused for o in outs) / len(outs)
+        return judged_refusal_rate(iv, tok, val_harmful, args.max_new_tokens, edits)
 
     pairs = {f"{h}+{ok}": difference_in_means(iv, fit["harmful"][h], fit["harmless"][ok], n_layers, d_model)
              for h in fit["harmful"] for ok in fit["harmless"]}

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from direction_contrast_check import last_position_kl, open_run, parse_candidates  # noqa: E402  (the sibling script)
+from direction_contrast_check import judged_refusal_rate, last_position_kl, open_run, parse_candidates  # noqa: E402
 
 log = logging.getLogger("direction_template_check")
 
@@ -66,7 +66,6 @@ def main(argv=None) -> int:
     from refusal_lens.direction.candidates import difference_in_means
     from refusal_lens.direction.edits import ablation_edits
     from refusal_lens.direction.select import scores_of
-    from refusal_lens.judge import judge
 
     cfg, data, loaded, iv = open_run(ap, args.run, picks, args.batch_size)
     n_layers = int(data.manifest["n_layers"])
@@ -81,9 +80,7 @@ def main(argv=None) -> int:
     log.info("prompts: %s", sizes)
 
     def refusal_rate(prompts, edits=None) -> float:
-        outs = iv.generate(prompts, args.max_new_tokens, edits)
-        texts = [loaded.tokenizer.decode(ids, skip_special_tokens=True) for ids in outs]
-        return sum(judge(t).refused for t in texts) / len(texts)
+        return judged_refusal_rate(iv, loaded.tokenizer, prompts, args.max_new_tokens, edits)
 
     templates = {"tokenizer's template": None, "given template": args.template}
     out: dict = {"run": str(args.run), "prompts": sizes, "template": args.template, "templates": {}}
