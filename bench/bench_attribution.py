@@ -27,14 +27,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from refusal_lens.chat import encode_prompt  # noqa: E402
-from refusal_lens.circuits.attribution import RefusalScoreMetric, Runner, fixed_baseline, frozen_parameters  # noqa: E402
-from refusal_lens.circuits.nodes import NodeSpace, make_batch  # noqa: E402
-from refusal_lens.circuits.stage import load_saes, reference_means  # noqa: E402
-from refusal_lens.circuits.validate import pearson, sample_agreement_nodes, spearman  # noqa: E402
+from refusal_lens.core.chat import encode_prompt  # noqa: E402
+from refusal_lens.stages.circuits.attribution import RefusalScoreMetric, Runner, fixed_baseline, frozen_parameters  # noqa: E402
+from refusal_lens.stages.circuits.nodes import NodeSpace, make_batch  # noqa: E402
+from refusal_lens.stages.circuits.stage import load_saes, reference_means  # noqa: E402
+from refusal_lens.stages.circuits.validate import pearson, sample_agreement_nodes, spearman  # noqa: E402
 from refusal_lens.config import load_config  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
-from refusal_lens.refusal import RefusalTokens  # noqa: E402
+from refusal_lens.core.refusal import RefusalTokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

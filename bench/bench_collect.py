@@ -24,8 +24,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from refusal_lens.chat import encode_prompt, left_pad, render  # noqa: E402
-from refusal_lens.collect import (  # noqa: E402
+from refusal_lens.core.chat import encode_prompt, left_pad, render  # noqa: E402
+from refusal_lens.stages.collect.stage import (  # noqa: E402
     BatchOutput,
     CollectStats,
     ShardWriter,
@@ -33,11 +33,11 @@ from refusal_lens.collect import (  # noqa: E402
     generate_responses,
 )
 from refusal_lens.config import InferenceConfig, ModelConfig  # noqa: E402
-from refusal_lens.estimate import measure_hook_widths  # noqa: E402
-from refusal_lens.hooks import resolve_hooks  # noqa: E402
+from refusal_lens.infra.storage_estimate import measure_hook_widths  # noqa: E402
+from refusal_lens.core.hooks import resolve_hooks  # noqa: E402
 from refusal_lens.models.loading import load_hf_model, load_model  # noqa: E402
-from refusal_lens.prompts import read_prompts  # noqa: E402
-from refusal_lens.refusal import family_refusal_tokens  # noqa: E402
+from refusal_lens.data.prompts import read_prompts  # noqa: E402
+from refusal_lens.core.refusal import family_refusal_tokens  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from refusal_lens import durable
+from refusal_lens.infra import durable
 from refusal_lens.activations.store import hook_features, hook_record_batch, write_arrow_file
 
 WIDTH = 896

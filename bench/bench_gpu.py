@@ -14,7 +14,7 @@
    through the SAE stage's ``build_training_sae`` / ``train_sae`` with ``sae.precision`` fp32, tf32,
    bf16; ms per step from the difference of a long and a short run (setup cancels out).
 3. **discover**: one attribution batch (8 x 256 tokens) on the bridge: AtP over every node of 4 TopK
-   SAEs plus exact patching of their error nodes (:class:`refusal_lens.circuits.attribution.Runner`).
+   SAEs plus exact patching of their error nodes (:class:`refusal_lens.stages.circuits.attribution.Runner`).
 4. **pipeline**: ``refusal-lens run --config configs/pipelines/llama2_7b_gpu.yaml`` on that random
    model (saved to a scratch folder) with 64 sample prompts and sizes cut down by ``--set``, as a
    subprocess; stage times from its status.json.
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the GPU machine runs from a checkout, not an installed package
 
-from refusal_lens.hooks import hook_name  # noqa: E402
+from refusal_lens.core.hooks import hook_name  # noqa: E402
 
 PARTS = ("collect", "sae", "discover", "pipeline")
 
@@ -149,7 +149,7 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, folder: 
     bridge booted on a structural copy: a LoadedModel as ``load_model`` gives."""
     from transformers import LlamaForCausalLM
 
-    from refusal_lens.models.families import family_for_template
+    from refusal_lens.core.families import family_for_template
     from refusal_lens.models.loading import LoadedModel, _boot_bridge, load_tokenizer
     from refusal_lens.models.synthetic import chat_vocab, save_chat_tokenizer
 
@@ -172,8 +172,8 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, folder: 
 
 
 def refusal_tokens(loaded):
-    from refusal_lens.chat import render
-    from refusal_lens.refusal import family_refusal_tokens
+    from refusal_lens.core.chat import render
+    from refusal_lens.core.refusal import family_refusal_tokens
 
     return family_refusal_tokens(loaded.tokenizer, render(loaded.tokenizer, "Hello"), loaded.family.refusal_words)
 
@@ -196,11 +196,11 @@ def _meta_arrays(n: int, prompt_ids: list[str], positions: list[int]) -> dict:
 def part_collect(loaded, shape: Shape, report: Report, scratch: Path) -> None:
     from refusal_lens.activations.collector import CollectRequest, HFHookCollector, overlapped
     from refusal_lens.activations.store import hook_features, hook_record_batch, write_arrow_file
-    from refusal_lens.chat import EncodedPrompt
-    from refusal_lens.collect import BatchOutput, CollectStats, ShardWriter, forward_and_extract
+    from refusal_lens.core.chat import EncodedPrompt
+    from refusal_lens.stages.collect.stage import BatchOutput, CollectStats, ShardWriter, forward_and_extract
     from refusal_lens.config import InferenceConfig
-    from refusal_lens.estimate import ModelShape, forward_bytes
-    from refusal_lens.prompts import Prompt
+    from refusal_lens.infra.memory_plan import ModelShape, forward_bytes
+    from refusal_lens.data.prompts import Prompt
 
     device, hf, bridge = loaded.device, loaded.hf_model, loaded.model
     B, T, K, L, d = shape.batch, shape.seq, shape.batches_per_run, shape.n_layers, shape.d_model
@@ -338,8 +338,8 @@ def part_collect(loaded, shape: Shape, report: Report, scratch: Path) -> None:
 
 def part_sae(shape: Shape, device: torch.device, report: Report, scratch: Path) -> None:
     from refusal_lens.config import SAEConfig
-    from refusal_lens.saes.data import tensor_batches
-    from refusal_lens.saes.train import build_training_sae, train_sae
+    from refusal_lens.stages.saes.data import tensor_batches
+    from refusal_lens.stages.saes.train import build_training_sae, train_sae
 
     d_in, n = shape.d_model, shape.sae_batch
     data = torch.randn(16 * n, d_in, generator=torch.Generator().manual_seed(0))
@@ -380,14 +380,14 @@ def part_sae(shape: Shape, device: torch.device, report: Report, scratch: Path) 
 
 def part_discover(loaded, shape: Shape, report: Report) -> None:
     """AtP over every node of 4 SAEs and exact patching of their error nodes, for one batch."""
-    from refusal_lens.chat import EncodedPrompt
-    from refusal_lens.circuits.attribution import Runner
-    from refusal_lens.circuits.baselines import ClassMeans
-    from refusal_lens.circuits.nodes import NodeSpace
+    from refusal_lens.core.chat import EncodedPrompt
+    from refusal_lens.stages.circuits.attribution import Runner
+    from refusal_lens.stages.circuits.baselines import ClassMeans
+    from refusal_lens.stages.circuits.nodes import NodeSpace
     from refusal_lens.config import SAEConfig
-    from refusal_lens.estimate import ModelShape, backward_bytes, node_values_bytes, sae_param_count
-    from refusal_lens.intervene import frozen, make_batch
-    from refusal_lens.saes.train import build_training_sae
+    from refusal_lens.infra.memory_plan import ModelShape, backward_bytes, node_values_bytes, sae_param_count
+    from refusal_lens.core.intervene import frozen, make_batch
+    from refusal_lens.stages.saes.train import build_training_sae
 
     device, d, d_sae = loaded.device, shape.d_model, shape.d_model * shape.expansion
     hooks = tuple(hook_name("residuals", layer) for layer in shape.discover_layers)
@@ -438,7 +438,7 @@ def part_discover(loaded, shape: Shape, report: Report) -> None:
 
 
 def pipeline_overrides(shape: Shape, model_dir: Path, results: Path, device: torch.device, tiny: bool) -> list[str]:
-    from refusal_lens.prompts import read_prompts
+    from refusal_lens.data.prompts import read_prompts
 
     categories = sorted({p.category for p in read_prompts(None)})[:8]  # 8 categories x 2 labels x 4 = 64 prompts
     sets = {

@@ -24,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from refusal_lens.chat import encode_prompt  # noqa: E402
+from refusal_lens.core.chat import encode_prompt  # noqa: E402
 from refusal_lens.config import ModelConfig  # noqa: E402
-from refusal_lens.direction.edits import ablation_edits  # noqa: E402
-from refusal_lens.intervene import Intervener  # noqa: E402
+from refusal_lens.core.direction_edits import ablation_edits  # noqa: E402
+from refusal_lens.core.intervene import Intervener  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
-from refusal_lens.prompts import read_prompts  # noqa: E402
+from refusal_lens.data.prompts import read_prompts  # noqa: E402
 
 
 def main() -> int:

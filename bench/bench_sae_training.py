@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from refusal_lens.activations.store import HookActivations  # noqa: E402
 from refusal_lens.config import SAEConfig  # noqa: E402
-from refusal_lens.saes.data import activation_batches, split_rows, tensor_batches  # noqa: E402
-from refusal_lens.saes.train import build_training_sae, train_sae  # noqa: E402
+from refusal_lens.stages.saes.data import activation_batches, split_rows, tensor_batches  # noqa: E402
+from refusal_lens.stages.saes.train import build_training_sae, train_sae  # noqa: E402
 
 
 def run(cfg: SAEConfig, acts: HookActivations, batches, rows: int) -> float:
@@ -48,10 +48,10 @@ def lm_runner_seconds(args, cfg: SAEConfig, acts: HookActivations, tokens: int, 
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig
 
-    from refusal_lens.chat import encode_prompt
+    from refusal_lens.core.chat import encode_prompt
     from refusal_lens.config import ModelConfig
     from refusal_lens.models.loading import load_model
-    from refusal_lens.prompts import read_prompts
+    from refusal_lens.data.prompts import read_prompts
 
     loaded = load_model(ModelConfig(name=args.model, backend="hooked", activation_layers=(acts.hook,)))
     ids = [i for p in read_prompts(None) for i in encode_prompt(loaded.tokenizer, p.prompt, 256).ids]

@@ -1,4 +1,4 @@
-"""Cost of one circuit similarity test (`refusal_lens.analysis.stats.similarity_test`) against the direct
+"""Cost of one circuit similarity test (`refusal_lens.core.stats.similarity_test`) against the direct
 permutation test in node space, measured in the same run.
 
 Baseline: the permutation null computed the direct way, every permuted group mean formed in node space
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from refusal_lens.analysis.stats import similarity_test
+from refusal_lens.core.stats import similarity_test
 
 
 def node_space_null(ea: np.ndarray, eb: np.ndarray, n_perm: int, rng: np.random.Generator) -> np.ndarray:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from refusal_lens.config import load_config
 from refusal_lens.errors import UserError
-from refusal_lens.status import STATUS_FILE, StageOutcome, StatusFile, format_status, rates_summary, read_status
+from refusal_lens.infra.status import STATUS_FILE, format_status, read_status
 
 logger = logging.getLogger("refusal_lens")
 
@@ -57,14 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="a run folder (<output.result_dir>/<run>) or a results folder holding several runs")
     p.add_argument("--json", action="store_true", help="print the status of every run found as a JSON list")
 
-    for name, help_text in [
-        ("collect", "collect prompts, responses, refusal judgements, the split and activations"),
-        ("direction", "select the refusal direction by cause (validation) and evaluate it (test)"),
-        ("train-saes", "train one SAE per collected hook"),
-        ("discover", "discover refusal circuits by attribution patching"),
-        ("analyze", "analyse circuits and write the report"),
-        ("run", "the main job: every stage in order (collect, direction, train-saes, discover, analyze)"),
-    ]:
+    from refusal_lens.pipeline import STAGES
+
+    commands = [(name, spec.help) for name, spec in STAGES.items()]
+    commands.append(("run", f"the main job: every stage in order ({', '.join(STAGES)})"))
+    for name, help_text in commands:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo finished work instead of skipping it")
@@ -72,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
-    from refusal_lens.estimate import estimate_for_config, measure_hook_widths
-    from refusal_lens.hooks import resolve_hooks
+    from refusal_lens.infra.storage_estimate import estimate_for_config, measure_hook_widths
+    from refusal_lens.core.hooks import resolve_hooks
     from refusal_lens.models.loading import load_model
 
     overrides = list(args.overrides)
@@ -97,7 +94,7 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from refusal_lens.estimate import device_capacity, plan_for_config
+    from refusal_lens.infra.memory_plan import device_capacity, plan_for_config
 
     cfg = load_config(args.config, args.overrides)
     plan = plan_for_config(cfg)
@@ -107,21 +104,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n".join(plan.lines(capacity)) + "\n")
     return 0
-
-
-def _log_memory_plan(cfg) -> None:
-    """The memory plan in the log before any model loads. It only informs: a model whose config cannot be
-    read here (a hub name offline, a missing folder, an architecture transformers lacks) gets a warning,
-    and the stage itself reports the real error."""
-    from refusal_lens.estimate import device_capacity, plan_for_config
-
-    try:
-        plan = plan_for_config(cfg)
-    except Exception as err:  # noqa: BLE001 (never changes what the command does)
-        logger.warning("no memory plan for %s: %s", cfg.model.name, err)
-        return
-    for line in plan.lines(device_capacity(cfg.model.device)):
-        logger.info("%s", line)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -149,129 +131,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
-    from refusal_lens.collect import format_rates
-    from refusal_lens.pipeline import run_collect
-
-    result = run_collect(cfg, dist, models, force=force, status=status)
-    if dist.is_main:
-        sys.stdout.write(f"refusal rates ({result.n_prompts} prompts; safe = over-refusal, toxic = correct refusal):\n")
-        sys.stdout.write(format_rates(result.rates) + "\n")
-        sys.stdout.write(f"activations: {result.folder} ({len(result.hooks)} hooks)\n")
-    return StageOutcome("skipped" if result.skipped else "done",
-                        {"prompts": result.n_prompts, "hooks": len(result.hooks),
-                         "refusal_rate": rates_summary(result.rates)})
-
-
-def _direction(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
-    from refusal_lens.direction.stage import format_summary
-    from refusal_lens.pipeline import run_direction
-
-    result = run_direction(cfg, dist, models, force=force, status=status)
-    if dist.is_main:
-        sys.stdout.write(format_summary(result.summary) + "\n")
-        sys.stdout.write(f"direction: {result.folder}\n")
-    d = result.summary["direction"]
-    return StageOutcome("skipped" if result.skipped else "done", {"hook": d["hook"], "position": d["position"]})
-
-
-def _train_saes(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
-    from refusal_lens.pipeline import run_train_saes
-    from refusal_lens.saes.stage import format_quality
-
-    result = run_train_saes(cfg, dist, models, force=force, status=status)
-    if dist.is_main:
-        sys.stdout.write(f"SAE quality on held-out prompts (bar: explained variance >= {cfg.sae.min_explained_variance}, "
-                         f"CE loss recovered >= {cfg.sae.min_ce_recovered}):\n")
-        sys.stdout.write(format_quality(result.quality) + "\n")
-        sys.stdout.write(f"SAEs: {result.folder} (trained {len(result.trained)} here, already done {len(result.skipped)})\n")
-    return StageOutcome("skipped" if result.skipped and not result.trained else "done",
-                        {"saes": len(result.quality), "passing": sum(bool(q["passes"]) for q in result.quality),
-                         "trained_here": len(result.trained), "already_done_here": len(result.skipped)})
-
-
-def _discover(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
-    from refusal_lens.circuits.stage import format_summary
-    from refusal_lens.pipeline import run_discover
-
-    result = run_discover(cfg, dist, models, force=force, status=status)
-    if dist.is_main:
-        sys.stdout.write(format_summary(result.summary) + "\n")
-        sys.stdout.write(f"circuits: {result.folder}\n")
-    groups = result.summary["circuits"]
-    b = result.summary.get("behaviour") or {}
-    return StageOutcome("skipped" if result.skipped else "done",
-                        {"circuits": len(groups), "method": result.summary["method"],
-                         "fraction_of_direction": (b.get("headline") or {}).get("fraction_of_direction")})
-
-
-def _analyze(cfg, dist, models, force: bool, status: StatusFile) -> StageOutcome:
-    from refusal_lens.pipeline import run_analyze
-
-    result = run_analyze(cfg, dist, models, force=force, status=status)
-    if dist.is_main:
-        from refusal_lens.analysis.stage import headline_table
-
-        for key, value in headline_table(result.summary).items():
-            sys.stdout.write(f"{key}: {value}\n")
-        sys.stdout.write(f"report: {result.report}\n")
-    return StageOutcome("skipped" if result.skipped else "done", {"report": str(result.report)})
-
-
-#: the stages of each pipeline command, in order; `run` grows as later stages land. A stage is
-#: ``stage(cfg, dist, models, force, status) -> StageOutcome | None``, named after its function (see _stage_name).
-STAGES = {"collect": (_collect,), "direction": (_direction,), "train-saes": (_train_saes,), "discover": (_discover,),
-          "analyze": (_analyze,), "run": (_collect, _direction, _train_saes, _discover, _analyze)}
-
-
-def _stage_name(stage) -> str:
-    """The status name of a stage function: ``_train_saes`` -> ``train-saes``."""
-    return stage.__name__.strip("_").replace("_", "-")
-
-
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from refusal_lens.distributed import distributed, launch_rank
-    from refusal_lens.lock import run_lock
-    from refusal_lens.pipeline import Models, run_dir
+    """A pipeline command (one stage, or ``run``): :func:`refusal_lens.pipeline.run_stages`, printing each stage's
+    result on rank 0."""
+    from refusal_lens.pipeline import COMMANDS, run_stages
 
     cfg = load_config(args.config, args.overrides)
-    stages = STAGES[args.command]
-    # one writer per run folder, for the whole command: taken (by rank 0) before torch is imported,
-    # so that a second writer is refused at once and before it touches anything, status.json included
-    with run_lock(run_dir(cfg), args.command, is_main=launch_rank() == 0), \
-            distributed() as dist:  # one process group for every stage of the command
-        if dist.is_main:
-            _log_memory_plan(cfg)
-        models = Models(cfg, dist)
-        status = StatusFile(run_dir(cfg) / STATUS_FILE, enabled=dist.is_main)
-        status.begin(args.command, [_stage_name(stage) for stage in stages])
-        try:
-            for stage in stages:
-                status.start_stage(_stage_name(stage))
-                outcome = stage(cfg, dist, models, args.force, status) or StageOutcome()
-                status.finish_stage(_stage_name(stage), outcome.state, outcome.summary)
-        except KeyboardInterrupt:
-            status.finish("interrupted")
-            raise
-        except Exception as err:
-            status.finish("failed", error=str(err) or type(err).__name__)
-            raise
-        status.finish("done")
+
+    def show(ctx, lines, result) -> None:
+        if ctx.dist.is_main:
+            sys.stdout.write("\n".join(lines) + "\n")
+
+    run_stages(cfg, COMMANDS[args.command], force=args.force, command=args.command, on_result=show)
     return 0
 
 
-COMMANDS = {
-    "hooks": _cmd_hooks,
-    "plan": _cmd_plan,
-    "models": _cmd_models,
-    "status": _cmd_status,
-    "collect": _cmd_stages,
-    "direction": _cmd_stages,
-    "train-saes": _cmd_stages,
-    "discover": _cmd_stages,
-    "analyze": _cmd_stages,
-    "run": _cmd_stages,
-}
+HANDLERS = {"hooks": _cmd_hooks, "plan": _cmd_plan, "models": _cmd_models, "status": _cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("WANDB_MODE", "disabled")
-    handler = COMMANDS[args.command]
+    handler = HANDLERS.get(args.command, _cmd_stages)
     try:
         return handler(args)
     except UserError as err:

@@ -1,109 +1,159 @@
-"""The main job, stage by stage. Only this module (with the CLI) knows where results go:
+"""The main job, stage by stage: :data:`STAGES` is the one table the CLI, ``run`` and the docs are built from, and
+:func:`run_stage` the one place where a stage's folder is prepared, skipped, resumed, forced and committed.
 
-    <output.result_dir>/<run>/
-        activations/   stage 1: prompts, responses, refusal judgements, the split, activations per hook
-        direction/     stage 2: the refusal direction (selected on validation, evaluated on test)
-        saes/          stage 3 (train-saes)
-        circuits/      stage 4 (discover)
-        analysis/      stage 5 (analyze)
+    1. collect     -> <run>/activations/   prompts, responses, judgements, the split, activations per hook
+    2. direction   -> <run>/direction/     the refusal direction (selected on validation, evaluated on test)
+    3. train-saes  -> <run>/saes/          one SAE per collected hook (SAE-Lens format)
+    4. discover    -> <run>/circuits/      refusal circuits over SAE features, validated on test
+    5. analyze     -> <run>/analysis/      the evidence on test and the offline HTML report
 
-``<run>`` is ``output.run_name``, or the model name made path-safe. Each stage skips when its
-folder is complete and ``force`` is false. Stages take the process's :class:`Dist` (one torchrun
-process group for the whole command) and a :class:`Models` that loads the model once.
+A command (:func:`run_stages`) takes the run folder's lock (one writer at a time), opens one torchrun process
+group for all its stages, loads the model once (when a stage first needs it) and keeps ``status.json`` live.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import logging
-import re
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from refusal_lens.config import Config
-from refusal_lens.distributed import Dist
-from refusal_lens.status import StatusFile
-
+from refusal_lens.infra.status import StageOutcome, StatusFile
+from refusal_lens.run.folder import RunFolder
+from refusal_lens.run.stage import (
+    LazyModel,
+    Stage,
+    StageContext,
+    StageResult,
+    commit,
+    fingerprint_of,
+    prepare_folder,
+)
 logger = logging.getLogger(__name__)
 
 
-def run_dir(cfg: Config) -> Path:
-    name = cfg.output.run_name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model.name).name or cfg.model.name)
-    return Path(cfg.output.result_dir) / name
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of the pipeline: the stage's name (its CLI command and status name), the run folder it writes, what
+    it does, and where its :class:`~refusal_lens.run.stage.Stage` lives (imported when the stage runs, so that the
+    CLI answers and takes the run's lock before torch is imported)."""
+
+    name: str
+    folder: str
+    help: str
+    target: str  # "module:Class"
+
+    def load(self) -> Stage:
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)()
 
 
-def activations_dir(cfg: Config) -> Path:
-    return run_dir(cfg) / "activations"
+#: every stage, in pipeline order; ``refusal-lens <name>`` runs one, ``refusal-lens run`` all of them
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("collect", "activations", "collect prompts, responses, refusal judgements, the split and activations",
+              "refusal_lens.stages.collect.stage:CollectStage"),
+    StageSpec("direction", "direction", "select the refusal direction by cause (validation) and evaluate it (test)",
+              "refusal_lens.stages.direction.stage:DirectionStage"),
+    StageSpec("train-saes", "saes", "train one SAE per collected hook", "refusal_lens.stages.saes.stage:TrainSAEsStage"),
+    StageSpec("discover", "circuits", "discover refusal circuits by attribution patching",
+              "refusal_lens.stages.circuits.stage:DiscoverStage"),
+    StageSpec("analyze", "analysis", "analyse circuits and write the report",
+              "refusal_lens.stages.analysis.stage:AnalyzeStage"),
+)}
+#: the commands that run stages: each stage alone, and ``run`` (all of them in order)
+COMMANDS: dict[str, tuple[str, ...]] = {**{name: (name,) for name in STAGES}, "run": tuple(STAGES)}
 
 
-class Models:
-    """Loads the configured model once per process, on this rank's device, when a stage first needs it."""
-
-    def __init__(self, cfg: Config, dist: Dist):
-        self.cfg, self.dist, self._loaded = cfg, dist, None
-
-    def get(self):
-        from refusal_lens.models.loading import load_model
-
-        if self._loaded is None:
-            self._loaded = load_model(dataclasses.replace(self.cfg.model, device=self.dist.device(self.cfg.model.device)))
-        return self._loaded
+def stage_table() -> str:
+    """The pipeline as a Markdown table (docs/outputs.md holds it; a test keeps it current)."""
+    rows = ["| # | command | folder | what |", "|---|---|---|---|"]
+    rows += [f"| {i} | `refusal-lens {s.name}` | `<run>/{s.folder}/` | {s.help} |" for i, s in enumerate(STAGES.values(), 1)]
+    return "\n".join(rows)
 
 
-def run_collect(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
-                status: StatusFile | None = None):
-    """Stage 1: load the prompts (bad data fails before the model loads), collect into ``<run>/activations``."""
-    from refusal_lens.collect import collect
-    from refusal_lens.prompts import load_harmless, load_prompts
-
-    prompts = load_prompts(cfg.data) + load_harmless(cfg.direction.harmless, cfg.direction.harmless_samples,
-                                                     cfg.data.seed)
-    return collect(models.get(), prompts, cfg, activations_dir(cfg), force=force, dist=dist,
-                   show_progress=show_progress, status=status)
-
-
-def direction_dir(cfg: Config) -> Path:
-    return run_dir(cfg) / "direction"
-
-
-def run_direction(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
-                  status: StatusFile | None = None):
-    """Stage 2: the refusal direction, selected on validation and evaluated on test, into ``<run>/direction``."""
-    from refusal_lens.direction.stage import run_direction_stage
-
-    return run_direction_stage(cfg, models.get(), activations_dir(cfg), direction_dir(cfg), force=force, dist=dist,
-                               show_progress=show_progress, status=status)
-
-
-def saes_dir(cfg: Config) -> Path:
-    return run_dir(cfg) / "saes"
+def run_stage(spec: StageSpec | str, ctx: StageContext, stage: Stage | None = None) -> StageResult:
+    """One stage: check its inputs, prepare its folder (refusing one of other settings), skip it when it is
+    complete and intact, else run it (resuming what a killed run wrote) and commit it. Under torchrun, a stage
+    that is not ``all_ranks`` runs on rank 0 while the others wait, then read its result. ``stage`` replaces the
+    spec's own stage object (e.g. a :class:`~refusal_lens.stages.collect.stage.CollectStage` given its prompts)."""
+    spec = STAGES[spec] if isinstance(spec, str) else spec
+    stage, files = stage or spec.load(), ctx.run.paths.of(spec.folder)
+    stage.check(ctx)  # bad settings and missing inputs fail before anything is written
+    ctx.manifest = prepare_folder(files, fingerprint_of(stage.fingerprint(ctx)), ctx, stage.what,
+                                  getattr(stage, "replace_on_change", False))
+    if ctx.manifest.get("status") == "complete" and getattr(stage, "still_complete", lambda _: True)(ctx):
+        logger.info("%s: %s is complete (--force redoes it)", spec.name, files.dir)
+        summary = stage.load(ctx)
+        if hasattr(stage, "on_skip"):
+            stage.on_skip(ctx, summary)
+        return StageResult(spec.name, files.dir, summary, skipped=True, stage=stage)
+    summary, fields = None, {}
+    if stage.all_ranks or ctx.dist.is_main:
+        summary, fields = stage.run(ctx)
+    ctx.dist.barrier()
+    if ctx.dist.is_main:
+        ctx.manifest = commit(files, fields)
+    ctx.dist.barrier()
+    return StageResult(spec.name, files.dir, summary if summary is not None else stage.load(ctx), stage=stage)
 
 
-def run_train_saes(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
-                   status: StatusFile | None = None):
-    """Stage 2: one SAE per collected hook into ``<run>/saes`` (the model serves the splice metrics)."""
-    from refusal_lens.saes.stage import run_sae_stage
+def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, command: str | None = None,
+               show_progress: bool = True, on_result: Callable[[StageContext, list[str], StageResult], None] | None = None,
+               models: LazyModel | None = None) -> dict[str, StageResult]:
+    """Run ``names`` (stage names, in order) on the run folder of ``cfg``: the lock, one process group, one model,
+    the live status. ``on_result(ctx, lines, result)`` is called after each stage with the lines it reports (the CLI
+    prints them)."""
+    from refusal_lens.infra.distributed import distributed, launch_rank
+    from refusal_lens.infra.lock import run_lock
 
-    return run_sae_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), force=force, dist=dist,
-                         show_progress=show_progress, status=status)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
+    command = command or (names[0] if len(names) == 1 else "run")
+    run = RunFolder.of(cfg)
+    results: dict[str, StageResult] = {}
+    # one writer per run folder, for the whole command: taken (by rank 0) before torch is imported, so that a
+    # second writer is refused at once and before it touches anything, status.json included
+    with run_lock(run.root, command, is_main=launch_rank() == 0), distributed() as dist:
+        if dist.is_main:
+            log_memory_plan(cfg)
+        models = models if models is not None else LazyModel(cfg, dist)
+        status = StatusFile(run.status_file, enabled=dist.is_main)
+        status.begin(command, list(names))
+        try:
+            for name in names:
+                status.start_stage(name)
+                ctx = StageContext(cfg, run, dist, models, status, force, show_progress)
+                results[name] = result = run_stage(name, ctx)
+                lines, outcome = result.stage.outcome(ctx, result)
+                if on_result is not None:
+                    on_result(ctx, lines, result)
+                outcome = outcome or StageOutcome()
+                status.finish_stage(name, outcome.state, outcome.summary)
+        except KeyboardInterrupt:
+            status.finish("interrupted")
+            raise
+        except Exception as err:
+            status.finish("failed", error=str(err) or type(err).__name__)
+            raise
+        status.finish("done")
+    return results
 
 
-def circuits_dir(cfg: Config) -> Path:
-    return run_dir(cfg) / "circuits"
+def log_memory_plan(cfg: Config) -> None:
+    """The memory plan in the log before any model loads. It only informs: a model whose config cannot be read
+    here (a hub name offline, a missing folder, an architecture transformers lacks) gets a warning, and the stage
+    itself reports the real error."""
+    from refusal_lens.infra.memory_plan import device_capacity, plan_for_config
+
+    try:
+        plan = plan_for_config(cfg)
+    except Exception as err:  # noqa: BLE001 (never changes what the command does)
+        logger.warning("no memory plan for %s: %s", cfg.model.name, err)
+        return
+    for line in plan.lines(device_capacity(cfg.model.device)):
+        logger.info("%s", line)
 
 
-def run_discover(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
-                 status: StatusFile | None = None):
-    """Stage 3: refusal circuits over the SAEs into ``<run>/circuits``."""
-    from refusal_lens.circuits.stage import run_discover_stage
-
-    return run_discover_stage(cfg, models.get(), activations_dir(cfg), saes_dir(cfg), direction_dir(cfg),
-                              circuits_dir(cfg), force=force, dist=dist, show_progress=show_progress, status=status)
-
-
-def run_analyze(cfg: Config, dist: Dist, models: Models, *, force: bool = False, show_progress: bool = True,
-                status: StatusFile | None = None):
-    """Stage 4: analysis and the HTML report into ``<run>/analysis`` (the model loads only if needed)."""
-    from refusal_lens.analysis.stage import run_analysis_stage
-
-    return run_analysis_stage(cfg, models.get, run_dir(cfg), force=force, dist=dist, show_progress=show_progress,
-                              status=status)
+__all__ = ["COMMANDS", "STAGES", "StageSpec", "log_memory_plan", "run_stage", "run_stages", "stage_table"]

@@ -92,7 +92,7 @@ def load_planted_directions(folder: Path) -> dict[str, torch.Tensor]:
 
 def planted_prompts():
     """OR-Bench-shaped prompts for the planted model: toxic (harmful words), safe and harmless."""
-    from refusal_lens.prompts import Prompt
+    from refusal_lens.data.prompts import Prompt
 
     out = []
     for i, text in enumerate(TOXIC):

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_lens.analysis.similarity import per_site_effects, similarity_tables, verdict_counts
-from refusal_lens.analysis.stage import fmt_rate, headline_table
+from refusal_lens.stages.analysis.similarity import per_site_effects, similarity_tables, verdict_counts
+from refusal_lens.report.numbers import fmt_rate
+from refusal_lens.stages.analysis.evidence import headline_table
 
 
 def test_per_site_effects_divide_the_content_class_by_its_tokens():

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from refusal_lens.behaviour import fraction_interval, fraction_of, paired_fraction_interval, refused_by_prompt
+from refusal_lens.core.behaviour import fraction_interval, fraction_of, paired_fraction_interval, refused_by_prompt
 from refusal_lens.report.numbers import fmt_share, share_note
 
 

@@ -3,6 +3,8 @@ classes, active-only nodes, the planted refusal feature, faithfulness with no un
 
 from __future__ import annotations
 
+import importlib
+
 from pathlib import Path
 
 import numpy as np
@@ -11,28 +13,19 @@ import pytest
 import torch
 
 from planted import build_planted_model, load_planted_directions, planted_prompts
-from refusal_lens.chat import OPENING, PAD, encode_prompt
-from refusal_lens.circuits.agreement import stats
-from refusal_lens.circuits.attribution import Runner
-from refusal_lens.circuits.baselines import ClassMeans
-from refusal_lens.circuits.edits import feature_edit
-from refusal_lens.circuits.faithfulness import node_edits, ranked_nodes
-from refusal_lens.circuits.nodes import NOT_A_SITE, NodeSpace, site_classes
-from refusal_lens.circuits.select import combined, decoder_cosines, promoting, rankings, suppressing
-from refusal_lens.circuits.stage import bootstrap_ci
-from refusal_lens.intervene import Edit, EditContext, Intervener, frozen, make_batch
-from refusal_lens.refusal import RefusalTokens
+from refusal_lens.core.chat import OPENING, PAD, encode_prompt
+from refusal_lens.stages.circuits.agreement import stats
+from refusal_lens.stages.circuits.attribution import Runner
+from refusal_lens.stages.circuits.baselines import ClassMeans
+from refusal_lens.stages.circuits.edits import feature_edit
+from refusal_lens.stages.circuits.faithfulness import node_edits, ranked_nodes
+from refusal_lens.stages.circuits.nodes import NOT_A_SITE, NodeSpace, site_classes
+from refusal_lens.stages.circuits.select import combined, decoder_cosines, promoting, rankings, suppressing
+from refusal_lens.stages.circuits.build import bootstrap_ci
+from refusal_lens.core.intervene import Edit, EditContext, Intervener, frozen, make_batch
+from refusal_lens.core.refusal import RefusalTokens
 
 PROMPTS = ["how make bomb ?", "bake a cake", "what is python code", "steal car", "hello world", "print the code"]
-
-
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sae_from(hook: str, w_enc: torch.Tensor, w_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, arch="standard"):
@@ -108,7 +101,7 @@ def _finite_difference(runner, batch, values, hook, j, cls_index, eps=1e-2):
     """d m / d eps of moving feature j (active sites of one class) eps of the way to its baseline (central)."""
     space = runner.space
     sae = space.saes[hook]
-    from refusal_lens.circuits.baselines import gather_class
+    from refusal_lens.stages.circuits.baselines import gather_class
 
     f, _ = values.f[hook], None
     target = gather_class(runner.means.features[hook], values.cls)
@@ -163,7 +156,7 @@ def test_ig_sums_to_the_exact_whole_hook_patch(tiny):
 def test_error_nodes_exact_and_atp_are_what_they_claim(tiny):
     """The exact error node moves the whole error term of the sites to its class mean; its AtP effect is the
     derivative along that move (large moves are where the two differ: why error nodes are patched exactly)."""
-    from refusal_lens.circuits.baselines import gather_class
+    from refusal_lens.stages.circuits.baselines import gather_class
 
     space, batch, runner = setup(tiny, HOOKS)
     m, values = runner.clean(batch)
@@ -189,7 +182,7 @@ def test_stats_of_agreement():
 def test_faithfulness_patch_leaves_no_site_unpatched(tiny):
     """Keeping nothing puts every site of every hook at its class-mean activation; the opening is untouched."""
     space, batch, runner = setup(tiny, HOOKS)
-    from refusal_lens.circuits.baselines import gather_class
+    from refusal_lens.stages.circuits.baselines import gather_class
 
     captured = {}
 
@@ -313,11 +306,11 @@ def test_the_planted_refusal_feature_is_ranked_first_and_moves_the_metric_by_the
     mask[0] = 1
     texts = iv.decode(iv.generate(prompts, 4, [feature_edit(space, hook, mask, "zero", means)]))
     clean = iv.decode(iv.generate(prompts, 4))
-    from refusal_lens.judge import is_refusal
+    from refusal_lens.core.judge import is_refusal
 
     assert all(is_refusal(t) for t in clean) and not any(is_refusal(t) for t in texts)
     # scripts/rerun_circuit.py applies the same interventions with its own hooks on the HF model: same responses
-    rerun = load_script("rerun_circuit")
+    rerun = importlib.import_module("refusal_lens.checks.rerun_circuit")
     for mode, positions in (("zero", "all"), ("scale", "after_opening")):
         ours = iv.decode(iv.generate(prompts, 4, [feature_edit(space, hook, mask, mode, means, 3.0, positions)]))
         openings = [p.n_opening for p in prompts] if positions == "after_opening" else None
@@ -370,11 +363,13 @@ def test_ranked_nodes_and_bootstrap():
 def test_no_refused_discovery_prompt_means_no_induction_targets(tmp_path):
     """A model that refused no toxic discovery prompt (random weights) has no refused-prompt means: None, and
     the stage skips the behaviour part instead of failing (bench_gpu's smoke run on random weights)."""
-    from refusal_lens.circuits.baselines import refused_means
-    from refusal_lens.collect import Collected
+    from refusal_lens.stages.circuits.baselines import refused_means
+    from refusal_lens.run.collected import Collected
+    from refusal_lens.run.folder import RunFolder
 
     rows = [{"prompt_id": f"p{i}", "label": label, "refused": refused, "split": split, "category": "c"}
             for i, (label, refused, split) in enumerate([("toxic", False, "discovery"), ("toxic", True, "test"),
                                                           ("harmless", False, "discovery")])]
-    data = Collected(tmp_path, {}, rows, RefusalTokens((1,), ("I",), "family"))
-    assert refused_means(None, tmp_path / "missing", data) is None  # never reads activations it does not need
+    run = RunFolder(tmp_path / "missing")
+    data = Collected(run.paths.activations, {}, rows, RefusalTokens((1,), ("I",), "family"))
+    assert refused_means(None, run, data) is None  # never reads activations it does not need

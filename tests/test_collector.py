@@ -23,13 +23,21 @@ from refusal_lens.activations.collector import (
     overlapped,
 )
 from refusal_lens.config import ModelConfig
-from refusal_lens.hooks import LayerSpecError, hf_hook_target, hook_name
-from refusal_lens.models.families import PRE_NORM, SANDWICH_NORM, block_layout
+from refusal_lens.core.hooks import LayerSpecError, hf_hook_target, hook_name
+from refusal_lens.core.families import PRE_NORM, SANDWICH_NORM, block_layout
 from refusal_lens.models.loading import load_hf_model, load_model
 from refusal_lens.models.synthetic import build_random_chat_model, chat_vocab, special_token_ids
 
 TYPES = ("resid_pre", "attention", "resid_mid", "mlp", "residuals")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def close(got, ref, msg=None):
+    """Equal up to float32 op-order noise of two attention implementations (sdpa vs the bridge's): the absolute
+    tolerance scales with the tensor's largest value (measured on this 2-core CPU: up to 2.1e-5 on residual values
+    of 22, i.e. 1e-6 of the scale; a wrong hook point differs by O(1) of it)."""
+    torch.testing.assert_close(got, ref, rtol=TOL["rtol"], atol=max(TOL["atol"], 4e-6 * float(ref.abs().max())),
+                               msg=msg)
 CPU = torch.device("cpu")
 
 
@@ -83,8 +91,8 @@ def test_hf_hooks_equal_run_with_cache_for_every_hook_type(family_loaded):
     assert set(got.values) == set(hooks)
     for h in hooks:
         assert got.values[h].shape == ref.values[h].shape == (len(req.rows), loaded.d_model)
-        torch.testing.assert_close(got.values[h], ref.values[h], **TOL, msg=h)
-    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+        close(got.values[h], ref.values[h], msg=h)
+    close(got.logits, ref.logits)
     for module in loaded.hf_model.modules():  # every hook was removed
         assert not module._forward_hooks and not module._forward_pre_hooks
 
@@ -105,8 +113,8 @@ def test_gemma2_attn_and_mlp_out_follow_the_post_norms(family_loaded):
 def test_generation_edits_hit_the_bridges_hook_values(family_loaded):
     """An edit at attn_out / mlp_out during HF generation (the Intervener, through hf_hook_target) gives
     the first token the bridge gives with the same edit at its hook point."""
-    from refusal_lens.chat import EncodedPrompt
-    from refusal_lens.intervene import Edit, Intervener
+    from refusal_lens.core.chat import EncodedPrompt
+    from refusal_lens.core.intervene import Edit, Intervener
 
     loaded = family_loaded
     seqs = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15], [1, 20, 21], [1, 30, 31, 32]]
@@ -154,7 +162,7 @@ def test_sdpa_and_eager_hf_models_agree_with_the_bridge(llama_loaded):
     for hf_model in (loaded.hf_model, eager):
         got = HFHookCollector(hf_model, CPU, hooks).submit(req).wait().values
         for h in hooks:
-            torch.testing.assert_close(got[h], ref[h], **TOL, msg=h)
+            close(got[h], ref[h], msg=h)
 
 
 def test_storage_dtype_and_overlapped_order(llama_loaded):
@@ -229,11 +237,11 @@ def test_cuda_overlapped_copies_equal_synchronous_ones(tiny_model_dir):
 def test_collect_stage_stores_the_same_rows_with_either_collector(llama_loaded):
     """forward_and_extract with responses, every position, padding: the stored fp16 values agree to one
     fp16 rounding step, scores to float32 rounding; metadata and token ids are identical."""
-    from refusal_lens.chat import encode_prompt, render
-    from refusal_lens.collect import forward_and_extract
+    from refusal_lens.core.chat import encode_prompt, render
+    from refusal_lens.stages.collect.extraction import forward_and_extract
     from refusal_lens.config import InferenceConfig
-    from refusal_lens.prompts import Prompt
-    from refusal_lens.refusal import family_refusal_tokens
+    from refusal_lens.data.prompts import Prompt
+    from refusal_lens.core.refusal import family_refusal_tokens
 
     loaded = llama_loaded
     texts = ["hello world", "how are you python code print the a", "make cake"]

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from refusal_lens.config_reference import (
+from refusal_lens.config.reference import (
     GENERATED_MARKER,
     config_reference_markdown,
     field_comments,
@@ -15,7 +15,7 @@ from refusal_lens.config_reference import (
 )
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-REGENERATE = "docs/configuration.md is stale: run `.venv/bin/python -m refusal_lens.config_reference > docs/configuration.md`"
+REGENERATE = "docs/configuration.md is stale: run `.venv/bin/python -m refusal_lens.config.reference > docs/configuration.md`"
 
 
 def _split_row(line: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_lens.prompts import CATEGORIES, OR_BENCH_FILES, read_prompts, sample_set_path
+from refusal_lens.data.prompts import CATEGORIES, OR_BENCH_FILES, read_prompts, sample_set_path
 
 DATA = Path(str(resources.files("refusal_lens") / "data"))
 LARGE = DATA / "or_bench_large"
@@ -93,7 +93,7 @@ def test_harmless_sets_do_not_overlap_and_the_instructions_vary_in_form():
 
 
 def test_embedded_harmless_names():
-    from refusal_lens.prompts import DataError, read_harmless as read
+    from refusal_lens.data.prompts import DataError, read_harmless as read
 
     assert len(read(None)) == len(read("embedded:harmless")) == 400
     assert len(read("embedded:harmless-questions")) == 299

@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from planted import build_planted_model, load_planted_directions, planted_prompts
-from refusal_lens.collect import Collected, collect, load_collected
+from helpers import collect, run as run_stage
+from refusal_lens.run.collected import Collected, load_collected
 from refusal_lens.config import Config, DataConfig, DirectionConfig, InferenceConfig, ModelConfig
-from refusal_lens.direction.categories import transfer_interval, transfer_verdict
-from refusal_lens.direction.edits import ablation_edits, addition_edits
-from refusal_lens.direction.io import load_direction
-from refusal_lens.direction.select import Scored, choose, linear_screen, scores_of
-from refusal_lens.direction.candidates import Candidates
-from refusal_lens.direction.stage import DirectionError, contrast_sets, run_direction_stage
-from refusal_lens.intervene import Intervener
-from refusal_lens.refusal import RefusalTokens
+from refusal_lens.stages.direction.categories import transfer_interval, transfer_verdict
+from refusal_lens.core.direction_edits import ablation_edits, addition_edits
+from refusal_lens.run.direction_file import load_direction
+from refusal_lens.stages.direction.select import Scored, choose, linear_screen, scores_of
+from refusal_lens.stages.direction.candidates import Candidates
+from refusal_lens.stages.direction.contrast import DirectionError, contrast_sets
+from refusal_lens.core.intervene import Intervener
+from refusal_lens.core.refusal import RefusalTokens
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +39,63 @@ def planted_config(folder: Path, **direction) -> Config:
                                             **direction))
 
 
+class StageCalls:
+    """Records what the direction stage hands to ``difference_in_means`` (the candidates) and to
+    ``select_direction`` (the selection): the prompt id of every prompt each received. Prompts are traced
+    by identity to the ``Collected.encoded`` call that made them from rows of the prompts table; a prompt
+    made any other way is recorded as None (and fails the tests below)."""
+
+    def __init__(self):
+        self.origin: dict[int, str] = {}  # id(EncodedPrompt) -> prompt_id
+        self.alive: list = []  # the traced prompts, kept alive so that their ids stay unique
+        self.candidates: list[tuple[list, list]] = []  # (harmful ids, harmless ids) per call
+        self.selection: list[tuple[list, list]] = []
+
+    def ids(self, prompts) -> list[str | None]:
+        return [self.origin.get(id(p)) for p in prompts]
+
+    def install(self, mp: pytest.MonkeyPatch) -> None:
+        import refusal_lens.stages.direction.stage as stage_mod
+
+        real_encoded, real_dim, real_select = Collected.encoded, stage_mod.difference_in_means, stage_mod.select_direction
+
+        def encoded(data, tokenizer, max_tokens, rows, template=None):
+            out = real_encoded(data, tokenizer, max_tokens, rows, template)
+            for i, e in zip(rows, out, strict=True):
+                self.origin[id(e)] = data.rows[i]["prompt_id"]
+                self.alive.append(e)
+            return out
+
+        def difference_in_means(intervener, harmful, harmless, *args, **kwargs):
+            self.candidates.append((self.ids(harmful), self.ids(harmless)))
+            return real_dim(intervener, harmful, harmless, *args, **kwargs)
+
+        def select_direction(intervener, cands, harmful, harmless, *args, **kwargs):
+            self.selection.append((self.ids(harmful), self.ids(harmless)))
+            return real_select(intervener, cands, harmful, harmless, *args, **kwargs)
+
+        mp.setattr(Collected, "encoded", encoded)
+        mp.setattr(stage_mod, "difference_in_means", difference_in_means)
+        mp.setattr(stage_mod, "select_direction", select_direction)
+
+
 @pytest.fixture(scope="module")
 def stage(planted, tmp_path_factory):
+    """The direction stage on the planted model, its calls of the candidates and the selection recorded."""
     folder, loaded = planted
     run = tmp_path_factory.mktemp("run")
     cfg = planted_config(folder)
     collect(loaded, planted_prompts(), cfg, run / "activations", show_progress=False)
-    result = run_direction_stage(cfg, loaded, run / "activations", run / "direction", show_progress=False)
-    return cfg, loaded, run, result
+    calls = StageCalls()
+    with pytest.MonkeyPatch.context() as mp:
+        calls.install(mp)
+        result = run_stage("direction", cfg, run, loaded)
+    return cfg, loaded, run, result, calls
 
 
 def test_selection_finds_the_planted_direction_and_it_works_on_test(planted, stage):
     folder, _ = planted
-    cfg, loaded, run, result = stage
+    cfg, loaded, run, result, _ = stage
     e_h = load_planted_directions(folder)["harm"]
     saved = load_direction(run / "direction")
     cos = float(torch.nn.functional.cosine_similarity(saved.vector, e_h, dim=0))
@@ -80,21 +125,43 @@ def test_selection_finds_the_planted_direction_and_it_works_on_test(planted, sta
     assert em["points"][0]["mean"] < em["clean"] - 1.0
 
 
-def test_rerun_skips_and_selection_used_only_validation(stage):
-    cfg, loaded, run, result = stage
-    again = run_direction_stage(cfg, loaded, run / "activations", run / "direction", show_progress=False)
-    assert again.skipped
+def test_rerun_skips_and_selection_used_only_validation(stage, monkeypatch):
+    """What the stage itself handed over, by prompt id against the collected splits: the candidates
+    (``difference_in_means``) were fitted on discovery prompts only, toxic against harmless; the selection
+    (``select_direction``) received validation prompts only (toxic as harmful, harmless as harmless), none
+    that fitted the candidates, every validation prompt of the contrast sets; each was called once. A rerun
+    skips: it calls neither."""
+    cfg, loaded, run, result, calls = stage
     data = load_collected(run / "activations")
+    row = {r["prompt_id"]: r for r in data.rows}
+    assert len(calls.candidates) == 1 and len(calls.selection) == 1, (calls.candidates, calls.selection)
+    (fit_harmful, fit_harmless), (sel_harmful, sel_harmless) = calls.candidates[0], calls.selection[0]
+    for got, split, label in ((fit_harmful, "discovery", "toxic"), (fit_harmless, "discovery", "harmless"),
+                              (sel_harmful, "validation", "toxic"), (sel_harmless, "validation", "harmless")):
+        assert got and None not in got, f"{split}/{label}: prompts not traced to the prompts table: {got}"
+        assert len(set(got)) == len(got), got
+        wrong = [(p, row[p]["split"], row[p]["label"]) for p in got if (row[p]["split"], row[p]["label"]) != (split, label)]
+        assert not wrong, f"expected {split} {label} prompts only, got {wrong}"
+    assert not (set(sel_harmful) | set(sel_harmless)) & (set(fit_harmful) | set(fit_harmless))
+    # the selection saw every validation prompt of the contrast sets, and direction.json counts what it saw
     contrast = contrast_sets(data, cfg.direction.selection_prompts, cfg.direction.keep)
-    for split, rows in contrast.harmful.items():
-        assert all(data.rows[i]["split"] == split for i in rows)
-    assert not set(contrast.harmful["validation"]) & set(contrast.harmful["discovery"])
+    assert sorted(sel_harmful) == sorted(data.rows[i]["prompt_id"] for i in contrast.harmful["validation"])
+    assert sorted(sel_harmless) == sorted(data.rows[i]["prompt_id"] for i in contrast.harmless["validation"])
+    info = json.loads((run / "direction" / "direction.json").read_text())
+    assert info["splits"]["validation"] == {"harmful": len(sel_harmful), "harmless": len(sel_harmless)}
+    assert info["splits"]["discovery"] == {"harmful": len(fit_harmful), "harmless": len(fit_harmless)}
+    # a rerun skips: no candidates fitted, no selection
+    again_calls = StageCalls()
+    again_calls.install(monkeypatch)
+    again = run_stage("direction", cfg, run, loaded)
+    assert again.skipped and again.summary == result.summary
+    assert again_calls.candidates == [] and again_calls.selection == []
 
 
 def test_ablating_a_direction_no_write_touches_changes_nothing(planted):
     folder, loaded = planted
     unused = load_planted_directions(folder)["unused"]
-    from refusal_lens.chat import encode_prompt
+    from refusal_lens.core.chat import encode_prompt
 
     prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[:8]]
     iv = Intervener(loaded, 4, model=loaded.hf_model)
@@ -107,7 +174,7 @@ def test_ablating_a_direction_no_write_touches_changes_nothing(planted):
 def test_generation_with_ablation_equals_a_forward_pass_with_ablation_token_by_token(planted):
     folder, loaded = planted
     e_h = load_planted_directions(folder)["harm"]
-    from refusal_lens.chat import encode_prompt
+    from refusal_lens.core.chat import encode_prompt
 
     prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[:6]]
     iv = Intervener(loaded, 3, model=loaded.hf_model)
@@ -130,7 +197,7 @@ def test_generation_with_ablation_equals_a_forward_pass_with_ablation_token_by_t
 def test_screen_is_linear_for_small_vectors_and_zero_for_untouched_directions(planted):
     folder, loaded = planted
     dirs = load_planted_directions(folder)
-    from refusal_lens.chat import encode_prompt
+    from refusal_lens.core.chat import encode_prompt
 
     harmful = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "toxic"][:6]
     harmless = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "harmless"][:6]
@@ -208,5 +275,5 @@ def test_no_harmless_prompts_fails_before_writing(planted, tmp_path):
     prompts = [p for p in planted_prompts() if p.label != "harmless"]
     collect(loaded, prompts, cfg, tmp_path / "activations", show_progress=False)
     with pytest.raises(DirectionError, match="harmless"):
-        run_direction_stage(cfg, loaded, tmp_path / "activations", tmp_path / "direction", show_progress=False)
+        run_stage("direction", cfg, tmp_path, loaded)
     assert not (tmp_path / "direction").exists()

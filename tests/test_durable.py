@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from refusal_lens import durable
-from refusal_lens.durable import StorageError
+from refusal_lens.infra import durable
+from refusal_lens.infra.durable import StorageError
 from refusal_lens.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import pytest
 from transformer_lens.utils import get_act_name
 
-from refusal_lens.hooks import (
+from refusal_lens.core.hooks import (
     HOOK_TYPES,
     LayerSpecError,
     check_layer_specs,

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from planted import build_planted_model, load_planted_directions, planted_prompts
-from refusal_lens.chat import OPENING, encode_prompt
-from refusal_lens.direction.edits import ablation_edits, addition_edits, capture_post_instruction
-from refusal_lens.intervene import Edit, Intervener, shared_opening
+from refusal_lens.core.chat import OPENING, encode_prompt
+from refusal_lens.core.direction_edits import ablation_edits, addition_edits, capture_post_instruction
+from refusal_lens.core.intervene import Edit, Intervener, shared_opening
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_per_row_edits_that_change_the_opening_give_whole_prompt_results_in_ever
     folder, loaded, prompts = planted
     e_h = load_planted_directions(folder)["harm"]
     owner = [i % 2 for i in range(len(prompts))]
-    from refusal_lens.intervene import per_condition
+    from refusal_lens.core.intervene import per_condition
 
     edits = per_condition([ablation_edits(e_h, loaded.n_layers), addition_edits(3 * e_h, 1)], owner)
     assert any(e.opening and e.per_row for e in edits)
@@ -116,7 +116,7 @@ def test_an_explicit_template_sets_the_position_classes_from_its_own_text(plante
     """encode_prompt with a hand-written template (refusal_direction's Qwen one): the opening and the
     post-instruction tokens are those of that template, the user's text sits between them, and a template
     without exactly one {instruction} is refused naming what is allowed."""
-    from refusal_lens.chat import encode_prompt
+    from refusal_lens.core.chat import encode_prompt
 
     _, loaded, _ = planted
     tok = loaded.tokenizer

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_lens.judge import OUTCOMES, incoherence, is_refusal, judge
+from refusal_lens.core.judge import OUTCOMES, incoherence, is_refusal, judge
 
 CASES = json.loads((Path(__file__).parent / "data" / "judge_cases_qwen.json").read_text())["cases"]
 
@@ -64,3 +64,33 @@ def test_incoherence_needs_enough_repetition():
     assert incoherence("To bake a cake, mix the flour, the sugar and the eggs.") is None
     assert incoherence("1. Mix. 2. Bake. 3. Serve.") is None
     assert incoherence("go on go on go on go on") == "repetition"
+
+
+HELDOUT = json.loads((Path(__file__).parent / "data" / "judge_cases_heldout.json").read_text())["cases"]
+#: the bars the held-out set must clear, fixed with its labels, before the judge was run on it: the rules were
+#: written from the Qwen cases above, so phrasings outside their lists (other models' refusals, compliances
+#: that say "I can't ...") are expected to cost some agreement, but most must still be judged as a person does
+HELDOUT_MIN_AGREEMENT = 0.85
+HELDOUT_MIN_REFUSAL_RECALL = 0.85
+
+
+def test_agrees_with_hand_labels_of_held_out_responses():
+    """Held-out responses the rules were not written from (tests/data/judge_cases_heldout.json: refusals in
+    several styles, partial refusals, compliances, some with refusal-like wording, degenerate text), labelled
+    by hand before the judge saw them: the judge agrees with at least HELDOUT_MIN_AGREEMENT of the labels and
+    finds at least HELDOUT_MIN_REFUSAL_RECALL of the refusals. Every disagreement is printed."""
+    assert len(HELDOUT) >= 60 and {c["outcome"] for c in HELDOUT} == set(OUTCOMES)
+    assert len({c["response"] for c in HELDOUT}) == len(HELDOUT)  # no duplicates inflating the agreement
+    got = [judge(c["response"]) for c in HELDOUT]
+    agree = [j.outcome == c["outcome"] for c, j in zip(HELDOUT, got)]
+    refusals = [j.outcome == "refused" for c, j in zip(HELDOUT, got) if c["outcome"] == "refused"]
+    called = [c["outcome"] == "refused" for c, j in zip(HELDOUT, got) if j.outcome == "refused"]
+    agreement, recall, precision = sum(agree) / len(agree), sum(refusals) / len(refusals), sum(called) / len(called)
+    print(f"held-out: agreement {agreement:.3f} ({sum(agree)}/{len(agree)}), refusal recall {recall:.3f} "
+          f"({sum(refusals)}/{len(refusals)}), refusal precision {precision:.3f} ({sum(called)}/{len(called)})")
+    for c, j, ok in zip(HELDOUT, got, agree):
+        if not ok:
+            print(f"  {c['id']} [{c['style']}] labelled {c['outcome']}, judged {j.outcome} ({j.rule}): "
+                  f"{c['response'][:90]!r}")
+    assert agreement >= HELDOUT_MIN_AGREEMENT, agreement
+    assert recall >= HELDOUT_MIN_REFUSAL_RECALL, recall

@@ -7,7 +7,9 @@ copies the earlier stages' folders from it back to the same path (outputs name t
 that only the stage under test is killed, resumed and compared."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -44,41 +46,81 @@ def _status(run: Path) -> dict:
         return {}
 
 
+def _files_state(run: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file of the run folder: (inode, size, mtime in ns). Writing a file changes its mtime, replacing it
+    (``os.replace``, as status.json is written) its inode, creating one adds a key."""
+    return {p.relative_to(run).as_posix(): (st.st_ino, st.st_size, st.st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file() for st in [p.stat()]}
+
+
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tmp_path_factory):
-    """The reference run; while it is in its discover stage, a second `run` on the same folder is tried."""
+    """The reference run; while it is in its discover stage, a second `run` on the same folder is tried.
+
+    Driven by the first run's own progress, never by a clock: its status.json is polled until it says the
+    discover stage (or a later one) is running, failing only if the process ends first. The first is then
+    frozen (SIGSTOP) while the second runs, so that nothing changes in the folder but what the second does;
+    it is let go (SIGCONT) and runs to completion."""
     root = tmp_path_factory.mktemp("kills")
     config = write_config(root, tiny_model_dir)
     run = root / "results" / "tiny"
-    first = subprocess.Popen(cli(["run", "--config", str(config)]), env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    t_wait = time.perf_counter()
-    while _status(run).get("current_stage") != "discover":
-        assert first.poll() is None, first.stderr.read()[-3000:]
-        assert time.perf_counter() - t_wait < 240
-        time.sleep(0.01)
-    t0 = time.perf_counter()
-    second = subprocess.run(cli(["run", "--config", str(config)]), env=ENV, capture_output=True, text=True, timeout=60)
-    second_s = time.perf_counter() - t0
-    first_stage_then = _status(run).get("current_stage")
-    _, first_err = first.communicate(timeout=300)
-    assert first.returncode == 0, first_err[-3000:]
-    info = {"first_pid": first.pid, "second": second, "second_s": second_s, "first_stage_then": first_stage_then,
-            "status": _status(run)}
+    first_log = root / "first.stderr"
+    with first_log.open("w") as err:  # a file, not a pipe: the first's log can never block it
+        first = subprocess.Popen(cli(["run", "--config", str(config)]), env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=err, start_new_session=True)
+    late = list(FOLDERS)[list(FOLDERS).index("discover"):]
+    try:
+        while _status(run).get("current_stage") not in late:
+            assert first.poll() is None, (f"the first run ended (rc {first.returncode}) before its discover stage:\n"
+                                          + first_log.read_text()[-3000:])
+            time.sleep(0.01)
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            assert first.poll() is None
+            status_then = _status(run)  # the first's own record of where it was when it was frozen
+            status_bytes = (run / "status.json").read_bytes()
+            files_then = _files_state(run)
+            t0 = time.perf_counter()
+            # the timeout only guards against a hang (a second that waited for the lock would wait for ever)
+            second = subprocess.run(cli(["run", "--config", str(config)]), env=ENV, capture_output=True, text=True,
+                                    timeout=600)
+            second_s = time.perf_counter() - t0
+            files_after = _files_state(run)
+            status_bytes_after = (run / "status.json").read_bytes()
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        first.wait()
+        assert first.returncode == 0, first_log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    changed = {f: (files_then.get(f), files_after.get(f)) for f in sorted(set(files_then) | set(files_after))
+               if files_then.get(f) != files_after.get(f)}
+    info = {"first_pid": first.pid, "second": second, "second_s": second_s, "status_then": status_then,
+            "status_written": status_bytes != status_bytes_after, "files_changed": changed, "status": _status(run)}
     reference = root / "reference"
     run.rename(reference)
     return {"config": config, "run": run, "reference": reference, **info}
 
 
 def test_a_second_run_is_refused_at_once_and_the_first_finishes(world):
+    """The second `run` came while the first was in its discover stage or later (the first's own status, read
+    while it was frozen) and, from what it itself did: exited with 2 and one line naming the first's PID,
+    writing nothing in the folder (status.json neither written nor replaced, no file created or changed).
+    The first then finished every stage, its status its own."""
     second, run = world["second"], world["run"]
-    assert second.returncode == 2
+    then = world["status_then"]
+    assert (then["pid"], then["command"], then["state"]) == (world["first_pid"], "run", "running")
+    assert then["current_stage"] in ("discover", "analyze")
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert not world["status_written"], "the second run wrote status.json"
+    assert world["files_changed"] == {}, world["files_changed"]
     assert second.stderr.strip().splitlines() == [
         f"refusal-lens run: error: {run} is being written by another refusal-lens command (PID {world['first_pid']}, "
         f"`refusal-lens run`); one writer per run folder: wait for it to finish (`refusal-lens status {run}`), "
         "stop it, or set output.run_name to write elsewhere"]
-    assert world["first_stage_then"] == "discover"  # the second came and went while the first was working
-    print(f"second `run` refused in {world['second_s']:.2f} s")
+    print(f"second `run` refused in {world['second_s']:.2f} s, at the first's stage {then['current_stage']!r}")
     status = world["status"]  # the first's live status, never touched by the second
     assert (status["pid"], status["command"], status["state"], status["error"]) == (world["first_pid"], "run", "done", None)
     assert [(s["name"], s["state"]) for s in status["stages"]] == [(name, "done") for name in FOLDERS]

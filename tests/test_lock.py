@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_lens.lock import LOCK_FILE, RunLockedError, holder, run_lock
+from refusal_lens.infra.lock import LOCK_FILE, RunLockedError, holder, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -36,7 +36,7 @@ def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from refusal_lens.lock import run_lock\n"
+    code = ("import sys, time; from refusal_lens.infra.lock import run_lock\n"
             f"with run_lock({str(run)!r}, 'run'):\n    print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
     assert proc.stdout.readline().strip() == "held"

@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from refusal_lens.activations.collector import CollectRequest, HFHookCollector
 from refusal_lens.config import ModelConfig, SAEConfig, load_config
-from refusal_lens.estimate import (
+from refusal_lens.infra.memory_plan import (
     ModelShape,
     backward_bytes,
     forward_bytes,
@@ -95,13 +95,13 @@ def test_collect_forward_and_generation(small):
 
 
 def test_attribution_forward_and_backward(small):
-    from refusal_lens.chat import EncodedPrompt
-    from refusal_lens.circuits.attribution import Runner
-    from refusal_lens.circuits.baselines import ClassMeans
-    from refusal_lens.circuits.nodes import NodeSpace
-    from refusal_lens.intervene import frozen, make_batch
-    from refusal_lens.refusal import RefusalTokens
-    from refusal_lens.saes.train import build_training_sae
+    from refusal_lens.core.chat import EncodedPrompt
+    from refusal_lens.stages.circuits.attribution import Runner
+    from refusal_lens.stages.circuits.baselines import ClassMeans
+    from refusal_lens.stages.circuits.nodes import NodeSpace
+    from refusal_lens.core.intervene import frozen, make_batch
+    from refusal_lens.core.refusal import RefusalTokens
+    from refusal_lens.stages.saes.train import build_training_sae
 
     loaded, shape = small
     hooks = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
@@ -126,7 +126,7 @@ def test_sae_training_step(architecture):
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from refusal_lens.saes.train import build_training_sae
+    from refusal_lens.stages.saes.train import build_training_sae
 
     d_in, n = 48, 384
     cfg = SAEConfig(architecture=architecture, expansion_factor=12, k=6, train_batch_size_tokens=n)
@@ -151,7 +151,8 @@ def test_plan_of_the_7b_gpu_config_from_its_config_alone(tmp_path, capsys, caplo
     """configs/pipelines/llama2_7b_gpu.yaml on a Llama-2-7B config.json (no weights anywhere)."""
     from transformers import LlamaConfig
 
-    from refusal_lens.cli import _log_memory_plan, main
+    from refusal_lens.cli import main
+    from refusal_lens.pipeline import log_memory_plan
 
     LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama2-7b")
@@ -167,8 +168,8 @@ def test_plan_of_the_7b_gpu_config_from_its_config_alone(tmp_path, capsys, caplo
     out = json.loads(capsys.readouterr().out)
     assert out["peak"] == plan.peak and out["stages"]["collect"]["total"] == plan.stage_bytes("collect")
     with caplog.at_level("INFO", logger="refusal_lens"):
-        _log_memory_plan(cfg)
+        log_memory_plan(cfg)
     assert "memory plan for" in caplog.text and "attribution forward + backward (16 layers" in caplog.text
     with caplog.at_level("WARNING", logger="refusal_lens"):
-        _log_memory_plan(load_config("configs/pipelines/llama2_7b_gpu.yaml", ["model.name=nobody/no-such-model"]))
+        log_memory_plan(load_config("configs/pipelines/llama2_7b_gpu.yaml", ["model.name=nobody/no-such-model"]))
     assert "no memory plan for nobody/no-such-model" in caplog.text

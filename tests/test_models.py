@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from refusal_lens.config import ModelConfig
-from refusal_lens.estimate import DTYPE_BYTES, estimate_storage, measure_hook_widths
-from refusal_lens.hooks import LayerSpecError, resolve_hooks
+from refusal_lens.infra.storage_estimate import DTYPE_BYTES, estimate_storage, measure_hook_widths
+from refusal_lens.core.hooks import LayerSpecError, resolve_hooks
 from refusal_lens.models import embedded
 from refusal_lens.models.loading import ModelLoadError, load_hf_model, load_model
 

@@ -1,5 +1,6 @@
 """The main job through the CLI on the tiny planted model: every stage, then a rerun that skips."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -39,15 +40,6 @@ output: {{result_dir: "{tmp_path / 'results'}", run_name: "tiny"}}
 """
     )
     return path
-
-
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 STAGES = ["collect", "direction", "train-saes", "discover", "analyze"]
@@ -101,16 +93,16 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert "Evidence (test split)" in report and "One mechanism or many?" in report
     # an independent re-run of the headline ablation from the run's files (scripts/rerun_circuit.py) gives the
     # stage's responses, prompt by prompt
-    rerun = load_script("rerun_circuit")
+    rerun = importlib.import_module("refusal_lens.checks.rerun_circuit")
     assert rerun.main(["--run", str(run), "--prompts", "test", "--batch-size", "4"]) == 0
     # the contrast check of docs/direction.md runs on the run's discovery and validation prompts
-    check = load_script("direction_contrast_check")
+    check = importlib.import_module("refusal_lens.checks.direction_contrast")
     assert check.main(["--run", str(run), "--candidates", "1:-1", "--fit-prompts", "4", "--eval-prompts", "4"]) == 0
     row = json.loads((run / "direction_contrast_check.json").read_text())["candidates"]["L1/-1"]
     assert -1.0 <= row["cosine"] <= 1.0 and all(row[side]["kl_harmless"] >= 0 for side in
                                                   ("harmless instructions", "OR-Bench safe, answered"))
     # so does the template check (the tokenizer's template vs refusal_direction's hand-written one)
-    tcheck = load_script("direction_template_check")
+    tcheck = importlib.import_module("refusal_lens.checks.direction_template")
     assert tcheck.main(["--run", str(run), "--candidates", "1:-1", "--fit-prompts", "4", "--eval-prompts", "4",
                         "--max-new-tokens", "3"]) == 0
     templ = json.loads((run / "direction_template_check.json").read_text())
@@ -128,7 +120,7 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     harmful_file.write_text(json.dumps([{"instruction": t} for t in TOXIC]))
     harmless_file = tmp_path / "harmless-other.csv"
     harmless_file.write_text("prompt\n" + "\n".join(HARMLESS) + "\n")
-    scheck = load_script("direction_sets_check")
+    scheck = importlib.import_module("refusal_lens.checks.direction_sets")
     assert scheck.main(["--run", str(run), "--candidates", "1:-1", "--harmful", "run", "--harmful", f"file={harmful_file}",
                         "--harmless", "run", "--harmless", f"other={harmless_file}", "--fit-prompts", "4",
                         "--eval-prompts", "4", "--max-new-tokens", "3"]) == 0
@@ -207,11 +199,11 @@ def test_stages_refuse_bad_settings_with_clear_errors(tmp_path, capsys):
         # nothing half-written: the finished circuits are untouched
         assert (tmp_path / "results" / "tiny" / "circuits" / "manifest.json").read_text() == manifest
     assert main(["analyze", "--config", str(config), "--set", "output.run_name=missing"]) == 2
-    assert "no circuits at" in capsys.readouterr().err
+    assert "circuits are not finished: run `refusal-lens discover` first" in capsys.readouterr().err
 
 
 def test_rerun_circuit_refuses_a_folder_without_a_finished_discover(tmp_path, capsys):
-    rerun = load_script("rerun_circuit")
+    rerun = importlib.import_module("refusal_lens.checks.rerun_circuit")
     with pytest.raises(SystemExit) as err:
         rerun.main(["--run", str(tmp_path)])
     assert err.value.code == 2

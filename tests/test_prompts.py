@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from refusal_lens.config import DataConfig
-from refusal_lens.prompts import CATEGORIES, DataError, load_prompts, read_prompts, sample_set_path
+from refusal_lens.data.prompts import CATEGORIES, DataError, load_prompts, read_prompts, sample_set_path
 
 
 def write_csv(path, rows, header=("prompt", "category")):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from refusal_lens.chat import encode_prompt, render
-from refusal_lens.models.families import family_for_template
-from refusal_lens.refusal import (
+from refusal_lens.core.chat import encode_prompt, render
+from refusal_lens.core.families import family_for_template
+from refusal_lens.core.refusal import (
     RefusalTokenError,
     RefusalTokens,
     auroc,

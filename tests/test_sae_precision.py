@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from refusal_lens.config import ConfigError, SAEConfig
-from refusal_lens.saes import train as train_mod
-from refusal_lens.saes.data import tensor_batches
-from refusal_lens.saes.train import (
+from refusal_lens.stages.saes import train as train_mod
+from refusal_lens.stages.saes.data import tensor_batches
+from refusal_lens.stages.saes.train import (
     Precision,
     SAEConfigError,
     build_training_sae,

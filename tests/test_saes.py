@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from refusal_lens.activations.store import HookActivations
-from refusal_lens.collect import collect
+from helpers import collect, sibling_run, train_saes
 from refusal_lens.config import Config, ConfigError, InferenceConfig, ModelConfig, SAEConfig, load_config
-from refusal_lens.prompts import Prompt
-from refusal_lens.saes import stage as stage_mod
-from refusal_lens.collect import load_collected
-from refusal_lens.saes.data import activation_batches, epoch_order
-from refusal_lens.saes.stage import SAEStageError, run_sae_stage, selected_hooks
-from refusal_lens.saes.train import SAEConfigError, build_training_sae
+from refusal_lens.data.prompts import Prompt
+from refusal_lens.stages.saes import stage as stage_mod
+from refusal_lens.run.collected import load_collected
+from refusal_lens.stages.saes.data import activation_batches, epoch_order
+from refusal_lens.run.folder import RunFolder
+from refusal_lens.run.stage import StageFolderError
+from refusal_lens.stages.saes.stage import SAEStageError
+from refusal_lens.stages.saes.train import SAEConfigError, build_training_sae
 
 WORDS = "hello world what is python code how are you make cake bake steal car print the a".split()
 
@@ -54,7 +56,7 @@ def test_training_learns_saves_and_reloads(tiny_run):
     from sae_lens import SAE
 
     cfg, loaded, root = tiny_run
-    result = run_sae_stage(cfg, loaded, root / "activations", root / "saes", show_progress=False)
+    result = train_saes(cfg, loaded, root)
     assert result.trained == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     for hook in result.trained:
         log = [json.loads(line) for line in (root / "saes" / hook / "training_log.jsonl").read_text().splitlines()]
@@ -72,7 +74,7 @@ def test_training_learns_saves_and_reloads(tiny_run):
             "cfg.json", "files.json", "metrics.json", "sae_weights.safetensors", "training_log.jsonl"]
     quality = json.loads((root / "saes" / "quality.json").read_text())
     assert [q["hook"] for q in quality] == result.trained
-    assert selected_hooks(root / "saes") == [q["hook"] for q in quality if q["passes"]]
+    assert RunFolder(root).sae_hooks(passing=True) == [q["hook"] for q in quality if q["passes"]]
     assert (root / "saes" / "figures" / "layer_metrics.html").stat().st_size > 100_000  # plotly.js embedded
 
 
@@ -97,7 +99,8 @@ def test_save_load_round_trip_is_identical(tiny_run, tmp_path):
 
 def test_skip_resume_and_force(tiny_run, monkeypatch):
     cfg, loaded, root = tiny_run
-    out = root / "saes_resume"
+    out_run = sibling_run(root, "resume")
+    out = out_run / "saes"
     calls = []
     real = stage_mod._train_one
 
@@ -110,37 +113,36 @@ def test_skip_resume_and_force(tiny_run, monkeypatch):
     monkeypatch.setattr(stage_mod, "_train_one", counting)
     small = with_sae(cfg, training_tokens=64 * 20)
     with pytest.raises(KeyboardInterrupt):
-        run_sae_stage(small, loaded, root / "activations", out, show_progress=False)
+        train_saes(small, loaded, out_run)
     assert (out / "blocks.1.hook_resid_post" / "metrics.json").is_file()
     assert not (out / "blocks.2.hook_resid_post").exists() and (out / ".blocks.2.hook_resid_post.partial").exists()
-    result = run_sae_stage(small, loaded, root / "activations", out, show_progress=False)
+    result = train_saes(small, loaded, out_run)
     assert result.skipped == ["blocks.1.hook_resid_post"] and result.trained == ["blocks.2.hook_resid_post"]
     assert not (out / ".blocks.2.hook_resid_post.partial").exists()
-    again = run_sae_stage(small, loaded, root / "activations", out, show_progress=False)
+    again = train_saes(small, loaded, out_run)
     assert again.trained == [] and len(again.skipped) == 2
     # a hook folder whose files.json is gone (or does not match) is not trusted: trained again
     (out / "blocks.1.hook_resid_post" / "files.json").unlink()
-    again = run_sae_stage(small, loaded, root / "activations", out, show_progress=False)
+    again = train_saes(small, loaded, out_run)
     assert again.trained == ["blocks.1.hook_resid_post"] and again.skipped == ["blocks.2.hook_resid_post"]
-    with pytest.raises(SAEStageError, match="different sae settings"):
-        run_sae_stage(with_sae(small, k=4), loaded, root / "activations", out, show_progress=False)
-    forced = run_sae_stage(with_sae(small, k=4), loaded, root / "activations", out, force=True, show_progress=False)
+    with pytest.raises(StageFolderError, match=r"differs in: sae.k\b"):
+        train_saes(with_sae(small, k=4), loaded, out_run)
+    forced = train_saes(with_sae(small, k=4), loaded, out_run, force=True)
     assert len(forced.trained) == 2
 
 
 def test_sae_source_path_loads_trained_saes(tiny_run):
     cfg, loaded, root = tiny_run
     small = with_sae(cfg, training_tokens=64 * 10)
-    run_sae_stage(small, loaded, root / "activations", root / "src", show_progress=False)
-    from_path = with_sae(small, source="path", path=str(root / "src"))
-    result = run_sae_stage(from_path, loaded, root / "activations", root / "copied", show_progress=False)
+    src = train_saes(small, loaded, sibling_run(root, "src")).folder
+    from_path = with_sae(small, source="path", path=str(src))
+    result = train_saes(from_path, loaded, sibling_run(root, "copied"))
     assert len(result.trained) == 2
     for hook in result.trained:
-        a = (root / "src" / hook / "sae_weights.safetensors").read_bytes()
-        assert (root / "copied" / hook / "sae_weights.safetensors").read_bytes() == a
+        a = (src / hook / "sae_weights.safetensors").read_bytes()
+        assert (result.folder / hook / "sae_weights.safetensors").read_bytes() == a
     with pytest.raises(SAEStageError, match="no SAE-Lens SAE for"):
-        run_sae_stage(with_sae(from_path, path=str(root / "activations")), loaded, root / "activations",
-                      root / "bad", show_progress=False)
+        train_saes(with_sae(from_path, path=str(root / "activations")), loaded, sibling_run(root, "bad"))
 
 
 def test_bad_configs(tiny_run, tmp_path):
@@ -150,16 +152,14 @@ def test_bad_configs(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="sae.path must name a folder"):
         load_config(None, ["sae.source=path"])
     with pytest.raises(SAEConfigError, match="sae.k=300 is larger than d_sae=256"):
-        run_sae_stage(with_sae(cfg, k=300), loaded, root / "activations", tmp_path / "k", show_progress=False)
-    assert not (tmp_path / "k").exists()  # nothing half-written
+        train_saes(with_sae(cfg, k=300), loaded, sibling_run(root, "k"))
+    assert not (sibling_run(root, "k") / "saes").exists()  # nothing half-written
     with pytest.raises(SAEConfigError, match="less than one batch"):
-        run_sae_stage(with_sae(cfg, training_tokens=10), loaded, root / "activations", tmp_path / "t",
-                      show_progress=False)
+        train_saes(with_sae(cfg, training_tokens=10), loaded, sibling_run(root, "t"))
     with pytest.raises(SAEStageError, match=r"no activations for hook\(s\) \['blocks.0.hook_resid_post'\]"):
-        run_sae_stage(with_sae(cfg, hooks=("residuals_0-1",)), loaded, root / "activations", tmp_path / "h",
-                      show_progress=False)
+        train_saes(with_sae(cfg, hooks=("residuals_0-1",)), loaded, sibling_run(root, "h"))
     with pytest.raises(SAEStageError, match="run `refusal-lens collect`"):
-        run_sae_stage(cfg, loaded, tmp_path / "nothing", tmp_path / "s", show_progress=False)
+        train_saes(cfg, loaded, tmp_path / "nothing")
 
 
 def test_sites_follow_the_split_and_balanced_batches(tiny_run):
@@ -194,32 +194,111 @@ def test_too_few_training_rows_for_the_features_is_an_error(tiny_run, tmp_path):
     cfg, loaded, root = tiny_run
     wide = with_sae(cfg, expansion_factor=64, allow_fewer_rows_than_features=False)
     with pytest.raises(SAEStageError, match=r"distinct training rows for an SAE of 4096 features.*expansion_factor"):
-        run_sae_stage(wide, loaded, root / "activations", tmp_path / "wide", show_progress=False)
+        train_saes(wide, loaded, sibling_run(root, "wide"))
+
+
+def _splice_by_hand(loaded, sae, layer: int, sequences, starts, mean: torch.Tensor) -> dict:
+    """The splice metrics of the module docstring of refusal_lens.stages.saes.evaluate, computed apart from it: each
+    sequence alone (no padding) through the HF model, block ``layer``'s output (``blocks.<layer>.hook_resid_post``)
+    replaced from position ``start`` on by the SAE's reconstruction ``decode(encode(x))``, or by ``mean``; CE
+    of each next token (nats, pooled over the tokens of all sequences), KL(clean || spliced) per token."""
+    model = loaded.hf_model
+    block = model.model.layers[layer]
+
+    def run(ids, start, replace):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            y = x.clone()
+            y[:, start:] = replace(x[:, start:])
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+
+        handle = block.register_forward_hook(hook) if replace is not None else None
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        finally:
+            if handle is not None:
+                handle.remove()
+        return logits[:-1].log_softmax(-1)  # predicts tokens 1 .. n-1
+
+    reconstruct = lambda x: sae.decode(sae.encode(x.float())).to(x.dtype)  # noqa: E731
+    ablate = lambda x: mean.to(x.dtype).expand_as(x)  # noqa: E731
+    nll = {"clean": 0.0, "sae": 0.0, "mean": 0.0}
+    kl = {"sae": 0.0, "mean": 0.0}
+    n = 0
+    for ids, start in zip(sequences, starts):
+        target = torch.tensor(ids[1:])
+        clean = run(ids, start, None)
+        nll["clean"] -= float(clean.gather(-1, target[:, None]).sum())
+        for name, fn in (("sae", reconstruct), ("mean", ablate)):
+            lp = run(ids, start, fn)
+            nll[name] -= float(lp.gather(-1, target[:, None]).sum())
+            kl[name] += float((clean.exp() * (clean - lp)).sum())
+        n += len(target)
+    ce = {k: v / n for k, v in nll.items()}
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_mean": ce["mean"], "kl_sae": kl["sae"] / n,
+            "kl_mean": kl["mean"] / n, "ce_increase": ce["sae"] - ce["clean"],
+            "ce_loss_recovered": (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"]), "scored_tokens": n}
 
 
 def test_quality_is_judged_against_mean_ablation_on_validation_and_reported_on_test(tiny_run):
+    """The splice metrics a stored SAE's metrics.json holds equal a splice by hand (:func:`_splice_by_hand`) on
+    the same prompts: the first ``sae.eval_prompts`` prompts of the split (chat prompt + collected response),
+    validation under ``validation``, test at the top level; the SAE spliced from the end of each prompt's
+    template opening on; the mean-ablation reference = the mean of the stored discovery activations at the
+    sites (positions from the opening on), computed here from the hook folder. The quality table reports test
+    and judges on validation."""
+    from sae_lens import SAE
+
+    from refusal_lens.core.chat import encode_prompt
+
     cfg, loaded, root = tiny_run
-    run_sae_stage(cfg, loaded, root / "activations", root / "saes", show_progress=False)
-    metrics = json.loads((root / "saes" / "blocks.1.hook_resid_post" / "metrics.json").read_text())
-    for m in (metrics, metrics["validation"]):
-        assert m["ce_loss_recovered"] == pytest.approx((m["ce_mean"] - m["ce_sae"]) / (m["ce_mean"] - m["ce_clean"]))
-        assert m["ce_increase"] == pytest.approx(m["ce_sae"] - m["ce_clean"])
-    assert metrics["distinct_train_rows"] <= metrics["train_rows"]
+    train_saes(cfg, loaded, root)
+    assert not cfg.sae.exclude_special_tokens and cfg.sae.exclude_template_prefix  # the sites used below
+    data = load_collected(root / "activations")
+    tok = loaded.tokenizer
+    split_of = {r["prompt_id"]: r["split"] for r in data.rows}
+    opening = {r["prompt_id"]: int(r["n_opening_tokens"]) for r in data.rows}
     quality = {q["hook"]: q for q in json.loads((root / "saes" / "quality.json").read_text())}
-    q = quality["blocks.1.hook_resid_post"]
-    assert q["val_explained_variance"] == metrics["validation"]["explained_variance"]
-    assert q["explained_variance"] == metrics["explained_variance"]  # the reported number is the test split's
+    for hook in ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"):
+        metrics = json.loads((root / "saes" / hook / "metrics.json").read_text())
+        sae = SAE.load_from_disk(str(root / "saes" / hook))
+        acts = HookActivations(root / "activations" / hook)
+        sites = [i for i in range(len(acts)) if split_of[acts.prompt_ids[i]] == "discovery"
+                 and acts.positions[i] >= opening[acts.prompt_ids[i]]]
+        mean = torch.from_numpy(acts.take(np.asarray(sites)).double().mean(0).numpy()).float()
+        for split, stored in (("validation", metrics["validation"]), ("test", metrics)):
+            rows = [r for r in data.rows if r["split"] == split][: cfg.sae.eval_prompts]
+            assert len(rows) == cfg.sae.eval_prompts
+            seqs = [encode_prompt(tok, r["prompt"], cfg.inference.max_prompt_tokens).ids
+                    + tok(r["response"], add_special_tokens=False)["input_ids"] for r in rows]
+            mine = _splice_by_hand(loaded, sae, int(hook.split(".")[1]), seqs, [int(r["n_opening_tokens"]) for r in rows],
+                                   mean)
+            print(f"{hook} {split}: stored " + ", ".join(f"{k} {stored[k]:.5f}" for k in mine)
+                  + " | by hand " + ", ".join(f"{k} {v:.5f}" for k, v in mine.items()))
+            assert stored["scored_tokens"] == mine["scored_tokens"]
+            for key in ("ce_clean", "ce_sae", "ce_mean", "ce_increase"):
+                assert stored[key] == pytest.approx(mine[key], rel=1e-4, abs=1e-4), (hook, split, key)
+            for key in ("kl_sae", "kl_mean"):
+                assert stored[key] == pytest.approx(mine[key], rel=1e-3, abs=1e-5), (hook, split, key)
+            assert stored["ce_loss_recovered"] == pytest.approx(mine["ce_loss_recovered"], abs=1e-3), (hook, split)
+            # the reference is a real one: mean ablation costs more than the SAE, which costs something
+            assert mine["ce_mean"] > mine["ce_sae"] > mine["ce_clean"] and mine["kl_mean"] > mine["kl_sae"] > 0
+        q = quality[hook]
+        assert metrics["distinct_train_rows"] <= metrics["train_rows"]
+        assert q["val_explained_variance"] == metrics["validation"]["explained_variance"]
+        assert q["explained_variance"] == metrics["explained_variance"]  # the reported number is the test split's
 
 
 def test_splice_touches_only_the_trained_positions(tiny_run):
     from sae_lens import SAE
 
-    from refusal_lens.saes.evaluate import splice_metrics
+    from refusal_lens.stages.saes.evaluate import splice_metrics
 
     cfg, loaded, root = tiny_run
     small = with_sae(cfg, training_tokens=64 * 10)
-    run_sae_stage(small, loaded, root / "activations", root / "splice", show_progress=False)
-    sae = SAE.load_from_disk(str(root / "splice" / "blocks.1.hook_resid_post"))
+    folder = train_saes(small, loaded, sibling_run(root, "splice")).folder
+    sae = SAE.load_from_disk(str(folder / "blocks.1.hook_resid_post"))
     seqs = [loaded.tokenizer("<|im_start|> user hello world <|im_end|>", add_special_tokens=False)["input_ids"]] * 2
     pad = loaded.tokenizer.pad_token_id
     everywhere = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad, check_error_term=True)

@@ -1,9 +1,10 @@
-"""Calibration of refusal_lens.analysis.stats on synthetic effects with a known truth.
+"""Calibration of refusal_lens.core.stats on synthetic effects with a known truth.
 
 Synthetic groups: per-prompt effects = a sparse mean vector (``k`` active nodes) + independent prompt
 noise. "One mechanism": both groups share the mean vector; "independent": each group has its own.
 Every simulation has a fixed seed (deterministic) and enough repetitions that a miscalibrated test
-fails. The rates these tests measure are quoted in docs/statistics.md.
+fails. The rates these tests measure are quoted in docs/statistics.md. The circuits' random controls
+(``active_features``, ``matched_random``) are tested on SAEs spliced into the tiny random model of conftest.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import math
 import numpy as np
 import pytest
 
-from refusal_lens.analysis import stats
-from refusal_lens.analysis.stats import (StatsOptionError, apply_fdr, bh_qvalues, bootstrap_mean_ci,
+from refusal_lens.core.stats import similarity as stats
+from refusal_lens.core.stats import (StatsOptionError, apply_fdr, bh_qvalues, bootstrap_mean_ci,
                                          compare_to_random, empirical_pvalue, kolmogorov_sf, ks_uniform,
                                          similarity_table, similarity_test, wilson_interval)
 from refusal_lens.errors import UserError
@@ -429,26 +430,178 @@ def test_compare_to_random_summary():
         compare_to_random(0.1, [], alternative="less")
 
 
-def test_behaviour_pvalue_of_a_random_set_is_uniform():
-    """A "circuit" drawn like its 20 matched random controls (1,000 repetitions): the empirical p-values
-    are uniform on {1/21, ..., 1} (KS test on that grid), and P(p <= 0.05) <= 0.05."""
+# ---------------------------------------------------------------- matched random controls of a circuit
+#
+# The circuits stage's random controls (refusal_lens.stages.circuits.behaviour: ``active_features``, ``matched_random``)
+# on a NodeSpace of three SAEs spliced into the tiny random model of conftest.py. The SAEs' encoder biases are
+# spread so that about half of each hook's features never fire after the chat template's opening on the
+# prompts: a sampler that drew from every feature would be visibly different from one that draws from the
+# active ones.
+
+CONTROL_HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.2.hook_attn_out")
+CONTROL_PROMPTS = ["how make bomb ?", "bake a cake", "what is python code", "steal car", "hello world",
+                   "print the code", "make cake", "how are you", "the world is"]
+#: the score drop of ablating a feature is its mean peak activation times its hook's weight: a set with
+#: another mix of hooks than the circuit's has another behaviour
+HOOK_WEIGHT = {"blocks.0.hook_resid_post": 1.0, "blocks.1.hook_mlp_out": 4.0, "blocks.2.hook_attn_out": 0.25}
+D_SAE = 96
+
+
+@pytest.fixture(scope="module")
+def control_space(tiny_model_dir):
+    """The NodeSpace, the prompts, the library's ``active_features`` and a reference computed by hand: each
+    prompt alone (no padding) through TransformerLens's ``run_with_cache``, the SAE's encoder on every
+    position from the end of the opening on. Also the per-feature score drop (0 for an inactive feature:
+    ablating a feature where it never fires changes nothing)."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from refusal_lens.core.chat import encode_prompt
+    from refusal_lens.stages.circuits.behaviour import active_features
+    from refusal_lens.stages.circuits.nodes import NodeSpace
+    from refusal_lens.config import ModelConfig
+    from refusal_lens.core.intervene import Intervener
+    from refusal_lens.models.loading import load_model
+
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir)))
+    prompts = [encode_prompt(loaded.tokenizer, p, 64) for p in CONTROL_PROMPTS]
+    with torch.no_grad():
+        acts = [loaded.model.run_with_cache(torch.tensor([p.ids]), names_filter=list(CONTROL_HOOKS))[1]
+                for p in prompts]
+        saes, gen = {}, torch.Generator().manual_seed(0)
+        for h in CONTROL_HOOKS:
+            cfg = StandardSAEConfig(d_in=loaded.d_model, d_sae=D_SAE, dtype="float32", device="cpu",
+                                    metadata=SAEMetadata(hook_name=h, model_name="tiny", context_size=1,
+                                                         prepend_bos=False))
+            sae = StandardSAE(cfg).eval()
+            w = torch.randn(loaded.d_model, D_SAE, generator=gen)
+            w /= w.norm(dim=0)
+            pre_std = torch.cat([a[h][0] for a in acts]) @ w
+            sae.W_enc.copy_(w), sae.W_dec.copy_(w.T), sae.b_dec.zero_()
+            # thresholds from 0.5 to 4 standard deviations of the pre-activations, in random order
+            sae.b_enc.copy_(-pre_std.std() * torch.linspace(0.5, 4.0, D_SAE)[torch.randperm(D_SAE, generator=gen)])
+            # the last feature reads the opening (identical in every prompt) and fires there only: it is the
+            # direction of the opening position that stands out most from every later position
+            opening = acts[0][h][0, : prompts[0].n_opening]
+            later = torch.cat([a[h][0, p.n_opening :] for a, p in zip(acts, prompts)])
+            u = opening / opening.norm(dim=-1, keepdim=True)
+            margin = (opening * u).sum(-1) - (later @ u.T).max(0).values
+            j = int(margin.argmax())
+            assert margin[j] > 0, h
+            sae.W_enc[:, -1] = u[j]
+            sae.W_dec[-1] = u[j]
+            sae.b_enc[-1] = -(opening[j] @ u[j] - margin[j] / 2)
+            saes[h] = sae
+        space = NodeSpace(CONTROL_HOOKS, saes, prompts[0].n_post_instruction)
+        active = active_features(Intervener(loaded, 4), space, prompts)
+        reference, opening_only = {}, {}
+        drop = np.zeros(space.n_features)
+        for h in CONTROL_HOOKS:
+            f = [saes[h].encode(a[h][0]) for a in acts]
+            after = torch.stack([fi[p.n_opening:].max(0).values for fi, p in zip(f, prompts)])  # [prompt, d_sae]
+            during = torch.stack([fi[: p.n_opening].max(0).values for fi, p in zip(f, prompts)])
+            reference[h] = np.flatnonzero((after > 0).any(0).numpy())
+            opening_only[h] = np.flatnonzero(((during > 0).any(0) & ~(after > 0).any(0)).numpy())
+            off = space.offset(h)
+            drop[off : off + D_SAE] = HOOK_WEIGHT[h] * after.clamp(min=0).mean(0).numpy()
+    return space, active, reference, opening_only, drop
+
+
+def test_active_features_are_those_firing_after_the_opening(control_space):
+    """``active_features`` lists, per hook, exactly the features the reference finds firing somewhere after
+    the opening; about half the features never do, and the feature firing only in the opening is left out."""
+    space, active, reference, opening_only, _ = control_space
+    for h in space.hooks:
+        assert np.array_equal(np.sort(active[h]), reference[h]), h
+        assert 0.2 * D_SAE <= len(active[h]) <= 0.8 * D_SAE, (h, len(active[h]))
+        assert D_SAE - 1 in opening_only[h] and D_SAE - 1 not in active[h]  # it fires, but only in the opening
+
+
+def _control_circuit(space, active, rng, per_hook=(3, 1, 2)):
+    """A circuit of random active features, ``per_hook`` of them on each hook (the null: a random active set)."""
+    return [space.offset(h) + int(j) for h, k in zip(space.hooks, per_hook) for j in rng.choice(active[h], k, replace=False)]
+
+
+def _per_hook(space, features):
+    return {h: sorted(v) for h, v in space.by_hook(features).items()}
+
+
+def test_matched_random_sets_match_per_hook_counts_and_come_from_active_features_outside_the_circuit(control_space):
+    """2,000 draws of ``matched_random`` for one circuit (3, 1 and 2 features on the three hooks, the strongest
+    active features among them): every draw has the circuit's count on each hook, no repeated feature, only
+    features the reference finds active, never one of the circuit's; every active feature outside the circuit
+    is drawn (the pool is the whole active set). A hook with too few active features outside the circuit
+    falls back to all of its features, still never the circuit's own."""
+    from refusal_lens.stages.circuits.behaviour import matched_random
+
+    space, active, reference, _, drop = control_space
+    rng = np.random.default_rng(30)
+    circuit = _control_circuit(space, reference, rng)
+    circuit[0] = int(np.argmax(drop[: D_SAE]))  # the strongest feature of the first hook is in the circuit
+    circuit = list(dict.fromkeys(circuit))
+    want = {h: len(v) for h, v in space.by_hook(circuit).items()}
+    seen = set()
+    for _ in range(2000):
+        draw = matched_random(space, circuit, active, rng)
+        assert len(set(draw)) == len(draw) and not set(draw) & set(circuit), draw
+        got = _per_hook(space, draw)
+        assert {h: len(v) for h, v in got.items()} == want, got
+        for h, local in got.items():
+            assert set(local) <= set(reference[h].tolist()), (h, sorted(set(local) - set(reference[h].tolist())))
+        seen.update(draw)
+    eligible = {space.offset(h) + int(j) for h in want for j in reference[h]} - set(circuit)
+    assert seen == eligible
+    # fallback: the circuit holds every active feature of the last hook but one; it asks for two there
+    h = space.hooks[-1]
+    crowded = [space.offset(h) + int(j) for j in reference[h][1:]]
+    for _ in range(200):
+        draw = matched_random(space, crowded, active, rng)
+        assert len(draw) == len(crowded) and not set(draw) & set(crowded)
+        assert all(space.locate(i)[0] == h for i in draw)
+
+
+def test_behaviour_pvalue_of_a_random_set_is_uniform(control_space):
+    """The null of the circuits' random-control p-value: a "circuit" that is itself a random set of active
+    features (3, 1 and 2 on the three hooks), its behaviour (refusal score left = 1 - the summed drops of its
+    features) against 20 sets drawn by ``matched_random`` from the active features (1,000 repetitions, the
+    p-value by ``control_summary`` as the stage computes it): uniform on {1/21, ..., 1} (KS on that grid),
+    P(p <= 0.05) <= 0.05 + 0.02. Power: controls drawn from every feature (``matched_random`` with all features
+    as the pool, as an active-blind sampler would) give non-uniform p-values, and a planted strong circuit
+    (the strongest active features) gets the smallest p, 1/21."""
+    from refusal_lens.core.behaviour import control_summary
+    from refusal_lens.stages.circuits.behaviour import matched_random
+
+    space, active, reference, _, drop = control_space
     rng = np.random.default_rng(21)
-    effects = 0.1 + rng.standard_t(3, size=(30, 400))  # per-prompt score drop from ablating each node
+    everything = {h: np.arange(space.d_sae(h)) for h in space.hooks}
     grid = np.arange(1, 22) / 21
-    matched, unmatched = [], []
+
+    def left(features):
+        return 1.0 - float(drop[list(features)].sum())
+
+    def pvalue(circuit, pool):
+        controls = [left(matched_random(space, circuit, pool, rng)) for _ in range(20)]
+        return control_summary(left(circuit), controls, "less")["p_value"]
+
+    matched, blind = [], []
     for _ in range(1000):
-        sets = np.argsort(rng.random((21, 400)), axis=1)[:, :20]  # circuit + 20 random sets of 20 nodes
-        behaviour = effects[:, sets].sum(2).mean(0) + rng.normal(0, 0.1, 21)  # mean score drop per set
-        matched.append(compare_to_random(behaviour[0], behaviour[1:], alternative="greater").p_value)
-        smaller = effects[:, sets[1:, :10]].sum(2).mean(0)  # controls of 10 nodes: not matched in size
-        unmatched.append(empirical_pvalue(behaviour[0], smaller, "greater"))
+        circuit = _control_circuit(space, reference, rng)
+        matched.append(pvalue(circuit, active))
+        blind.append(pvalue(circuit, everything))
     d, p = ks_uniform(matched, grid=grid)
-    print(f"behaviour p-values: KS D {d:.4f} p {p:.3f}; P(p <= 0.05) {np.mean(np.array(matched) <= 0.05):.3f}; "
-          f"unmatched controls KS p {ks_uniform(unmatched, grid=grid)[1]:.2g}")
-    assert p > 0.05, (d, p)
-    assert np.mean(np.array(matched) <= 0.05) <= 0.05 + 0.02
-    # The check has power: controls not matched in size give non-uniform p-values.
-    assert ks_uniform(unmatched, grid=grid)[1] < 0.01
+    low = np.mean(np.array(matched) <= 0.05)
+    print(f"random-set p-values against matched_random controls: KS D {d:.4f} p {p:.3f}; P(p <= 0.05) {low:.3f}; "
+          f"controls from every feature: KS p {ks_uniform(blind, grid=grid)[1]:.2g}")
+    # 0.01, not 0.05: drawing outside the circuit makes the null slightly anti-conservative on pools this small
+    # (about 50 active features a hook): P(p <= 1/21) 0.052-0.057 in 4,000 repetitions, against 0.048-0.050
+    # for controls drawn from every active feature
+    assert p > 0.01, (d, p)
+    assert low <= 0.05 + 0.02
+    assert ks_uniform(blind, grid=grid)[1] < 0.01  # the check has power against an active-blind sampler
+    strong = [space.offset(h) + int(j) for h, k in zip(space.hooks, (3, 1, 2))
+              for j in np.argsort(-drop[space.offset(h) : space.offset(h) + D_SAE])[:k]]
+    assert all(pvalue(strong, active) == pytest.approx(1 / 21) for _ in range(20))
 
 
 def test_kolmogorov_distribution_and_ks_statistic():

@@ -12,7 +12,7 @@ import pytest
 from refusal_lens import cli
 from refusal_lens.cli import main
 from refusal_lens.errors import UserError
-from refusal_lens.status import (
+from refusal_lens.infra.status import (
     StatusFile,
     StatusReadError,
     format_duration,
@@ -25,10 +25,10 @@ from refusal_lens.status import (
 from test_pipeline import write_config
 
 RATES = [
-    {"category": "hate", "label": "safe", "n": 4, "refused": 1, "rate": 0.25},
-    {"category": "hate", "label": "toxic", "n": 2, "refused": 2, "rate": 1.0},
-    {"category": "ALL", "label": "safe", "n": 4, "refused": 1, "rate": 0.25},
-    {"category": "ALL", "label": "toxic", "n": 2, "refused": 2, "rate": 1.0},
+    {"category": "hate", "label": "safe", "n": 4, "refused": 1, "refusal_rate": 0.25},
+    {"category": "hate", "label": "toxic", "n": 2, "refused": 2, "refusal_rate": 1.0},
+    {"category": "ALL", "label": "safe", "n": 4, "refused": 1, "refusal_rate": 0.25},
+    {"category": "ALL", "label": "toxic", "n": 2, "refused": 2, "refusal_rate": 1.0},
 ]
 
 
@@ -161,7 +161,7 @@ def test_disabled_status_is_a_no_op(tmp_path, clock):
 def test_an_unwritable_status_never_stops_the_job(tmp_path, clock, caplog):
     (tmp_path / "a-file").write_text("")
     sf = StatusFile(tmp_path / "a-file" / "status.json", clock=clock)
-    with caplog.at_level(logging.WARNING, logger="refusal_lens.status"):
+    with caplog.at_level(logging.WARNING, logger="refusal_lens.infra.status"):
         sf.begin("run", ["collect"])
         sf.start_stage("collect")
         sf.finish("done")
@@ -242,29 +242,58 @@ def test_cli_status(tmp_path, clock, capsys):
     assert data["run"].endswith("two") and data["stages"][1]["name"] == "train-saes"
 
 
+class StandIn:
+    """A stage of the pipeline's table that touches no model: ``run`` reports progress and returns, or raises."""
+
+    all_ranks, what = False, "a stand-in"
+
+    def __init__(self, name: str, raised: BaseException | None = None):
+        self.name, self.raised = name, raised
+
+    def check(self, ctx):
+        pass
+
+    def fingerprint(self, ctx):
+        return {"stand-in": self.name}
+
+    def run(self, ctx):
+        ctx.status.progress(1, 2, "hook")
+        if self.raised is not None:
+            raise self.raised
+        return {"prompts": 3}, {}
+
+    def load(self, ctx):
+        return {"prompts": 3}
+
+    def outcome(self, ctx, result):
+        from refusal_lens.infra.status import StageOutcome
+
+        return [f"{self.name}: {result.summary}"], StageOutcome("done", result.summary)
+
+
 @pytest.mark.parametrize("raised, code, state", [(KeyboardInterrupt(), 130, "interrupted"),
                                                   (UserError("bad data"), 2, "failed")])
-def test_cli_stages_record_failure_and_interruption(tmp_path, monkeypatch, raised, code, state):
-    """The wiring of _cmd_stages with stand-in stages (no model): names, outcomes and the final state."""
-    from refusal_lens.status import StageOutcome
+def test_cli_stages_record_failure_and_interruption(tmp_path, monkeypatch, raised, code, state, capsys):
+    """The wiring of a pipeline command with stand-in stages in the one table (no model): the CLI prints each
+    stage's lines, the status gets each stage's outcome, progress and the final state."""
+    from refusal_lens import pipeline
 
-    def _collect(cfg, dist, models, force, status):
-        status.progress(3, 3, "prompt")
-        return StageOutcome("skipped", {"prompts": 3})
-
-    def _train_saes(cfg, dist, models, force, status):
-        status.progress(1, 2, "hook")
-        raise raised
-
-    monkeypatch.setitem(cli.STAGES, "run", (_collect, _train_saes))
+    stand_ins = {"collect": StandIn("collect"), "train-saes": StandIn("train-saes", raised)}
+    monkeypatch.setattr(pipeline.StageSpec, "load", lambda spec: stand_ins[spec.name])
+    monkeypatch.setitem(pipeline.COMMANDS, "run", ("collect", "train-saes"))
     config = write_config(tmp_path, tmp_path / "no-model-needed")
     assert main(["run", "--config", str(config)]) == code
+    assert "collect: {'prompts': 3}" in capsys.readouterr().out
     data = json.loads((tmp_path / "results" / "tiny" / "status.json").read_text())
     assert data["state"] == state and data["command"] == "run"
-    assert [(s["name"], s["state"]) for s in data["stages"]] == [("collect", "skipped"), ("train-saes", state)]
+    assert [(s["name"], s["state"]) for s in data["stages"]] == [("collect", "done"), ("train-saes", state)]
     assert data["stages"][0]["summary"] == {"prompts": 3}
     assert data["stages"][1]["progress"] == {"done": 1, "total": 2, "unit": "hook"}
     assert data["error"] == ("bad data" if state == "failed" else None)
+    # the folders were prepared by the one stage-folder implementation: manifests, the finished one complete
+    run = tmp_path / "results" / "tiny"
+    assert json.loads((run / "activations" / "manifest.json").read_text())["status"] == "complete"
+    assert json.loads((run / "saes" / "manifest.json").read_text())["status"] == "running"
 
 
 def test_the_message_belongs_to_the_running_stage(status):

@@ -3,7 +3,7 @@
 * ``bridge``: the TransformerBridge's ``run_with_cache`` (the reference; its attention runs
   eager-like whatever the HF config says, 1.4-1.5x a bare sdpa forward on an H100/H200, GPU.md);
 * ``hf_hooks``: PyTorch hooks on the Hugging Face modules that carry each hook point
-  (:func:`refusal_lens.hooks.hf_hook_target`, the same map the generation edits use), on the untouched
+  (:func:`refusal_lens.core.hooks.hf_hook_target`, the same map the generation edits use), on the untouched
   HF model with its own attention (sdpa where the family supports it). Same hook names, same values as
   ``run_with_cache`` up to float rounding (tests/test_collector.py).
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from refusal_lens.errors import UserError
-from refusal_lens.hooks import LayerSpecError, hf_hook_target
+from refusal_lens.core.hooks import LayerSpecError, hf_hook_target
 
 logger = logging.getLogger(__name__)
 

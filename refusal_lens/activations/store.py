@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from refusal_lens import durable
+from refusal_lens.infra import durable
 
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "int16"}
 #: storage dtype name -> the torch dtype activations are converted to before they leave the device.
@@ -108,7 +108,7 @@ def hook_record_batch(
 
 def write_arrow_file(path: Path, batches: Sequence[pa.RecordBatch], schema: pa.Schema) -> int:
     """Write record batches as an Arrow stream file (what ``datasets`` reads), durably
-    (:func:`refusal_lens.durable.atomic_path`); returns its size."""
+    (:func:`refusal_lens.infra.durable.atomic_path`); returns its size."""
     with durable.atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)

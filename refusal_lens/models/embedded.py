@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from refusal_lens import durable
+from refusal_lens.infra import durable
 from refusal_lens.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -35,9 +35,9 @@ import torch
 
 from refusal_lens.config import ModelConfig
 from refusal_lens.errors import UserError
-from refusal_lens.hooks import LayerSpecError, check_layer_specs
+from refusal_lens.core.hooks import LayerSpecError, check_layer_specs
 from refusal_lens.models.embedded import EMBEDDED_MODELS, embedded_model_dir
-from refusal_lens.models.families import ModelFamily, family_for_template
+from refusal_lens.core.families import ModelFamily, family_for_template
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Random chat models built from a config, no download: the tests' tiny models and the GPU bench's
 Llama-2-7B-shaped one.
 
-The tokenizer is word level (the refusal and compliance words of :mod:`refusal_lens.models.families`
+The tokenizer is word level (the refusal and compliance words of :mod:`refusal_lens.core.families`
 are single tokens) with a ChatML-like template. It goes through ``save_pretrained`` /
 ``from_pretrained`` because TransformerLens reloads a tokenizer by its path (an in-memory one fails
 with ``KeyError: 'name_or_path'``). ``n_filler`` extra tokens (``w0``, ``w1`` ...) pad the vocabulary

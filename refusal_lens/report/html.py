@@ -43,7 +43,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.offline
 
-from refusal_lens import durable
+from refusal_lens.infra import durable
 
 log = logging.getLogger(__name__)
 

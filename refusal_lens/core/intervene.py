@@ -1,0 +1,375 @@
+"""Interventions on the Hugging Face model: forward passes and greedy generation with edits at hook points.
+
+Every intervention of refusal_lens (directional ablation, activation addition, SAE-feature ablation,
+steering) is an :class:`Edit`: a TransformerLens hook name and a function ``fn(x, ctx) -> x`` of the
+activation at that hook. :class:`Intervener` runs edits on the untouched HF model (the KV cache and sdpa
+attention of ``transformers``), attaching each edit as a PyTorch hook on the module that carries that hook
+point (:func:`refusal_lens.core.hooks.hf_hook_target`); the TransformerLens runner of the attribution methods
+calls the same edit functions from its own hook points (:mod:`refusal_lens.stages.circuits.attribution`), so one
+implementation of an edit serves both.
+
+``ctx`` (:class:`EditContext`) tells the edit where each column of ``x`` is: ``ctx.classes`` is
+``[batch, columns]`` of position classes (:mod:`refusal_lens.core.chat`: padding, opening, content,
+post-instruction ``j``, generated) and ``ctx.rows`` the batch's row indices in the caller's list, so that
+an edit can differ per prompt. During generation the prompt is one forward pass (prefill) and every new
+token one more (class ``GENERATED``), so edits apply to generated tokens too.
+
+The model is ``loaded.gen_model``: the HF model in ``model.intervention_dtype`` (bf16 runs 2.9x faster
+than fp32 on the project's CPUs; measured in bench/bench_interventions.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from refusal_lens.core.chat import GENERATED, OPENING, PAD, EncodedPrompt, left_pad
+from refusal_lens.core.hooks import hf_hook_target
+from refusal_lens.core.metrics import kl_divergence
+
+
+@dataclass
+class EditContext:
+    classes: Tensor  # [batch, columns] position classes of the columns of x (PAD for padding)
+    rows: list[int]  # row of each batch member in the caller's list
+
+
+EditFn = Callable[[Tensor, EditContext], Tensor]
+
+
+@dataclass(frozen=True)
+class Edit:
+    hook: str  # TransformerLens hook name (blocks.{i}.hook_resid_pre, ...hook_attn_out, ...)
+    fn: EditFn
+    #: whether the edit may change the template's opening positions (``False``: it leaves them as they are,
+    #: so the opening's keys and values can be computed once and shared; see :class:`Intervener`).
+    opening: bool = True
+    #: whether the edit differs between the rows of a batch (it reads ``ctx.rows``): then an opening it
+    #: changes is computed with each batch's rows.
+    per_row: bool = False
+
+
+#: edits for a batch: a fixed list, or a function of the batch's rows (per-prompt conditions).
+EditsFor = Sequence[Edit] | Callable[[list[int]], Sequence[Edit]]
+
+
+@dataclass
+class Batch:
+    ids: Tensor  # [batch, width] left-padded (after the shared prefix, when ``prefix`` is set)
+    mask: Tensor
+    classes: Tensor  # [batch, width]
+    rows: list[int]
+    n_prompt: list[int]  # unpadded prompt length of each member (continuations excluded)
+    prefix: tuple[int, ...] = ()  # token ids every member starts with, cut off (their keys/values come cached)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def shared_opening(prompts: Sequence[EncodedPrompt]) -> tuple[int, ...]:
+    """The token ids of the template's opening, when every prompt has the same one (else empty)."""
+    if not prompts:
+        return ()
+    n = min(p.n_opening for p in prompts)
+    first = tuple(prompts[0].ids[:n])
+    return first if n > 0 and all(tuple(p.ids[:n]) == first for p in prompts) else ()
+
+
+def make_batch(prompts: Sequence[EncodedPrompt], rows: Sequence[int], pad_id: int,
+               continuations: Sequence[Sequence[int]] | None = None, device: torch.device | str = "cpu",
+               prefix: Sequence[int] = ()) -> Batch:
+    """Left-padded prompts (optionally followed by teacher-forced continuations, class GENERATED); with
+    ``prefix`` (a shared opening) the batch holds what follows it."""
+    conts = continuations if continuations is not None else [[] for _ in prompts]
+    cut = len(prefix)
+    seqs = [list(p.ids[cut:]) + list(c) for p, c in zip(prompts, conts)]
+    ids, mask = left_pad(seqs, pad_id)
+    classes = torch.full(ids.shape, PAD, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompts, conts)):
+        cls = p.position_classes(len(c))[cut:]
+        classes[b, ids.shape[1] - len(cls):] = torch.tensor(cls, dtype=torch.long)
+    return Batch(ids.to(device), mask.to(device), classes.to(device), list(rows), [len(p.ids) for p in prompts],
+                 tuple(prefix))
+
+
+@contextmanager
+def frozen(model):
+    """No parameter gradients inside (only activations need them); the flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+PER_BATCH = object()  # a prefix cache computed with each batch's rows (see Intervener._plan)
+
+
+def per_condition(edits: Sequence[Sequence[Edit]], owner: Sequence[int]) -> list[Edit]:
+    """One edit per hook that applies condition ``c``'s edits to the rows ``r`` with ``owner[r] == c`` only."""
+    by_hook: dict[str, dict[int, list[EditFn]]] = {}
+    opening: dict[str, bool] = {}
+    for c, es in enumerate(edits):
+        for e in es:
+            by_hook.setdefault(e.hook, {}).setdefault(c, []).append(e.fn)
+            opening[e.hook] = opening.get(e.hook, False) or e.opening
+
+    def dispatch(fns_of: dict[int, list[EditFn]]) -> EditFn:
+        def fn(x: Tensor, ctx: EditContext) -> Tensor:
+            for c, fns in fns_of.items():
+                idx = [b for b, r in enumerate(ctx.rows) if owner[r] == c]
+                if not idx:
+                    continue
+                at = torch.tensor(idx, device=x.device)
+                sub = x.index_select(0, at)
+                sub_ctx = EditContext(ctx.classes.index_select(0, at.to(ctx.classes.device)), [ctx.rows[b] for b in idx])
+                for f in fns:
+                    sub = f(sub, sub_ctx)
+                x = x.index_copy(0, at, sub.to(x.dtype))
+            return x
+
+        return fn
+
+    return [Edit(h, dispatch(fns), opening=opening[h], per_row=True) for h, fns in by_hook.items()]
+
+
+class Intervener:
+    """Forward passes and greedy generation of ``loaded.gen_model`` with :class:`Edit` s.
+
+    **The shared opening is computed once.** Every prompt starts with the template's opening (e.g. Qwen's
+    default system prompt: half the tokens of a short prompt), identical in every prompt. When no edit
+    changes it (``Edit.opening`` false for all), its keys and values come from one clean pass, cached; when
+    edits do change it but apply alike to every row, from one pass with those edits per call. Only the rest of
+    each prompt is run per batch, after the cache (middle padding, explicit positions). ``share_opening=False``
+    runs every prompt whole; ``tests/test_intervene.py`` checks both give the same logits and tokens.
+    """
+
+    def __init__(self, loaded, batch_size: int = 16, model=None, share_opening: bool = True):
+        self.loaded = loaded
+        self.model = loaded.gen_model if model is None else model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.batch_size = batch_size
+        self.share_opening = share_opening
+        self._clean_prefix: dict[tuple[int, ...], object] = {}
+        ids = self.model.generation_config.eos_token_id
+        self.eos = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos.add(self.tokenizer.eos_token_id)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "past_key_values" if "past_key_values" in params else "cache"
+
+    # ---------------------------------------------------------------- hooks
+
+    @contextmanager
+    def edits(self, edits: Sequence[Edit], batch: Batch):
+        """Attach ``edits`` for the passes over ``batch`` (prefill columns, then one generated column per step)."""
+        handles = []
+        width = batch.ids.shape[1]
+        gen_classes = torch.full((len(batch.rows), 1), GENERATED, dtype=torch.long, device=batch.ids.device)
+
+        def context(x: Tensor) -> EditContext:
+            if x.shape[1] == width:
+                return EditContext(batch.classes, batch.rows)
+            if x.shape[1] == 1:
+                return EditContext(gen_classes, batch.rows)
+            raise ValueError(f"edit got {x.shape[1]} columns; expected the prompt width {width} or 1 (a new token)")
+
+        def post(fn):
+            def hook(module, args, output):  # noqa: ARG001
+                if isinstance(output, tuple):
+                    return (fn(output[0], context(output[0])), *output[1:])
+                return fn(output, context(output))
+
+            return hook
+
+        def pre(fn):
+            def hook(module, args, kwargs):  # noqa: ARG001
+                if args:
+                    return (fn(args[0], context(args[0])), *args[1:]), kwargs
+                x = kwargs["hidden_states"]
+                return args, {**kwargs, "hidden_states": fn(x, context(x))}
+
+            return hook
+
+        try:
+            for edit in edits:
+                module, kind = hf_hook_target(self.model, edit.hook)
+                handles.append(module.register_forward_pre_hook(pre(edit.fn), with_kwargs=True) if kind == "pre"
+                               else module.register_forward_hook(post(edit.fn)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ---------------------------------------------------------------- batches and the shared opening
+
+    def batches(self, prompts: Sequence[EncodedPrompt], continuations: Sequence[Sequence[int]] | None = None,
+                order_by_length: bool = True, prefix: Sequence[int] = ()) -> list[Batch]:
+        """Batches of ``batch_size`` prompts (sorted by length to pad little; rows keep the caller's order)."""
+        idx = list(range(len(prompts)))
+        if order_by_length:
+            idx.sort(key=lambda i: (len(prompts[i].ids) + (len(continuations[i]) if continuations else 0), i))
+        out = []
+        for s in range(0, len(idx), self.batch_size):
+            rows = idx[s : s + self.batch_size]
+            out.append(make_batch([prompts[i] for i in rows], rows, self.tokenizer.pad_token_id,
+                                  [continuations[i] for i in rows] if continuations is not None else None,
+                                  self.device, prefix))
+        return out
+
+    @staticmethod
+    def _edits_for(edits: EditsFor | None, rows: list[int]) -> Sequence[Edit]:
+        if edits is None:
+            return []
+        return edits(rows) if callable(edits) else edits
+
+    def _plan(self, prompts: Sequence[EncodedPrompt], edits: EditsFor | None) -> tuple[tuple[int, ...], object]:
+        """``(prefix ids, its cache)`` to share: the clean cache (no edit changes the opening), one computed with
+        the edits (they change it alike for every row), or ``PER_BATCH`` (they change it per row: computed with
+        each batch's rows); ``((), None)`` when every prompt runs whole."""
+        prefix = shared_opening(prompts) if self.share_opening else ()
+        if not prefix:
+            return (), None
+        fixed = [] if edits is None else edits if not callable(edits) else None
+        if fixed is None:  # per-batch edits: share only a clean opening, and only if none of them changes it
+            probe = self._edits_for(edits, list(range(min(len(prompts), 1))))
+            if any(e.opening for e in probe):
+                return (), None
+            fixed = []
+        if any(e.opening and e.per_row for e in fixed):
+            return prefix, PER_BATCH
+        if any(e.opening for e in fixed):
+            return prefix, self._prefix_cache(prefix, fixed)
+        if prefix not in self._clean_prefix:
+            self._clean_prefix[prefix] = self._prefix_cache(prefix, [])
+        return prefix, self._clean_prefix[prefix]
+
+    @torch.no_grad()
+    def _prefix_cache(self, prefix: tuple[int, ...], edits: Sequence[Edit], rows: Sequence[int] = ()):
+        """The keys and values of ``prefix`` under ``edits``: one row, or one per row of ``rows`` (per-row edits)."""
+        n = max(len(rows), 1)
+        ids = torch.tensor([prefix] * n, device=self.device)
+        batch = Batch(ids, torch.ones_like(ids), torch.full_like(ids, OPENING), list(rows), [len(prefix)] * n)
+        with self.edits(edits, batch):
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        return out.past_key_values
+
+    def _inputs(self, batch: Batch, cache, edits: Sequence[Edit] = ()) -> dict:
+        """Model inputs of a batch: plain, or after the shared prefix (its cache expanded to the batch, or computed
+        for the batch's rows)."""
+        if not batch.prefix:
+            return {"input_ids": batch.ids, "attention_mask": batch.mask}
+        n, p = len(batch), len(batch.prefix)
+        if cache is PER_BATCH:
+            mine = self._prefix_cache(batch.prefix, edits, batch.rows)
+        else:
+            mine = copy.deepcopy(cache)
+            mine.batch_repeat_interleave(n)
+        mask = torch.cat([torch.ones(n, p, dtype=batch.mask.dtype, device=batch.mask.device), batch.mask], 1)
+        pos = p + (batch.mask.cumsum(-1) - 1).clamp_min(0)
+        return {"input_ids": batch.ids, "attention_mask": mask, "position_ids": pos, self._cache_kw: mine}
+
+    # ---------------------------------------------------------------- passes
+
+    def last_logits_grad(self, batch: Batch, edits: Sequence[Edit]) -> Tensor:
+        """``[batch, d_vocab]`` float32 logits at the last position of one batch, with autograd (the caller's
+        edits create the leaves); parameters should be frozen (:func:`frozen`). Every prompt runs whole."""
+        with self.edits(edits, batch):
+            return self.model(input_ids=batch.ids, attention_mask=batch.mask, logits_to_keep=1).logits[:, -1].float()
+
+    @torch.no_grad()
+    def last_logits(self, prompts: Sequence[EncodedPrompt], edits: EditsFor | None = None) -> Tensor:
+        """``[n, d_vocab]`` float32 logits at each prompt's last position (the first response token)."""
+        prefix, cache = self._plan(prompts, edits)
+        out: list[Tensor | None] = [None] * len(prompts)
+        for batch in self.batches(prompts, prefix=prefix):
+            mine = self._edits_for(edits, batch.rows)
+            inputs = self._inputs(batch, cache, mine)  # before the batch's edits attach (a per-batch opening cache)
+            with self.edits(mine, batch):
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
+            for b, row in enumerate(batch.rows):
+                out[row] = logits[b]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def continuation_logprobs(self, prompts: Sequence[EncodedPrompt], continuations: Sequence[Sequence[int]],
+                              edits: EditsFor | None = None, reference: Sequence[Tensor] | None = None
+                              ) -> tuple[list[Tensor], list[float], list[float]]:
+        """Teacher-forced continuations: per prompt (the last-prompt-position log-probs ``[d_vocab]``, the summed
+        NLL of the continuation, the KL to ``reference`` (the same prompts' last-position log-probs of another
+        run; 0 without it))."""
+        prefix, cache = self._plan(prompts, edits)
+        first: list[Tensor | None] = [None] * len(prompts)
+        nll = [0.0] * len(prompts)
+        kl = [0.0] * len(prompts)
+        for batch in self.batches(prompts, continuations, prefix=prefix):
+            mine = self._edits_for(edits, batch.rows)
+            inputs = self._inputs(batch, cache, mine)
+            with self.edits(mine, batch):
+                logits = self.model(**inputs).logits.float()
+            logp = logits.log_softmax(-1)
+            width = batch.ids.shape[1]
+            for b, row in enumerate(batch.rows):
+                n_cont = len(continuations[row])
+                last = width - n_cont - 1  # position predicting the first response token
+                first[row] = logp[b, last].cpu()
+                if n_cont:
+                    targets = batch.ids[b, last + 1 :]
+                    nll[row] = float(-logp[b, last : width - 1].gather(-1, targets[:, None]).sum())
+                if reference is not None:
+                    ref = reference[row].to(logp.device)
+                    kl[row] = float(kl_divergence(ref, logp[b, last]))
+        return first, nll, kl  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, edits: EditsFor | None = None
+                 ) -> list[list[int]]:
+        """Greedy responses (token ids up to, not including, the first end-of-sequence token)."""
+        prefix, cache = self._plan(prompts, edits)
+        out: list[list[int] | None] = [None] * len(prompts)
+        for batch in self.batches(prompts, prefix=prefix):
+            mine = self._edits_for(edits, batch.rows)
+            inputs = self._inputs(batch, cache, mine)
+            if prefix:  # generate takes the whole sequence and runs only what the cache does not hold
+                head = torch.tensor([prefix], device=batch.ids.device).expand(len(batch), -1)
+                inputs["input_ids"] = torch.cat([head, batch.ids], 1)
+                inputs.pop("position_ids")
+            with self.edits(mine, batch):
+                new = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            width = inputs["input_ids"].shape[1]
+            for b, row in enumerate(batch.rows):
+                seq = new[b, width:].tolist()
+                cut = next((i for i, t in enumerate(seq) if t in self.eos), len(seq))
+                out[row] = seq[:cut]
+        return out  # type: ignore[return-value]
+
+    def generate_conditions(self, conditions: Sequence[tuple[Sequence[EncodedPrompt], Sequence[Edit]]],
+                            max_new_tokens: int) -> list[list[list[int]]]:
+        """Greedy responses of several conditions (each: prompts and its own edits) in shared batches.
+
+        Decoding one token costs about the same for 15 rows as for 60 on a CPU (reading the weights dominates),
+        so the rows of several conditions run together: each edit applies to its own condition's rows only
+        (:func:`per_condition`). Returns the responses of each condition, in its prompts' order."""
+        prompts, owner = [], []
+        for c, (ps, _) in enumerate(conditions):
+            prompts += list(ps)
+            owner += [c] * len(ps)
+        flat = self.generate(prompts, max_new_tokens, per_condition([e for _, e in conditions], owner))
+        out: list[list[list[int]]] = [[] for _ in conditions]
+        for row, c in enumerate(owner):
+            out[c].append(flat[row])
+        return out
+
+    def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)

@@ -1,0 +1,379 @@
+"""Live status of a pipeline command: ``<run>/status.json``, rewritten atomically as it progresses.
+
+The main process of ``refusal-lens collect|train-saes|run`` keeps one :class:`StatusFile` (other
+torchrun ranks get a disabled one, a no-op). Stages report ``progress(done, total, unit)`` per batch
+or per hook; writes are throttled to one per ``min_interval_s`` (a finished count always writes).
+``refusal-lens status <run or results folder>`` reads it back (:func:`read_status`,
+:func:`format_status`). The file holds::
+
+    run, command, pid, host, started_at, updated_at, state (running/done/failed/interrupted),
+    stages: [{name, state (pending/running/done/skipped/failed/interrupted), started_at, finished_at,
+              elapsed_s, progress: {done, total, unit}, eta_s, summary}],
+    current_stage, message, rates, error
+
+Writing the status is best effort: an unwritable file is logged once and never stops the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from refusal_lens.infra import durable
+from refusal_lens.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+RUN_STATES = ("running", "done", "failed", "interrupted")
+STAGE_STATES = ("pending", "running", "done", "skipped", "failed", "interrupted")
+#: the states a stage can end in
+FINAL_STAGE_STATES = ("done", "skipped", "failed", "interrupted")
+
+
+class StatusReadError(UserError, ValueError):
+    """A status.json that cannot be read or parsed."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage function hands back to the CLI: its final state and a small summary for the status."""
+
+    state: str = "done"
+    summary: dict[str, Any] | None = None
+
+
+def iso_time(t: float) -> str:
+    """Local time with its UTC offset, to the second (e.g. ``2025-01-31T14:03:12+01:00``)."""
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def parse_time(text: str | None) -> float | None:
+    """Seconds since the epoch of an :func:`iso_time` string (None stays None)."""
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
+def _new_stage(name: str) -> dict[str, Any]:
+    return {"name": name, "state": "pending", "started_at": None, "finished_at": None, "elapsed_s": None,
+            "progress": {"done": 0, "total": None, "unit": ""}, "eta_s": None, "summary": None}
+
+
+def rates_summary(rates: Sequence[dict]) -> dict[str, float]:
+    """Overall refusal rate per label (``safe``: over-refusal, ``toxic``: correct refusal) from
+    :func:`refusal_lens.stages.collect.stage.refusal_rates` rows."""
+    return {r["label"]: round(float(r["refusal_rate"]), 4) for r in rates
+            if r.get("category") == "ALL" and r.get("split", "all") == "all"}
+
+
+class StatusFile:
+    """The live ``status.json`` of one command. ``StatusFile(None)`` or ``enabled=False`` does nothing.
+
+    ``clock`` returns seconds since the epoch (injectable for tests).
+    """
+
+    def __init__(self, path: Path | str | None, *, enabled: bool = True, min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(path) if path is not None and enabled else None
+        self.min_interval_s = min_interval_s
+        self._clock = clock
+        self._data: dict[str, Any] = {}
+        self._stage_t0: dict[str, float] = {}
+        self._initial: dict[str, int] = {}
+        self._last_write: float | None = None
+        self._write_failed = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """A copy of the current status (what the file holds after the next write)."""
+        return json.loads(json.dumps(self._data))
+
+    # ---------------------------------------------------------------------------------------- run
+
+    def begin(self, command: str, stages: Sequence[str]) -> None:
+        """Start the status of ``command``: every stage pending, the run running."""
+        if self.path is None:
+            return
+        now = self._clock()
+        self._data = {
+            "run": str(self.path.parent.resolve()), "command": command, "pid": os.getpid(),
+            "host": socket.gethostname(), "started_at": iso_time(now), "updated_at": iso_time(now),
+            "state": "running", "stages": [_new_stage(s) for s in stages], "current_stage": None,
+            "message": "", "rates": None, "error": None,
+        }
+        self._stage_t0.clear()
+        self._initial.clear()
+        self._write(now)
+        logger.info("status: %s (`refusal-lens status %s`)", self.path, self.path.parent)
+
+    def set(self, **fields: Any) -> None:
+        """Set top-level fields (e.g. ``rates=``, ``message=``) and write."""
+        if self.path is None:
+            return
+        if "stages" in fields:
+            raise ValueError("stages are set through start_stage / progress / finish_stage")
+        self._data.update(fields)
+        self._write(self._clock())
+
+    def finish(self, state: str = "done", error: str | None = None) -> None:
+        """End the run; a stage still running ends as ``failed``/``interrupted`` (or ``done``)."""
+        if self.path is None:
+            return
+        if state not in RUN_STATES or state == "running":
+            raise ValueError(f"run state {state!r}; allowed: done, failed, interrupted")
+        now = self._clock()
+        for stage in self._data["stages"]:
+            if stage["state"] == "running":
+                self._end_stage(stage, state, now)
+        self._data.update(state=state, error=error, current_stage=None)
+        self._write(now)
+
+    # ------------------------------------------------------------------------------------- stages
+
+    def start_stage(self, name: str, total: int | None = None, unit: str = "") -> None:
+        """Mark stage ``name`` running (appended if ``begin`` did not list it); clears the message."""
+        if self.path is None:
+            return
+        now = self._clock()
+        stage = self._stage(name)
+        stage.update(_new_stage(name), state="running", started_at=iso_time(now), elapsed_s=0.0,
+                     progress={"done": 0, "total": total, "unit": unit})
+        self._stage_t0[name] = now
+        self._initial.pop(name, None)
+        self._data.update(current_stage=name, message="")
+        self._write(now)
+
+    def progress(self, done: int, total: int | None = None, unit: str | None = None, *,
+                 initial: int | None = None) -> None:
+        """Progress of the current stage: ``done`` of ``total`` (None keeps the last total / unit).
+
+        ``initial``: units that were already done before this process started (resumed or skipped
+        work); they are left out of the rate behind the ETA, ``elapsed / (done - initial) * (total - done)``.
+        Writes at most once per ``min_interval_s``, except when ``done`` reaches ``total``.
+        """
+        name = self._data.get("current_stage") if self.path is not None else None
+        if name is None:
+            return
+        now = self._clock()
+        stage = self._stage(name)
+        prog = stage["progress"]
+        prog["done"] = done
+        if total is not None:
+            prog["total"] = total
+        if unit is not None:
+            prog["unit"] = unit
+        if initial is not None:
+            self._initial[name] = initial
+        stage["eta_s"] = self._eta(name, now)
+        finished = prog["total"] is not None and done >= prog["total"]
+        if finished or self._last_write is None or now - self._last_write >= self.min_interval_s:
+            self._write(now)
+
+    def finish_stage(self, name: str, state: str = "done", summary: dict[str, Any] | None = None) -> None:
+        """End stage ``name`` as ``done``, ``skipped``, ``failed`` or ``interrupted``, with a small summary;
+        clears the message (a note about the running stage)."""
+        if self.path is None:
+            return
+        if state not in FINAL_STAGE_STATES:
+            raise ValueError(f"stage state {state!r}; allowed: {', '.join(FINAL_STAGE_STATES)}")
+        now = self._clock()
+        stage = self._stage(name)
+        self._end_stage(stage, state, now)
+        if summary is not None:
+            stage["summary"] = summary
+        if self._data.get("current_stage") == name:
+            self._data.update(current_stage=None, message="")
+        self._write(now)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _stage(self, name: str) -> dict[str, Any]:
+        stages = self._data.setdefault("stages", [])
+        for stage in stages:
+            if stage["name"] == name:
+                return stage
+        stages.append(_new_stage(name))
+        return stages[-1]
+
+    def _eta(self, name: str, now: float) -> float | None:
+        prog = self._stage(name)["progress"]
+        done, total = prog["done"], prog["total"]
+        if total is None:
+            return None
+        if done >= total:
+            return 0.0
+        rate_done = done - self._initial.get(name, 0)
+        if rate_done <= 0:
+            return None
+        return round((now - self._stage_t0.get(name, now)) / rate_done * (total - done), 3)
+
+    def _end_stage(self, stage: dict[str, Any], state: str, now: float) -> None:
+        t0 = self._stage_t0.get(stage["name"])
+        stage.update(state=state, finished_at=iso_time(now),
+                     elapsed_s=round(now - t0, 3) if t0 is not None else stage["elapsed_s"])
+        if state in ("done", "skipped"):
+            stage["eta_s"] = 0.0
+
+    def _write(self, now: float) -> None:
+        """Atomically replace the file (:func:`refusal_lens.infra.durable.write_text`: a synced temporary file
+        in the same folder, then ``os.replace``)."""
+        if self.path is None:
+            return
+        self._data["updated_at"] = iso_time(now)
+        for stage in self._data.get("stages", []):
+            if stage["state"] == "running" and stage["name"] in self._stage_t0:
+                stage["elapsed_s"] = round(now - self._stage_t0[stage["name"]], 3)
+        self._last_write = now
+        try:
+            durable.write_text(self.path, json.dumps(self._data, indent=2) + "\n")
+        except OSError as err:  # StorageError included
+            if not self._write_failed:
+                logger.warning("status: cannot write %s (%s); the job goes on without it", self.path, err)
+            self._write_failed = True
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_status(folder: Path | str) -> list[dict[str, Any]]:
+    """The status of the run in ``folder`` (a run folder holding status.json, or the file itself), or
+    of every run in a results folder (``<folder>/*/status.json``, sorted by name); [] if none."""
+    folder = Path(folder)
+    if folder.is_file() and folder.name == STATUS_FILE:
+        paths = [folder]
+    elif (folder / STATUS_FILE).is_file():
+        paths = [folder / STATUS_FILE]
+    elif folder.is_dir():
+        paths = sorted(folder.glob(f"*/{STATUS_FILE}"))
+    else:
+        paths = []
+    return [_load(p) for p in paths]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StatusReadError(f"{path}: cannot read the status ({err})") from err
+    if not isinstance(data, dict) or "stages" not in data:
+        raise StatusReadError(f"{path}: not a refusal-lens status file")
+    return data
+
+
+def format_duration(seconds: float | None) -> str:
+    """``45s``, ``3m05s``, ``2h03m``, ``1d04h``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    s = max(int(round(seconds)), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _progress_cell(stage: dict[str, Any]) -> str:
+    prog = stage.get("progress") or {}
+    done, total, unit = prog.get("done"), prog.get("total"), prog.get("unit") or ""
+    if total is None:
+        return "-" if not done else f"{done} {unit}".strip()
+    pct = 100.0 * done / total if total else 100.0
+    return f"{done}/{total} {unit} ({pct:.0f}%)".replace("  ", " ")
+
+
+def _stage_times(stage: dict[str, Any], now: float, since_update: float) -> tuple[float | None, float | None]:
+    """(elapsed, ETA) as of ``now``: a running stage's clock keeps going, its ETA counts down."""
+    elapsed, eta = stage.get("elapsed_s"), stage.get("eta_s")
+    if stage.get("state") != "running":
+        return elapsed, None
+    started = parse_time(stage.get("started_at"))
+    if started is not None:
+        elapsed = now - started
+    if eta is not None:
+        eta = max(eta - since_update, 0.0)
+    return elapsed, eta
+
+
+def _rates_lines(rates: Sequence[dict]) -> list[str]:
+    labels = sorted({r["label"] for r in rates})
+    cell = {(r["category"], r["label"]): r for r in rates}
+    lines = [f"  {'category':<14}" + "".join(f"{lab + ' refused':>20}" for lab in labels)]
+    for cat in dict.fromkeys(r["category"] for r in rates):
+        parts = []
+        for lab in labels:
+            r = cell.get((cat, lab))
+            parts.append(f"{'-':>20}" if r is None else f"{r['refused']}/{r['n']} ({r['refusal_rate']:.1%})".rjust(20))
+        lines.append(f"  {cat:<14}" + "".join(parts))
+    return lines
+
+
+def status_warnings(status: dict[str, Any], now: float, stale_after_s: float) -> list[str]:
+    """Why a status that says running may be wrong: its process is gone, or it has not changed for long."""
+    if status.get("state") != "running":
+        return []
+    out = []
+    pid, host = status.get("pid"), status.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
+        out.append(f"the process (pid {pid}) is not running, but the status says running: the job ended without "
+                   "recording it (killed, e.g. out of memory?); rerun the same command to resume")
+    updated = parse_time(status.get("updated_at"))
+    if updated is not None and now - updated > stale_after_s:
+        out.append(f"no update for {format_duration(now - updated)}: the job may be hung (or one step is very slow; "
+                   "progress is reported per collect batch and per SAE hook)")
+    return out
+
+
+def format_status(status: dict[str, Any], now: float | None = None, *, stale_after_s: float = 1800.0) -> str:
+    """A human-readable status: run, overall state, one line per stage (progress, elapsed, ETA),
+    refusal rates when known, the error, and warnings for a run that looks dead."""
+    now = time.time() if now is None else now
+    updated = parse_time(status.get("updated_at"))
+    since_update = max(now - updated, 0.0) if updated is not None else 0.0
+    lines = [
+        f"run:     {status.get('run', '?')}",
+        f"command: {status.get('command', '?')}   state: {status.get('state', '?')}   "
+        f"pid {status.get('pid', '?')} on {status.get('host', '?')}",
+        f"started: {status.get('started_at', '?')}   last update {format_duration(since_update)} ago",
+        "",
+        f"  {'stage':<14}{'state':<13}{'progress':<26}{'elapsed':>9}{'ETA':>9}",
+    ]
+    for stage in status.get("stages", []):
+        elapsed, eta = _stage_times(stage, now, since_update)
+        lines.append(f"  {stage.get('name', '?'):<14}{stage.get('state', '?'):<13}{_progress_cell(stage):<26}"
+                     f"{format_duration(elapsed):>9}{format_duration(eta):>9}")
+    for stage in status.get("stages", []):
+        if stage.get("summary"):
+            summary = ", ".join(f"{k}={json.dumps(v)}" for k, v in stage["summary"].items())
+            lines.append(f"  {stage['name']}: {summary}")
+    if status.get("message"):
+        lines.append(f"message: {status['message']}")
+    if status.get("rates"):
+        lines += ["refusal rates (safe = over-refusal, toxic = correct refusal):", *_rates_lines(status["rates"])]
+    if status.get("error"):
+        lines.append(f"error: {status['error']}")
+    lines += [f"warning: {w}" for w in status_warnings(status, now, stale_after_s)]
+    return "\n".join(lines)

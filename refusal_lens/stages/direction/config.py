@@ -1,0 +1,79 @@
+"""The direction stage's section, ``direction:``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from refusal_lens.config.typed import ConfigError
+
+
+@dataclass(frozen=True)
+class DirectionConfig:
+    """The refusal direction of Arditi et al. 2024: contrast, candidates, selection by cause (docs/direction.md)."""
+
+    #: harmless contrast prompts: null = ``embedded:harmless``, the set of varied task instructions written by the
+    #: project (refusal_lens/data/harmless/instructions.csv; ``embedded:harmless-questions``: its how-to questions),
+    #: or a CSV/JSONL/parquet file or a datasets folder with a ``prompt`` column (e.g. Alpaca). Collected with
+    #: label ``harmless`` (responses, judgements, activations) and split like every prompt.
+    harmless: str | None = None
+    #: at most this many harmless prompts, drawn with data.seed (null = all).
+    harmless_samples: int | None = None
+    #: which prompts the model "agrees with" (the contrast keeps only those): ``score`` = the reference's filter
+    #: (refusal score > 0 for harmful, < 0 for harmless), ``judged`` = harmful prompts it refused and harmless
+    #: ones it did not (by the judge of the responses), ``both`` = both conditions, ``all`` = every toxic and
+    #: harmless prompt whatever the model did (no agreement filter: for smoke runs on random weights, which
+    #: refuse nothing, and to measure what the filter does).
+    keep: Literal["score", "judged", "both", "all"] = "score"
+    #: candidates whose selection scores are measured exactly (by intervention) on the validation split, after
+    #: the linear screen of every candidate: the best ``exact_per_layer`` positions of each layer below the layer
+    #: filter, plus the best ``exact_candidates`` overall (null = every candidate).
+    exact_candidates: int | None = 8
+    #: see exact_candidates.
+    exact_per_layer: int = 1
+    #: prompts per side (harmful, harmless) of the validation split used for the selection scores (null = all).
+    selection_prompts: int | None = 32
+    #: selection filter: KL(clean || ablated) of harmless last-position logits at most this.
+    kl_max: float = 0.1
+    #: selection filter: induce score (harmless prompts with the vector added) above this; when no candidate
+    #: passes, the filter is dropped and the report says so.
+    induce_min: float = 0.0
+    #: selection filter: layer < this x n_layers (the last layers write the output, not the decision).
+    max_layer_fraction: float = 0.8
+    #: random directions (ablated) and random vectors of the same norm (added): the control distribution.
+    random_directions: int = 20
+    #: prompts per side on which each random control is measured (the first by prompt-id hash; null = all); the
+    #: direction itself is measured on these too, for its p-value.
+    random_prompts: int | None = None
+    #: per-category directions, their cosines and the cross-ablation matrix.
+    per_category: bool = True
+    #: the over-refusal direction (refused safe - refused toxic) and its ablation / subtraction.
+    over_refusal: bool = True
+    #: emergence by intervention: the direction ablated from layer l on, for every ``emergence_stride``-th layer.
+    emergence_stride: int = 1
+    #: greedy tokens per response in the evaluations (null = inference.max_new_tokens).
+    max_new_tokens: int | None = None
+    #: bootstrap resamples (prompts) of every interval of a mean.
+    bootstrap: int = 1000
+    #: prompts per forward pass.
+    batch_size: int = 16
+    #: seed of every random choice of the stage.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("harmless_samples", "exact_candidates", "selection_prompts", "max_new_tokens", "random_prompts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"direction.{name}={value}; allowed: a positive integer or null")
+        for name in ("emergence_stride", "bootstrap", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
+        if self.exact_per_layer < 0:
+            raise ConfigError(f"direction.exact_per_layer={self.exact_per_layer}; allowed: an integer >= 0")
+        if self.random_directions < 0:
+            raise ConfigError(f"direction.random_directions={self.random_directions}; allowed: an integer >= 0")
+        if not 0.0 < self.max_layer_fraction <= 1.0:
+            raise ConfigError(f"direction.max_layer_fraction={self.max_layer_fraction}; allowed: a number in (0, 1]")
+        if self.kl_max <= 0:
+            raise ConfigError(f"direction.kl_max={self.kl_max}; allowed: a positive number")
+

@@ -1,0 +1,108 @@
+"""The selected direction on the test split, in the reference's layout (Arditi et al. 2024, Table 1).
+
+Greedy generation, judged (:mod:`refusal_lens.core.behaviour`; incoherent counted apart):
+
+* harmful (toxic) test prompts: clean -> directional ablation -> ActAdd(-r) at the chosen layer; over all of
+  them and over those the clean model refused (the headline: "refused harmful prompts");
+* harmless test prompts: clean -> ActAdd(+r);
+* controls: ``direction.random_directions`` random unit directions ablated (on the refused harmful prompts)
+  and as many random vectors of ``|r|`` added (on the harmless prompts), each one a rate: a distribution,
+  with the empirical p-value of the direction against it;
+* on harmless prompts with their clean responses teacher-forced: the KL of the next-token distribution at
+  the first response position and the cross-entropy (nats per token) of the responses, clean vs ablated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from refusal_lens.core.stats import bootstrap_mean_ci
+from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, summarise
+from refusal_lens.core.chat import EncodedPrompt
+from refusal_lens.core.direction_edits import ablation_edits, addition_edits
+from refusal_lens.core.intervene import Intervener
+
+
+def _texts(runs: Runs, plan: Sequence[Condition], audit: ResponseAudit) -> list[list[str]]:
+    """Run ``plan`` and return each condition's judged texts (from the audit, in order)."""
+    start = len(audit.rows)
+    runs(plan)
+    out, at = [], start
+    for c in plan:
+        out.append([r["response"] for r in audit.rows[at : at + len(c.prompts)]])
+        at += len(c.prompts)
+    return out
+
+
+def random_units(d: int, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, d, generator=gen)
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: int, n_layers: int, *,
+                       harmful: Sequence[EncodedPrompt], harmful_ids: Sequence[str], harmful_refused: Sequence[bool],
+                       harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
+                       harmless_responses: Sequence[Sequence[int]], max_new_tokens: int, n_random: int,
+                       n_bootstrap: int, seed: int, audit: ResponseAudit, show_progress: bool = True,
+                       random_prompts: int | None = None) -> dict:
+    """The test table; see the module docstring."""
+    ablate = ablation_edits(direction, n_layers)
+    runs = Runs(intervener, max_new_tokens, audit)
+    refused_idx = [i for i, r in enumerate(harmful_refused) if r]
+    conditions = [("harmful", "clean", []), ("harmful", "ablated", ablate),
+                  ("harmful", "actadd_minus", addition_edits(direction, layer, -1.0)),
+                  ("harmless", "clean", []), ("harmless", "actadd_plus", addition_edits(direction, layer, 1.0))]
+    sides = {"harmful": (harmful, harmful_ids), "harmless": (harmless, harmless_ids)}
+    texts_of: dict[tuple[str, str], list[str]] = {}
+    plan = [Condition(f"{side}/{name}", *sides[side], edits, {}) for side, name, edits in conditions]
+    for (side, name, _), texts in zip(conditions, _texts(runs, plan, audit)):
+        texts_of[(side, name)] = texts
+    rows: dict[str, dict] = {}
+    for (side, name), texts in texts_of.items():
+        rows[f"{side}/{name}"] = summarise(texts)
+        if side == "harmful":
+            rows[f"harmful_refused/{name}"] = summarise([texts[i] for i in refused_idx])
+    out: dict = {"conditions": rows, "n_harmful": len(harmful), "n_harmful_refused": len(refused_idx),
+                 "n_harmless": len(harmless), "layer": layer, "max_new_tokens": max_new_tokens}
+
+    # controls: random directions ablated (refused harmful), random vectors of |r| added (harmless), on up to
+    # ``random_prompts`` prompts per side; the direction's own rate on the same prompts gives its p-value
+    ctrl_h = refused_idx[:random_prompts] if random_prompts else refused_idx
+    ctrl_s = list(range(len(harmless)))[:random_prompts] if random_prompts else list(range(len(harmless)))
+    units = random_units(direction.numel(), n_random, seed)
+    plan = []
+    for k in range(n_random):
+        if ctrl_h:
+            plan.append(Condition("harmful_refused/random_ablated", [harmful[i] for i in ctrl_h],
+                                  [harmful_ids[i] for i in ctrl_h], ablation_edits(units[k], n_layers), {"control": k}))
+        plan.append(Condition("harmless/random_added", [harmless[i] for i in ctrl_s], [harmless_ids[i] for i in ctrl_s],
+                              addition_edits(units[k] * direction.norm(), layer, 1.0), {"control": k}))
+    with tqdm(total=len(plan), desc="direction random controls", disable=not show_progress or not plan) as bar:
+        summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
+    ablated_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_ablated")]
+    added_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_added")]
+    own_ablated = summarise([texts_of[("harmful", "ablated")][i] for i in ctrl_h])["refusal_rate"] if ctrl_h else float("nan")
+    own_added = summarise([texts_of[("harmless", "actadd_plus")][i] for i in ctrl_s])["refusal_rate"]
+    out["random_ablated"] = control_summary(own_ablated, ablated_rates, "less") | {"n_prompts": len(ctrl_h),
+                                                                                   "observed": own_ablated}
+    out["random_added"] = control_summary(own_added, added_rates, "greater") | {"n_prompts": len(ctrl_s),
+                                                                               "observed": own_added}
+
+    # KL and CE on harmless prompts (clean responses teacher-forced), clean vs ablated
+    conts = [list(r) for r in harmless_responses]
+    first_clean, nll_clean, _ = intervener.continuation_logprobs(harmless, conts)
+    _, nll_abl, kl = intervener.continuation_logprobs(harmless, conts, ablate, reference=first_clean)
+    n_tok = np.asarray([max(len(c), 1) for c in conts], dtype=float)
+    rng = np.random.default_rng(seed)
+    kl = np.asarray(kl)
+    out["kl_harmless"] = {"mean": float(kl.mean()) if len(kl) else None,
+                          "ci": list(bootstrap_mean_ci(kl, n_bootstrap, rng=rng)) if len(kl) else None, "n": len(kl)}
+    tokens = float(n_tok.sum())
+    out["ce_harmless"] = {"clean": float(np.sum(nll_clean) / tokens) if tokens else None,
+                          "ablated": float(np.sum(nll_abl) / tokens) if tokens else None, "tokens": int(tokens)}
+    return out

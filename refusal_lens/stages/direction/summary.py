@@ -1,0 +1,59 @@
+"""The direction stage's ``summary.json`` (the numbers later stages and the analysis read) and its printed lines."""
+
+from __future__ import annotations
+
+
+def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict, emergence: dict) -> dict:
+    cond = evaluation["conditions"]
+
+    def rate(key):
+        r = cond.get(key)
+        return None if r is None else {k: r[k] for k in ("n", "refusal_rate", "ci", "incoherent_rate")}
+
+    verdicts: dict[str, int] = {}
+    for cell in (categories.get("cross_ablation") or {}).get("cells", []):
+        if cell["direction"] != cell["category"]:
+            verdicts[cell["verdict"]] = verdicts.get(cell["verdict"], 0) + 1
+    return {
+        "direction": {k: info[k] for k in ("hook", "layer", "position", "norm", "scores", "filters", "splits")},
+        "harmful_refused": {k: rate(f"harmful_refused/{k}") for k in ("clean", "ablated", "actadd_minus")},
+        "harmful": {k: rate(f"harmful/{k}") for k in ("clean", "ablated", "actadd_minus")},
+        "harmless": {k: rate(f"harmless/{k}") for k in ("clean", "actadd_plus")},
+        "random_ablated": {k: evaluation["random_ablated"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
+        "random_added": {k: evaluation["random_added"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
+        "kl_harmless": evaluation["kl_harmless"], "ce_harmless": evaluation["ce_harmless"],
+        "cross_ablation_verdicts": verdicts,
+        "over_refusal": {k: {side: {m: v[side][m] for m in ("n", "refusal_rate", "ci")} for side in ("safe", "toxic")}
+                         for k, v in (over.get("conditions") or {}).items()},
+        "emergence": {g: v.get("emergence_layer") for g, v in emergence["groups"].items()},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The key numbers of the direction stage, as printed at its end."""
+    d = summary["direction"]
+
+    def r(x):
+        if not x or not x["n"]:
+            return "- (n=0)"
+        lo, hi = x["ci"]
+        return f"{x['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}] (n={x['n']}, incoherent {x['incoherent_rate']:.0%})"
+
+    s = d["scores"]
+    lines = [f"refusal direction: {d['hook']} at position {d['position']} (validation: bypass {s['bypass']:.2f}, "
+             f"induce {s['induce']:.2f}, KL {s['kl']:.3f}); {'; '.join(d['filters']['notes']) or 'all filters applied'}",
+             "test split, refused harmful prompts: clean " + r(summary["harmful_refused"]["clean"]) + " -> ablated "
+             + r(summary["harmful_refused"]["ablated"]) + " -> ActAdd(-r) " + r(summary["harmful_refused"]["actadd_minus"]),
+             "test split, harmless prompts: clean " + r(summary["harmless"]["clean"]) + " -> ActAdd(+r) "
+             + r(summary["harmless"]["actadd_plus"])]
+    ra = summary["random_ablated"]
+    if ra["n"]:
+        lines.append(f"random directions ablated ({ra['n']}): mean refusal {ra['mean']:.0%} "
+                     f"(5-95%: {ra['q05']:.0%}-{ra['q95']:.0%}); p = {ra['p_value']:.3f}")
+    kl = summary["kl_harmless"]
+    ce = summary["ce_harmless"]
+    if kl["mean"] is not None:
+        lines.append(f"harmless KL under ablation {kl['mean']:.4f} [{kl['ci'][0]:.4f}, {kl['ci'][1]:.4f}] (n={kl['n']}); "
+                     f"CE {ce['clean']:.3f} -> {ce['ablated']:.3f} nats/token")
+    return "\n".join(lines)
+

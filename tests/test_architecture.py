@@ -1,0 +1,111 @@
+"""The package's layers (docs/architecture.md): no module imports one of a higher layer, at module level or inside a
+function; stage modules do not import each other except the analysis's figures; no module is over 400 lines."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "refusal_lens"
+
+#: (layer, module prefixes) from the bottom up; the longest matching prefix decides a module's layer
+LAYERS: list[tuple[int, tuple[str, ...]]] = [
+    (0, ("refusal_lens.errors", "refusal_lens.infra", "refusal_lens.infra.durable", "refusal_lens.infra.lock", "refusal_lens.infra.status",
+         "refusal_lens.infra.distributed")),
+    (1, ("refusal_lens.core", "refusal_lens.report")),
+    (2, ("refusal_lens.config", *(f"refusal_lens.stages.{s}.config" for s in
+                                   ("collect", "direction", "saes", "circuits", "analysis")))),
+    (3, ("refusal_lens.models", "refusal_lens.data", "refusal_lens.activations", "refusal_lens.infra.storage_estimate",
+         "refusal_lens.infra.memory_plan")),
+    (4, ("refusal_lens.run",)),
+    (5, ("refusal_lens.stages",)),
+    (6, ("refusal_lens.pipeline", "refusal_lens.api", "refusal_lens.checks", "refusal_lens.readme_results",
+         "refusal_lens.cli", "refusal_lens.__main__", "refusal_lens.__init__")),
+]
+#: stage modules that may read another stage's modules: the report draws every stage's figures
+CROSS_STAGE = {"refusal_lens.stages.analysis.figures": {"refusal_lens.stages.circuits.plots",
+                                                         "refusal_lens.stages.direction.figures"}}
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for layer, prefixes in LAYERS:
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+                best = (layer, p)
+    if best is None:
+        raise AssertionError(f"{module} is in no layer of tests/test_architecture.py (add it, and to the docs)")
+    return best[0]
+
+
+def module_name(path: Path) -> str:
+    """``refusal_lens/core/judge.py`` -> ``refusal_lens.core.judge``; a subpackage's ``__init__.py`` is the
+    subpackage; the package's own is ``refusal_lens.__init__`` (so that no prefix matches every module)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 2:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imported(tree: ast.AST) -> set[str]:
+    """Every refusal_lens module a file imports (``from a.b import c`` counts ``a.b.c`` when that is a module)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("refusal_lens")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("refusal_lens"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if importlib.util.find_spec(node.module) and _is_module(sub) else node.module)
+    return out
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_is_in_a_layer():
+    for path in MODULES:
+        layer_of(module_name(path))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one(path):
+    me = module_name(path)
+    mine = layer_of(me)
+    bad = [(m, layer_of(m)) for m in imported(ast.parse(path.read_text())) if layer_of(m) > mine]
+    assert not bad, f"{me} (layer {mine}) imports higher layers: {bad}"
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if ".stages." in module_name(p) + "."
+                                  and not module_name(p).endswith(".config")], ids=lambda p: p.stem)
+def test_a_stage_reads_other_stages_only_through_the_run_folder(path):
+    me = module_name(path)
+    if me.count(".") < 3:
+        return
+    stage = me.split(".")[2]
+    other = {m for m in imported(ast.parse(path.read_text()))
+             if m.startswith("refusal_lens.stages.") and m.count(".") >= 3 and m.split(".")[2] != stage
+             and not m.endswith(".config")}
+    assert other <= CROSS_STAGE.get(me, set()), f"{me} imports other stages' modules: {sorted(other)}"
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The check above can fail: a core module importing a stage is caught."""
+    tree = ast.parse("def f():\n    from refusal_lens.stages.direction.select import choose\n")
+    assert {layer_of(m) for m in imported(tree)} == {5} and layer_of("refusal_lens.core.judge") == 1
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
