@@ -15,7 +15,7 @@ export WANDB_MODE := disabled
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
-	@# Chromium (Debian's package) renders the HTML report headless in tests/test_report.py.
+	@# Chromium (Debian's package) renders the HTML report headless in tests/report/test_report.py.
 	command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; else echo "install chromium (sudo apt-get install chromium) for the report browser test"; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0

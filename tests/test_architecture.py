@@ -109,3 +109,23 @@ def test_the_checker_sees_a_violation(tmp_path):
 def test_no_module_is_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+#: tests at the top of tests/ are about the package as a whole (its layers, pipeline, API, CLI kill/resume, README)
+TOP_LEVEL_TESTS = {"test_architecture", "test_pipeline", "test_python_api", "test_kills", "test_readme_results"}
+
+
+def test_the_test_tree_mirrors_the_package_tree():
+    """tests/<area>/test_x.py tests refusal_lens/<area>/ (tests/bench/ the benches); tests at the top are listed."""
+    misplaced = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        rel = path.relative_to(ROOT / "tests")
+        if len(rel.parts) == 1:
+            if path.stem not in TOP_LEVEL_TESTS:
+                misplaced.append(str(rel))
+        elif rel.parts[0] == "bench":
+            if not (ROOT / "bench").is_dir():
+                misplaced.append(str(rel))
+        elif not (PACKAGE / Path(*rel.parts[:-1])).is_dir():
+            misplaced.append(str(rel))
+    assert not misplaced, f"tests with no matching package folder (or not listed as top-level): {misplaced}"

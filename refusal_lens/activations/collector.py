@@ -5,7 +5,7 @@
 * ``hf_hooks``: PyTorch hooks on the Hugging Face modules that carry each hook point
   (:func:`refusal_lens.core.hooks.hf_hook_target`, the same map the generation edits use), on the untouched
   HF model with its own attention (sdpa where the family supports it). Same hook names, same values as
-  ``run_with_cache`` up to float rounding (tests/test_collector.py).
+  ``run_with_cache`` up to float rounding (tests/activations/test_collector.py).
 
 Either way only the kept positions (``rows``, ``cols``) are returned, as ``[n, width]`` CPU tensors in
 the requested dtype, with the logits at one column per prompt. The ``hf_hooks`` collector gathers the

@@ -57,3 +57,46 @@ def judged_refusal_rate(iv, tokenizer, prompts, max_new_tokens: int, edits=None)
 
     outs = iv.generate(prompts, max_new_tokens, edits)
     return sum(judge(tokenizer.decode(ids, skip_special_tokens=True)).refused for ids in outs) / len(outs)
+
+
+def parser(doc: str, *, candidates: str, fit_prompts: int, eval_prompts: int,
+           max_new_tokens: int | None = None) -> argparse.ArgumentParser:
+    """The flags every direction check takes: ``--run``, ``--candidates``, ``--fit-prompts``, ``--eval-prompts``,
+    ``--batch-size`` (and ``--max-new-tokens`` for those that generate)."""
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a run folder whose collect stage finished")
+    ap.add_argument("--candidates", default=candidates, help="LAYER:POSITION,... (position < 0)")
+    ap.add_argument("--fit-prompts", type=int, default=fit_prompts, help="discovery prompts per side for the means")
+    ap.add_argument("--eval-prompts", type=int, default=eval_prompts, help="validation prompts per measure")
+    if max_new_tokens is not None:
+        ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    ap.add_argument("--batch-size", type=int, default=8)
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, RunFolder, list[tuple[int, int]]]:
+    """``(args, run folder, candidates)``: the flags checked (a bad one refused through ``ap``, naming what is
+    allowed), nothing downloaded from here on, logging to the console."""
+    import logging
+    import os
+
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an entry point: nothing is downloaded
+    run = RunFolder(args.run)
+    check_run(ap, run)
+    counts = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items()
+              if k in ("fit_prompts", "eval_prompts", "max_new_tokens", "batch_size")}
+    if min(counts.values()) < 1:
+        ap.error(f"{', '.join(counts)} must be integers >= 1")
+    picks = parse_candidates(args.candidates)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args, run, picks
+
+
+def check_positions(picks: list[tuple[int, int]], n_post: int) -> None:
+    """Refuse candidate positions before the template's first post-instruction token."""
+    if far := [pos for _, pos in picks if pos < -n_post]:
+        raise SystemExit(f"--candidates positions {far}: this template has {n_post} post-instruction positions "
+                         f"(allowed: -{n_post}..-1)")

@@ -15,45 +15,19 @@ Usage: .venv/bin/python -m refusal_lens.checks.direction_contrast --run results/
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-from pathlib import Path
 
-
-from refusal_lens.checks.common import check_run, last_position_kl, open_run, parse_candidates
-from refusal_lens.run.folder import RunFolder
+from refusal_lens.checks.common import check_positions, last_position_kl, open_run, parse, parser
+from refusal_lens.infra import durable
 
 log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a run folder whose collect stage finished")
-    ap.add_argument("--candidates", default="8:-3,12:-1,15:-2,16:-1", help="LAYER:POSITION,... (position < 0)")
-    ap.add_argument("--fit-prompts", type=int, default=64, help="discovery prompts per side for the means")
-    ap.add_argument("--eval-prompts", type=int, default=24, help="validation prompts per measure")
-    ap.add_argument("--batch-size", type=int, default=8)
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an entry point: nothing is downloaded
-    run = RunFolder(args.run)
-    check_run(ap, run)
-    if min(args.fit_prompts, args.eval_prompts, args.batch_size) < 1:
-        ap.error("--fit-prompts, --eval-prompts and --batch-size must be integers >= 1")
-    picks = parse_candidates(args.candidates)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    import torch
-
-    from refusal_lens.infra import durable
-    from refusal_lens.stages.direction.candidates import difference_in_means
-    from refusal_lens.core.direction_edits import ablation_edits
-    from refusal_lens.stages.direction.select import scores_of
-
+    ap = parser(__doc__, candidates="8:-3,12:-1,15:-2,16:-1", fit_prompts=64, eval_prompts=24)
+    args, run, picks = parse(ap, argv)
     cfg, data, loaded, iv = open_run(ap, run, picks, args.batch_size)
-    n_layers = int(data.manifest["n_layers"])
-    d_model = loaded.hf_model.config.hidden_size
 
     def enc(split: str, label: str, refused: bool, cap: int):
         return data.encoded(loaded.tokenizer, cfg.inference.max_prompt_tokens, data.split_rows(split, label, refused)[:cap])
@@ -61,38 +35,47 @@ def main(argv=None) -> int:
     harmful = enc("discovery", "toxic", True, args.fit_prompts)
     sides = {"harmless instructions": enc("discovery", "harmless", False, args.fit_prompts),
              "OR-Bench safe, answered": enc("discovery", "safe", False, args.fit_prompts)}
-    val_harmful = enc("validation", "toxic", True, args.eval_prompts)
-    val_harmless = enc("validation", "harmless", False, args.eval_prompts)
-    val_safe = enc("validation", "safe", False, args.eval_prompts)
+    val = {"harmful": enc("validation", "toxic", True, args.eval_prompts),
+           "harmless": enc("validation", "harmless", False, args.eval_prompts),
+           "safe answered": enc("validation", "safe", False, args.eval_prompts)}
     sizes = {"fit": {"harmful": len(harmful), **{k: len(v) for k, v in sides.items()}},
-             "validation": {"harmful": len(val_harmful), "harmless": len(val_harmless), "safe answered": len(val_safe)}}
+             "validation": {k: len(v) for k, v in val.items()}}
     if min(sizes["fit"].values()) == 0 or min(sizes["validation"].values()) == 0:
         raise SystemExit(f"{args.run}: a side has no prompts ({sizes}); this check needs every one")
     log.info("prompts: %s", sizes)
-    n_post = harmful[0].n_post_instruction
-    if (far := [pos for _, pos in picks if pos < -n_post]):
-        raise SystemExit(f"--candidates positions {far}: this template has {n_post} post-instruction positions "
-                         f"(allowed: -{n_post}..-1)")
-    cands = {name: difference_in_means(iv, harmful, side, n_layers, d_model) for name, side in sides.items()}
-
-    out = {"run": str(args.run), "prompts": sizes,
-           "clean_bypass": float(scores_of(iv, val_harmful, data.tokens).mean()), "candidates": {}}
-    for layer, pos in picks:
-        j = n_post + pos
-        vectors = {name: c.vector(layer, j) for name, c in cands.items()}
-        a, b = vectors.values()
-        row = {"cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0))}
-        for name, v in vectors.items():
-            edits = ablation_edits(v, n_layers)
-            row[name] = {"bypass": float(scores_of(iv, val_harmful, data.tokens, edits).mean()),
-                         "kl_harmless": last_position_kl(iv, val_harmless, edits),
-                         "kl_safe_answered": last_position_kl(iv, val_safe, edits)}
-        out["candidates"][f"L{layer}/{pos}"] = row
-        log.info("L%d/%d: %s", layer, pos, json.dumps(row))
+    check_positions(picks, harmful[0].n_post_instruction)
+    out = {"run": str(args.run), "prompts": sizes, **measure(iv, data, harmful, sides, val, picks)}
     path = run.check_output("direction_contrast_check")
     durable.write_json(path, out, indent=1)
     log.info("wrote %s", path)
     return 0
+
+
+def measure(iv, data, harmful, sides: dict, val: dict, picks) -> dict:
+    """Each side's candidates fitted against the same harmful prompts; per asked-for candidate, the two sides'
+    cosine and, per side, the validation bypass and the KL of both harmless sets under its ablation."""
+    import torch
+
+    from refusal_lens.core.direction_edits import ablation_edits
+    from refusal_lens.stages.direction.candidates import difference_in_means
+    from refusal_lens.stages.direction.select import scores_of
+
+    n_layers, n_post = int(data.manifest["n_layers"]), harmful[0].n_post_instruction
+    d_model = iv.model.config.hidden_size
+    cands = {name: difference_in_means(iv, harmful, side, n_layers, d_model) for name, side in sides.items()}
+    out = {"clean_bypass": float(scores_of(iv, val["harmful"], data.tokens).mean()), "candidates": {}}
+    for layer, pos in picks:
+        vectors = {name: c.vector(layer, n_post + pos) for name, c in cands.items()}
+        a, b = vectors.values()
+        row = {"cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0))}
+        for name, v in vectors.items():
+            edits = ablation_edits(v, n_layers)
+            row[name] = {"bypass": float(scores_of(iv, val["harmful"], data.tokens, edits).mean()),
+                         "kl_harmless": last_position_kl(iv, val["harmless"], edits),
+                         "kl_safe_answered": last_position_kl(iv, val["safe answered"], edits)}
+        out["candidates"][f"L{layer}/{pos}"] = row
+        log.info("L%d/%d: %s", layer, pos, json.dumps(row))
+    return out
 
 
 if __name__ == "__main__":

@@ -21,16 +21,13 @@ Usage: .venv/bin/python -m refusal_lens.checks.direction_sets --run results/full
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
-
-from refusal_lens.checks.common import check_run, judged_refusal_rate, last_position_kl, open_run, parse_candidates
-from refusal_lens.run.folder import RunFolder
+from refusal_lens.checks.common import check_positions, judged_refusal_rate, last_position_kl, open_run, parse, parser
+from refusal_lens.infra import durable
 
 log = logging.getLogger(__name__)
 
@@ -64,36 +61,36 @@ def read_texts(source: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a run folder whose collect stage finished")
-    ap.add_argument("--candidates", default="15:-2,16:-1", help="LAYER:POSITION,... (position < 0)")
+    ap = parser(__doc__, candidates="15:-2,16:-1", fit_prompts=128, eval_prompts=32, max_new_tokens=16)
     ap.add_argument("--harmful", action="append", help="run or NAME=FILE (repeatable; default: run)")
     ap.add_argument("--harmless", action="append", help="run or NAME=FILE (repeatable; default: run)")
-    ap.add_argument("--fit-prompts", type=int, default=128, help="prompts per side for the means")
-    ap.add_argument("--eval-prompts", type=int, default=32, help="validation prompts per measure")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42, help="shuffles each file's prompts before the filter")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an entry point: nothing is downloaded
-    run = RunFolder(args.run)
-    check_run(ap, run)
-    if min(args.fit_prompts, args.eval_prompts, args.batch_size, args.max_new_tokens) < 1:
-        ap.error("--fit-prompts, --eval-prompts, --max-new-tokens and --batch-size must be integers >= 1")
-    picks = parse_candidates(args.candidates)
+    args, run, picks = parse(ap, argv)
     harmful_sets, harmless_sets = parse_sets(args.harmful, "--harmful"), parse_sets(args.harmless, "--harmless")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg, data, loaded, iv = open_run(ap, run, picks, args.batch_size)
+    fit, kl_prompts, val_harmful = contrast_sets(args, cfg, data, loaded, iv, harmful_sets, harmless_sets)
+    sizes = {"fit": {side: {k: len(v) for k, v in sets.items()} for side, sets in fit.items()},
+             "kl": {k: len(v) for k, v in kl_prompts.items()}, "validation_refused_toxic": len(val_harmful)}
+    empty = [k for side in sizes["fit"].values() for k, n in side.items() if n == 0] + \
+        [k for k, n in sizes["kl"].items() if n == 0] + (["validation"] if not val_harmful else [])
+    if empty:
+        raise SystemExit(f"{args.run}: no prompts for {empty} ({sizes}); this check needs every set")
+    log.info("prompts: %s", json.dumps(sizes))
+    check_positions(picks, val_harmful[0].n_post_instruction)
+    out = {"run": str(args.run), "sources": {"harmful": harmful_sets, "harmless": harmless_sets}, "prompts": sizes,
+           **measure(iv, data, loaded.tokenizer, fit, kl_prompts, val_harmful, picks, args.max_new_tokens)}
+    path = run.check_output("direction_sets_check")
+    durable.write_json(path, out, indent=1)
+    log.info("wrote %s", path)
+    return 0
 
-    import torch
 
-    from refusal_lens.infra import durable
+def contrast_sets(args, cfg, data, loaded, iv, harmful_sets: dict, harmless_sets: dict) -> tuple[dict, dict, list]:
+    """The fit prompts of every harmful and harmless set, every harmless set's KL prompts, and the run's refused
+    toxic validation prompts: a file's prompts shuffled with ``--seed`` and kept by the reference's score filter."""
     from refusal_lens.core.chat import encode_prompt
-    from refusal_lens.stages.direction.candidates import difference_in_means
-    from refusal_lens.core.direction_edits import ablation_edits
     from refusal_lens.stages.direction.select import scores_of
 
-    cfg, data, loaded, iv = open_run(ap, run, picks, args.batch_size)
-    n_layers, d_model = int(data.manifest["n_layers"]), loaded.hf_model.config.hidden_size
     tok, max_tokens = loaded.tokenizer, cfg.inference.max_prompt_tokens
 
     def run_rows(split: str, label: str, refused: bool):
@@ -123,26 +120,27 @@ def main(argv=None) -> int:
             kept = from_file(source, False, args.fit_prompts + args.eval_prompts)
             fit["harmless"][name] = kept[: args.fit_prompts]
             kl_prompts[name] = kept[args.fit_prompts: args.fit_prompts + args.eval_prompts]
-    val_harmful = run_rows("validation", "toxic", True)[: args.eval_prompts]
-    sizes = {"fit": {side: {k: len(v) for k, v in sets.items()} for side, sets in fit.items()},
-             "kl": {k: len(v) for k, v in kl_prompts.items()}, "validation_refused_toxic": len(val_harmful)}
-    empty = [k for side in sizes["fit"].values() for k, n in side.items() if n == 0] + \
-        [k for k, n in sizes["kl"].items() if n == 0] + (["validation"] if not val_harmful else [])
-    if empty:
-        raise SystemExit(f"{args.run}: no prompts for {empty} ({sizes}); this check needs every set")
-    log.info("prompts: %s", json.dumps(sizes))
-    n_post = val_harmful[0].n_post_instruction
-    if (far := [pos for _, pos in picks if pos < -n_post]):
-        raise SystemExit(f"--candidates positions {far}: this template has {n_post} post-instruction positions "
-                         f"(allowed: -{n_post}..-1)")
+    return fit, kl_prompts, run_rows("validation", "toxic", True)[: args.eval_prompts]
+
+
+def measure(iv, data, tok, fit: dict, kl_prompts: dict, val_harmful, picks, max_new_tokens: int) -> dict:
+    """Every harmful x harmless pair's candidates; per asked-for candidate and pair: the cosine with the first pair,
+    the validation bypass and judged refusal rate under ablation, and the KL on every harmless set's KL prompts."""
+    import torch
+
+    from refusal_lens.core.direction_edits import ablation_edits
+    from refusal_lens.stages.direction.candidates import difference_in_means
+    from refusal_lens.stages.direction.select import scores_of
+
+    n_layers, n_post = int(data.manifest["n_layers"]), val_harmful[0].n_post_instruction
+    d_model = iv.model.config.hidden_size
 
     def refusal_rate(edits=None) -> float:
-        return judged_refusal_rate(iv, tok, val_harmful, args.max_new_tokens, edits)
+        return judged_refusal_rate(iv, tok, val_harmful, max_new_tokens, edits)
 
     pairs = {f"{h}+{ok}": difference_in_means(iv, fit["harmful"][h], fit["harmless"][ok], n_layers, d_model)
              for h in fit["harmful"] for ok in fit["harmless"]}
-    out = {"run": str(args.run), "sources": {"harmful": harmful_sets, "harmless": harmless_sets}, "prompts": sizes,
-           "clean": {"bypass": float(scores_of(iv, val_harmful, data.tokens).mean()), "refusal_rate": refusal_rate()},
+    out = {"clean": {"bypass": float(scores_of(iv, val_harmful, data.tokens).mean()), "refusal_rate": refusal_rate()},
            "candidates": {}}
     first = next(iter(pairs))
     for layer, pos in picks:
@@ -156,10 +154,7 @@ def main(argv=None) -> int:
                          "kl": {k: last_position_kl(iv, p, edits) for k, p in kl_prompts.items()}}
             log.info("L%d/%d %s: %s", layer, pos, name, json.dumps(row[name]))
         out["candidates"][f"L{layer}/{pos}"] = row
-    path = run.check_output("direction_sets_check")
-    durable.write_json(path, out, indent=1)
-    log.info("wrote %s", path)
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -17,15 +17,11 @@ Usage: .venv/bin/python -m refusal_lens.checks.direction_template --run results/
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-from pathlib import Path
 
-
-from refusal_lens.checks.common import check_run, judged_refusal_rate, last_position_kl, open_run, parse_candidates
-from refusal_lens.run.folder import RunFolder
+from refusal_lens.checks.common import check_positions, judged_refusal_rate, last_position_kl, open_run, parse, parser
+from refusal_lens.infra import durable
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +30,16 @@ REFERENCE_QWEN = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assista
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a run folder whose collect stage finished")
-    ap.add_argument("--candidates", default="8:-3,12:-1,15:-2,16:-1", help="LAYER:POSITION,... (position < 0)")
-    ap.add_argument("--template", default=REFERENCE_QWEN, help="the other template: one {instruction}")
-    ap.add_argument("--fit-prompts", type=int, default=64, help="discovery prompts per side for the means")
-    ap.add_argument("--eval-prompts", type=int, default=24, help="validation prompts per measure")
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=8)
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an entry point: nothing is downloaded
-    run = RunFolder(args.run)
-    check_run(ap, run)
-    if min(args.fit_prompts, args.eval_prompts, args.batch_size, args.max_new_tokens) < 1:
-        ap.error("--fit-prompts, --eval-prompts, --max-new-tokens and --batch-size must be integers >= 1")
     from refusal_lens.core.chat import check_template
 
+    ap = parser(__doc__, candidates="8:-3,12:-1,15:-2,16:-1", fit_prompts=64, eval_prompts=24, max_new_tokens=20)
+    ap.add_argument("--template", default=REFERENCE_QWEN, help="the other template: one {instruction}")
+    args, run, picks = parse(ap, argv)
     try:
         check_template(args.template)
     except ValueError as err:
         ap.error(f"--template: {err}")
-    picks = parse_candidates(args.candidates)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    import torch
-
-    from refusal_lens.infra import durable
-    from refusal_lens.stages.direction.candidates import difference_in_means
-    from refusal_lens.core.direction_edits import ablation_edits
-    from refusal_lens.stages.direction.select import scores_of
-
     cfg, data, loaded, iv = open_run(ap, run, picks, args.batch_size)
-    n_layers = int(data.manifest["n_layers"])
-    d_model = loaded.hf_model.config.hidden_size
     rows = {"fit harmful": data.split_rows("discovery", "toxic", True)[: args.fit_prompts],
             "fit harmless": data.split_rows("discovery", "harmless", False)[: args.fit_prompts],
             "validation harmful": data.split_rows("validation", "toxic", True)[: args.eval_prompts],
@@ -75,19 +48,36 @@ def main(argv=None) -> int:
     if min(sizes.values()) == 0:
         raise SystemExit(f"{args.run}: a side has no prompts ({sizes}); this check needs every one")
     log.info("prompts: %s", sizes)
+    out: dict = {"run": str(args.run), "prompts": sizes, "template": args.template,
+                 **measure(args, cfg, data, loaded, iv, rows, picks)}
+    path = run.check_output("direction_template_check")
+    durable.write_json(path, out, indent=1)
+    log.info("cosine between the templates' candidates: %s", json.dumps(out["cosine"]))
+    log.info("wrote %s", path)
+    return 0
+
+
+def measure(args, cfg, data, loaded, iv, rows: dict, picks) -> dict:
+    """For the tokenizer's template and the given one: the candidates fitted in that template and, per asked-for
+    candidate, the validation bypass, judged refusal rate and harmless KL under ablation; and the cosine of the
+    two templates' candidates."""
+    import torch
+
+    from refusal_lens.core.direction_edits import ablation_edits
+    from refusal_lens.stages.direction.candidates import difference_in_means
+    from refusal_lens.stages.direction.select import scores_of
+
+    n_layers, d_model = int(data.manifest["n_layers"]), loaded.hf_model.config.hidden_size
 
     def refusal_rate(prompts, edits=None) -> float:
         return judged_refusal_rate(iv, loaded.tokenizer, prompts, args.max_new_tokens, edits)
 
-    templates = {"tokenizer's template": None, "given template": args.template}
-    out: dict = {"run": str(args.run), "prompts": sizes, "template": args.template, "templates": {}}
+    out: dict = {"templates": {}}
     vectors: dict[str, dict[str, torch.Tensor]] = {}
-    for name, template in templates.items():
+    for name, template in {"tokenizer's template": None, "given template": args.template}.items():
         enc = {k: data.encoded(loaded.tokenizer, cfg.inference.max_prompt_tokens, v, template) for k, v in rows.items()}
         n_post = enc["fit harmful"][0].n_post_instruction
-        if (far := [pos for _, pos in picks if pos < -n_post]):
-            raise SystemExit(f"--candidates positions {far}: the {name} has {n_post} post-instruction positions "
-                             f"(allowed: -{n_post}..-1)")
+        check_positions(picks, n_post)
         cands = difference_in_means(iv, enc["fit harmful"], enc["fit harmless"], n_layers, d_model)
         val_h, val_ok = enc["validation harmful"], enc["validation harmless"]
         res = {"n_post_instruction": n_post, "clean_score": float(scores_of(iv, val_h, data.tokens).mean()),
@@ -105,11 +95,7 @@ def main(argv=None) -> int:
         out["templates"][name] = res
     a, b = vectors.values()
     out["cosine"] = {k: float(torch.nn.functional.cosine_similarity(a[k], b[k], dim=0)) for k in a}
-    path = run.check_output("direction_template_check")
-    durable.write_json(path, out, indent=1)
-    log.info("cosine between the templates' candidates: %s", json.dumps(out["cosine"]))
-    log.info("wrote %s", path)
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -196,6 +196,25 @@ def other_prompts(run: RunFolder, n: int) -> list[str]:
 
 
 def main(argv=None) -> int:
+    args, run = parse_args(argv)
+    from refusal_lens.infra import durable
+
+    setup = load_setup(run)
+    ids, prompts, openings = the_prompts(args, run, setup)
+    doc = measure(args, run, setup, ids, prompts, openings)
+    out = args.out or run.check_output("rerun_circuit" if args.prompts == "other" else "rerun_circuit-test")
+    durable.write_json(out, doc, indent=1)
+    f = doc["fraction_of_direction"]
+    log.info("re-run on %d refused prompts (%s): clean %.0f%%, circuit %s, direction %s; fraction of the direction's "
+             "effect %s %s (stage: %s on %d test prompts)", len(doc["responses"]), args.prompts,
+             100 * (doc["clean"]["refusal_rate"] or 0), doc["circuit"]["refusal_rate"], doc["direction"]["refusal_rate"],
+             f, doc["fraction_ci"], doc["stage"]["fraction_of_direction"], doc["stage"]["n"])
+    log.info("wrote %s", out)
+    return 0
+
+
+def parse_args(argv) -> tuple[argparse.Namespace, RunFolder]:
+    """The flags, checked (a bad one refused naming what is allowed); nothing downloaded from here on."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished run folder (results/<run_name>)")
     ap.add_argument("--prompts", choices=("other", "test"), default="other")
@@ -212,13 +231,14 @@ def main(argv=None) -> int:
     if args.n < 1 or args.batch_size < 1:
         ap.error(f"--n={args.n}, --batch-size={args.batch_size}; allowed: integers >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args, run
+
+
+def load_setup(run: RunFolder) -> dict:
+    """The run's config, headline, model (plain transformers, the interventions' dtype), SAEs and direction."""
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from refusal_lens.infra import durable
-    from refusal_lens.core.behaviour import fraction_interval, fraction_of
-    from refusal_lens.core.chat import encode_prompt
-    from refusal_lens.core.judge import judge
     from refusal_lens.models.loading import load_tokenizer, resolve_source
 
     cfg = yaml.safe_load(run.paths.circuits.config.read_text())
@@ -228,35 +248,50 @@ def main(argv=None) -> int:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = torch.float32
     source = resolve_source(cfg["model"]["name"])
-    tokenizer = load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-    saes = load_saes(run, head["features"])
-    r = read_direction(run)
-    max_tokens = int(cfg["inference"]["max_prompt_tokens"])
-    new_tokens = head["max_new_tokens"]
+    setup = {"head": head, "dtype": dtype, "tokenizer": load_tokenizer(source),
+             "model": AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval(),
+             "saes": load_saes(run, head["features"]), "r": read_direction(run),
+             "max_tokens": int(cfg["inference"]["max_prompt_tokens"])}
     log.info("headline %s: %d features at %s", head["condition"], sum(map(len, head["features"].values())),
              ", ".join(head["features"]))
+    return setup
+
+
+def the_prompts(args, run: RunFolder, setup: dict) -> tuple[list[str], list[list[int]], list[int] | None]:
+    """``(ids, token ids, opening lengths or None)`` of the prompts re-run: the stage's test prompts, or toxic
+    prompts of the large embedded set that the run never saw."""
+    from refusal_lens.core.chat import encode_prompt
 
     if args.prompts == "test":
         table = run_prompts(run)
-        ids = test_prompts(run, head["condition"])
+        ids = test_prompts(run, setup["head"]["condition"])
         texts = [table[i]["prompt"] for i in ids]
     else:
         texts = other_prompts(run, args.n)
         ids = [f"large:{hashlib.sha256(t.encode()).hexdigest()[:12]}" for t in texts]
-    enc = [encode_prompt(tokenizer, t, max_tokens) for t in texts]
-    prompts = [e.ids for e in enc]
-    openings = [e.n_opening for e in enc] if head["positions"] == "after_opening" else None
+    enc = [encode_prompt(setup["tokenizer"], t, setup["max_tokens"]) for t in texts]
+    openings = [e.n_opening for e in enc] if setup["head"]["positions"] == "after_opening" else None
+    return ids, [e.ids for e in enc], openings
+
+
+def measure(args, run: RunFolder, setup: dict, ids, prompts, openings) -> dict:
+    """Clean, circuit and direction responses judged; rates, the fraction of the direction's effect and the
+    stage's own numbers beside them (and, on test, how many responses equal the stage's)."""
+    from refusal_lens.core.behaviour import fraction_interval, fraction_of
+    from refusal_lens.core.judge import judge
+
+    head, model, tokenizer, new_tokens = (setup["head"], setup["model"], setup["tokenizer"],
+                                             setup["head"]["max_new_tokens"])
 
     def outcomes(responses):
         return [judge(x).outcome for x in responses]
 
     def circuit(opening):
-        return circuit_hooks(model, saes, head["features"], head["mode"], head["c"], opening)
+        return circuit_hooks(model, setup["saes"], head["features"], head["mode"], head["c"], opening)
 
-    doc = {"run": str(run.root), "prompts": args.prompts, "headline": {k: head[k] for k in ("condition", "mode", "c",
-                                                                                         "positions", "features")},
-           "dtype": str(dtype), "max_new_tokens": new_tokens}
+    doc = {"run": str(run.root), "prompts": args.prompts,
+           "headline": {k: head[k] for k in ("condition", "mode", "c", "positions", "features")},
+           "dtype": str(setup["dtype"]), "max_new_tokens": new_tokens}
     clean = generate(model, tokenizer, prompts, new_tokens, args.batch_size)
     clean_out = outcomes(clean)
     doc["clean_all"] = rate(clean_out)
@@ -268,7 +303,7 @@ def main(argv=None) -> int:
     sub = [prompts[i] for i in keep]
     sub_open = [openings[i] for i in keep] if openings is not None else None
     circ = generate(model, tokenizer, sub, new_tokens, args.batch_size, circuit, sub_open)
-    dirn = generate(model, tokenizer, sub, new_tokens, args.batch_size, lambda _o: direction_hooks(model, r))
+    dirn = generate(model, tokenizer, sub, new_tokens, args.batch_size, lambda _o: direction_hooks(model, setup["r"]))
     c_out, d_out = outcomes(circ), outcomes(dirn)
     cl = np.array([clean_out[i] == "refused" for i in keep], float)
     ci_, di_ = np.array([o == "refused" for o in c_out], float), np.array([o == "refused" for o in d_out], float)
@@ -286,15 +321,7 @@ def main(argv=None) -> int:
         doc["same_responses_as_stage"] = {"equal": int(sum(same)), "of": len(same)}
     doc["responses"] = [{"prompt_id": ids[i], "clean": clean[i], "circuit": circ[j], "direction": dirn[j]}
                         for j, i in enumerate(keep)]
-    out = args.out or run.check_output("rerun_circuit" if args.prompts == "other" else "rerun_circuit-test")
-    durable.write_json(out, doc, indent=1)
-    f = doc["fraction_of_direction"]
-    log.info("re-run on %d refused prompts (%s): clean %.0f%%, circuit %s, direction %s; fraction of the direction's "
-             "effect %s %s (stage: %s on %d test prompts)", len(keep), args.prompts,
-             100 * (doc["clean"]["refusal_rate"] or 0), doc["circuit"]["refusal_rate"], doc["direction"]["refusal_rate"],
-             f, doc["fraction_ci"], doc["stage"]["fraction_of_direction"], doc["stage"]["n"])
-    log.info("wrote %s", out)
-    return 0
+    return doc
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ section's source. Regenerate the page with::
 
     python -m refusal_lens.config.reference > docs/configuration.md
 
-``tests/test_config_reference.py`` fails when the page is stale.
+``tests/config/test_config_reference.py`` fails when the page is stale.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ class Intervener:
     changes it (``Edit.opening`` false for all), its keys and values come from one clean pass, cached; when
     edits do change it but apply alike to every row, from one pass with those edits per call. Only the rest of
     each prompt is run per batch, after the cache (middle padding, explicit positions). ``share_opening=False``
-    runs every prompt whole; ``tests/test_intervene.py`` checks both give the same logits and tokens.
+    runs every prompt whole; ``tests/core/test_intervene.py`` checks both give the same logits and tokens.
     """
 
     def __init__(self, loaded, batch_size: int = 16, model=None, share_opening: bool = True):

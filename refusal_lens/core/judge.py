@@ -23,7 +23,7 @@ interventions) comes from :func:`judge`. The rules, in order (the first that app
 5. otherwise **complied**.
 
 :func:`judge` returns the outcome with the rule that decided it, so that every judgement can be audited.
-The rules are checked against hand-labelled responses of the embedded Qwen in ``tests/test_judge.py``.
+The rules are checked against hand-labelled responses of the embedded Qwen in ``tests/core/test_judge.py``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ on the meta device to count its weights; nothing is loaded): collect (generation
 and cache), train-saes (one SAE with Adam, a training step, the splice evaluation) and discover (the spliced SAEs,
 node values, the attribution pass's forward and backward), each with the weights, and the peak, compared with the
 CUDA device's memory when there is one. Within 20% of the real peak allocation of a small Llama-style model in
-float32 and bfloat16 on the CPU (tests/test_memory_plan.py); not yet checked on a GPU, whose kernels
+float32 and bfloat16 on the CPU (tests/infra/test_memory_plan.py); not yet checked on a GPU, whose kernels
 (flash/mem-efficient sdpa, cuBLAS workspaces) allocate somewhat differently. The storage estimate of a hook set is
 :mod:`refusal_lens.infra.storage_estimate`.
 """
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # The model is built on the meta device to count its weights (no memory, no download beyond
 # config.json); activations follow from the config by arithmetic. The per-token constants are those of
 # a Llama-style block (Llama, Mistral, Qwen2: RMSNorm in fp32, gated MLP) as PyTorch allocates them,
-# measured on the CPU with torch's memory profiler in float32 and bfloat16 (tests/test_memory_plan.py
+# measured on the CPU with torch's memory profiler in float32 and bfloat16 (tests/infra/test_memory_plan.py
 # checks the plan against a small model's real peak allocation, within 20%).
 
 #: activations per token the widest point of a Llama-style block holds in a no-grad forward pass
@@ -218,12 +218,22 @@ def plan_memory(cfg, shape: ModelShape, *, device_type: str = "cuda") -> MemoryP
         PlanItem(f"splice evaluation ({SPLICE_BATCH} x {seq} tokens, full logits and log-softmax)", splice,
                  alternative=True),
     ]
+    discover = _discover_items(cfg, shape, sae_hooks, n_sae, d_sae)
+    return MemoryPlan(cfg.model.name, shape.weight_bytes, {"collect": collect, "train-saes": train, "discover": discover},
+                      tuple(notes))
+
+
+def _discover_items(cfg, shape: ModelShape, sae_hooks: list[str], n_sae: int, d_sae: int) -> list[PlanItem]:
+    """The discover stage's items: the spliced SAEs, the node values and the attribution backward pass."""
+    from refusal_lens.core.hooks import parse_hook_name
+
+    inf, circ = cfg.inference, cfg.circuits
     spliced = _planned_hooks(circ.hooks, shape.n_layers, sae_hooks)
     sites = [parse_hook_name(h) for h in spliced]
     first = min((s.layer + (1 if s.point == "hook_resid_post" else 0) for s in sites if s), default=0)
     layers = max(shape.n_layers - first, 0)
     n_attr = circ.batch_size * inf.max_prompt_tokens
-    discover = [
+    return [
         PlanItem(f"{len(spliced)} SAEs (fp32)", 4 * n_sae * len(spliced)),
         PlanItem(f"node values of {len(spliced)} hooks ({circ.batch_size} x {inf.max_prompt_tokens} tokens: "
                  "features, error, input) and the effects' work space",
@@ -231,8 +241,6 @@ def plan_memory(cfg, shape: ModelShape, *, device_type: str = "cuda") -> MemoryP
         PlanItem(f"attribution forward + backward ({layers} layers from the first spliced hook)",
                  backward_bytes(shape, circ.batch_size, inf.max_prompt_tokens, layers, len(spliced))),
     ]
-    return MemoryPlan(cfg.model.name, shape.weight_bytes, {"collect": collect, "train-saes": train, "discover": discover},
-                      tuple(notes))
 
 
 def _planned_hooks(specs, n_layers: int, default: list[str]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Numpy only, vectorised, deterministic for a given ``rng`` (an int seed or a ``numpy.random.Generator``;
 no global random state). docs/statistics.md has the design, the verdict rules and the calibration that
-tests/test_stats.py measures.
+tests/core/test_stats.py measures.
 
 **Similarity of two groups of prompts** (:func:`similarity_test`). A group is a ``[prompts, nodes]``
 array of per-prompt node effects ``a_i = mu_A + noise_i``; its circuit is the mean ``a_bar``. All

@@ -46,21 +46,7 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
                      f"validation prompts (those direction.keep={cfg.direction.keep!r} kept), fewer than {a.min_prompts} "
                      "on a side")
     if behaviour:
-        h = behaviour["headline"]
-        out["circuit_behaviour"] = {
-            "n": behaviour["n_prompts"], "clean": _rate_of(behaviour["clean"]), "direction": _rate_of(behaviour["direction"]),
-            "circuit": {k: h[k] for k in ("method", "k", "intervention", "positions", "refusal_rate", "ci", "n",
-                                          "fraction_of_direction", "coherent_rate", "incoherent_rate", "random_p_value",
-                                          "random_mean", "smallest_k_reaching_90")}
-                       | {"fraction_ci": (fraction_ci or {}).get("ci", [None, None])},
-            "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
-            "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],
-            "induction": {"clean": _rate_of(behaviour["induction"]["clean"]),
-                          "direction_actadd": _rate_of(behaviour["induction"]["direction_actadd"]),
-                          "circuits": [{"method": i["method"], "k": i["k"], **_rate_of(i)}
-                                       for i in behaviour["induction"]["curve"]],
-                          "random": {k: behaviour["induction"]["random"][k] for k in ("n", "mean", "p_value")}},
-        }
+        out["circuit_behaviour"] = _behaviour_evidence(behaviour, fraction_ci)
         if (why := _underpowered(behaviour["n_prompts"], a.min_prompts)):
             notes.append(f"circuit behaviour: {why}")
     c_summary = inp.c_summary
@@ -88,6 +74,24 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
     out["underpowered"] = notes
     return out
 
+
+def _behaviour_evidence(behaviour: dict, fraction_ci: dict | None) -> dict:
+    """The headline circuit's test rates beside the clean and direction rates, its random controls and induction."""
+    h = behaviour["headline"]
+    return {
+        "n": behaviour["n_prompts"], "clean": _rate_of(behaviour["clean"]), "direction": _rate_of(behaviour["direction"]),
+        "circuit": {k: h[k] for k in ("method", "k", "intervention", "positions", "refusal_rate", "ci", "n",
+                                      "fraction_of_direction", "coherent_rate", "incoherent_rate", "random_p_value",
+                                      "random_mean", "smallest_k_reaching_90")}
+                   | {"fraction_ci": (fraction_ci or {}).get("ci", [None, None])},
+        "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
+        "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],
+        "induction": {"clean": _rate_of(behaviour["induction"]["clean"]),
+                      "direction_actadd": _rate_of(behaviour["induction"]["direction_actadd"]),
+                      "circuits": [{"method": i["method"], "k": i["k"], **_rate_of(i)}
+                                   for i in behaviour["induction"]["curve"]],
+                      "random": {k: behaviour["induction"]["random"][k] for k in ("n", "mean", "p_value")}},
+    }
 
 def _rate_of(s: dict) -> dict:
     return {k: s.get(k) for k in ("n", "refusal_rate", "ci", "incoherent_rate")}

@@ -12,7 +12,7 @@ per hook ``[batch, n_hooks]``.
 to a node is the gradient at its hook mapped through the decoder: ``dm/df_j = W_dec[j] . dm/dx`` and
 ``dm/d err = dm/dx``; downstream splices pass the gradient straight through their error term (as in
 Sparse Feature Circuits). SAE-Lens's own ``use_error_term`` computes the error without gradient, which
-would cut the upstream hooks off (tests/test_circuits.py shows both).
+would cut the upstream hooks off (tests/stages/circuits/test_circuits.py shows both).
 
 * **AtP**: ``effect ~ sum_sites 1[f > 0] (b - f) . grad`` for every node of every hook, one forward and one
   backward pass.

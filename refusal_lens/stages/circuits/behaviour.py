@@ -187,7 +187,15 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
                               {"control": r}))
     results = runs(plan)
     bar.close()
+    return summarise(results, space, rankings, curve_keys, chosen, method, selection, headline_k, random_sets,
+                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
 
+
+def summarise(results: list[dict], space: NodeSpace, rankings: dict[str, Ranking], curve_keys: list, chosen,
+              method: str, selection: dict, headline_k: int, random_sets: int, *, n_prompts: int, n_harmless: int,
+              max_new_tokens: int) -> dict:
+    """The behaviour record from the conditions' summaries, in the plan's order: clean, direction, the curve,
+    the random sets, then induction (clean, the direction's addition, each method, the random sets)."""
     clean, direct = results[0], results[1]
     c_rate, d_rate = clean["refusal_rate"], direct["refusal_rate"]
     n_curve = len(curve_keys)
@@ -212,7 +220,7 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
         return next((k for k, f in pts if f is not None and f >= target), None)
 
     return {
-        "n_prompts": len(prompts), "n_harmless": len(harmless), "max_new_tokens": max_new_tokens,
+        "n_prompts": n_prompts, "n_harmless": n_harmless, "max_new_tokens": max_new_tokens,
         "selection": selection, "clean": clean, "direction": direct, "curve": curve,
         "random": {"k": headline_k, "matched_to": method, "intervention": chosen.label, "controls": controls,
                    "sets": rand_sets,

@@ -107,15 +107,7 @@ class CollectStage:
         inf = cfg.inference
 
         # ---- 1. prompts and the storage estimate
-        encoded = [encode_prompt(loaded.tokenizer, p.prompt, inf.max_prompt_tokens) for p in prompts]
-        if n_trunc := sum(e.truncated for e in encoded):
-            logger.warning("%d prompt(s) longer than inference.max_prompt_tokens=%d were cut", n_trunc,
-                           inf.max_prompt_tokens)
-        widths = measure_hook_widths(loaded.model, self.hooks)
-        estimate = estimate_for_config(widths, inf, cfg.model.torch_dtype,
-                                       sum(len(e.ids) for e in encoded) / max(len(encoded), 1))
-        for line in estimate.lines():
-            logger.info("estimate: %s", line)
+        encoded, widths, estimate = self._encode_and_estimate(ctx)
         _, mine = dist.block(list(range(len(prompts))))
         steps = 2 * len(mine)
         if dist.world > 1:
@@ -157,24 +149,44 @@ class CollectStage:
 
         # ---- 5. finalize (rank 0)
         dist.barrier()
-        fields: dict = {}
+        fields = self._finalize(ctx, writer, encoded, widths, info, estimate, stats) if dist.is_main else {}
         if dist.is_main:
-            finalize(files, self.hooks, writer, widths, inf, dist.world)
-            import datasets
-
-            rows = datasets.load_from_disk(str(files.prompts)).to_list()
-            rates = refusal_rates(rows)
-            write_rates(files, rates)
-            fields = dict(
-                n_prompts=len(prompts), n_layers=loaded.n_layers, hooks=list(self.hooks), widths=widths,
-                template_prefix_tokens=shared_prefix_length([e.ids for e in encoded]),
-                opening_tokens=min((e.n_opening for e in encoded), default=0),
-                post_instruction_tokens=max((e.n_post_instruction for e in encoded), default=0),
-                refusal_tokens=info["refusal_tokens"], score_auroc=score_auroc(rows), split_counts=info["counts"],
-                estimate=estimate.to_dict(), versions=versions(), stats_rank0=asdict(stats))
             ctx.status.progress(steps, steps)
-            ctx.status.set(rates=rates)
         return None, fields
+
+    def _encode_and_estimate(self, ctx: StageContext):
+        """``(encoded prompts, hook widths, storage estimate)``; a warning names the prompts that were cut."""
+        inf, loaded = ctx.cfg.inference, ctx.loaded
+        encoded = [encode_prompt(loaded.tokenizer, p.prompt, inf.max_prompt_tokens) for p in self.prompts]
+        if n_trunc := sum(e.truncated for e in encoded):
+            logger.warning("%d prompt(s) longer than inference.max_prompt_tokens=%d were cut", n_trunc,
+                           inf.max_prompt_tokens)
+        widths = measure_hook_widths(loaded.model, self.hooks)
+        estimate = estimate_for_config(widths, inf, ctx.cfg.model.torch_dtype,
+                                       sum(len(e.ids) for e in encoded) / max(len(encoded), 1))
+        for line in estimate.lines():
+            logger.info("estimate: %s", line)
+        return encoded, widths, estimate
+
+    def _finalize(self, ctx: StageContext, writer: ShardWriter, encoded, widths: dict, info: dict, estimate,
+                  stats: CollectStats) -> dict:
+        """Rank 0: the prompts table and shards finalized, the refusal rates written (and on the status); returns
+        the manifest's fields."""
+        import datasets
+
+        files, loaded, inf = ctx.run.paths.activations, ctx.loaded, ctx.cfg.inference
+        finalize(files, self.hooks, writer, widths, inf, ctx.dist.world)
+        rows = datasets.load_from_disk(str(files.prompts)).to_list()
+        rates = refusal_rates(rows)
+        write_rates(files, rates)
+        ctx.status.set(rates=rates)
+        return dict(
+            n_prompts=len(self.prompts), n_layers=loaded.n_layers, hooks=list(self.hooks), widths=widths,
+            template_prefix_tokens=shared_prefix_length([e.ids for e in encoded]),
+            opening_tokens=min((e.n_opening for e in encoded), default=0),
+            post_instruction_tokens=max((e.n_post_instruction for e in encoded), default=0),
+            refusal_tokens=info["refusal_tokens"], score_auroc=score_auroc(rows), split_counts=info["counts"],
+            estimate=estimate.to_dict(), versions=versions(), stats_rank0=asdict(stats))
 
     def _activations(self, ctx, writer: ShardWriter, mine: Sequence[int], encoded, judged, info: dict,
                      batch_size: int, bar, stats: CollectStats, steps: int) -> int:

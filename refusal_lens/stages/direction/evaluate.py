@@ -93,7 +93,14 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
     out["random_added"] = control_summary(own_added, added_rates, "greater") | {"n_prompts": len(ctrl_s),
                                                                                "observed": own_added}
 
-    # KL and CE on harmless prompts (clean responses teacher-forced), clean vs ablated
+    out.update(harmless_cost(intervener, harmless, harmless_responses, ablate, n_bootstrap, seed))
+    return out
+
+
+def harmless_cost(intervener: Intervener, harmless: Sequence[EncodedPrompt], harmless_responses, ablate,
+                  n_bootstrap: int, seed: int) -> dict:
+    """KL and CE on harmless prompts (their clean responses teacher-forced), clean vs ablated."""
+    out: dict = {}
     conts = [list(r) for r in harmless_responses]
     first_clean, nll_clean, _ = intervener.continuation_logprobs(harmless, conts)
     _, nll_abl, kl = intervener.continuation_logprobs(harmless, conts, ablate, reference=first_clean)

@@ -1,4 +1,4 @@
-"""The similarity test refusal_lens used before issue 10, kept only so that tests/test_stats.py can show, on
+"""The similarity test refusal_lens used before issue 10, kept only so that tests/core/test_stats.py can show, on
 the same data, how miscalibrated it was (it called most pairs of independent random circuits significantly
 similar). Nothing in refusal_lens uses it."""
 

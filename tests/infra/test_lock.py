@@ -13,7 +13,7 @@ import pytest
 
 from refusal_lens.infra.lock import LOCK_FILE, RunLockedError, holder, run_lock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 

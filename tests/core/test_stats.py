@@ -192,7 +192,7 @@ def test_the_old_similarity_test_calls_independent_mechanisms_similar():
 
     Measured on these 100 pairs (15 prompts x 5,000 nodes, k = 50, pool = all nodes): p < 0.05, i.e.
     "significantly similar", for 0.97 of them, where the new test calls 0.99 distinct and none shared.
-    The old function is kept in tests/legacy_similarity.py for this comparison only.
+    The old function is kept in tests/core/legacy_similarity.py for this comparison only.
     """
     import legacy_similarity as metrics
 

@@ -14,7 +14,7 @@ from refusal_lens.config.reference import (
     undocumented_fields,
 )
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 REGENERATE = "docs/configuration.md is stale: run `.venv/bin/python -m refusal_lens.config.reference > docs/configuration.md`"
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from refusal_lens.core.judge import OUTCOMES, incoherence, is_refusal, judge
 
-CASES = json.loads((Path(__file__).parent / "data" / "judge_cases_qwen.json").read_text())["cases"]
+CASES = json.loads((Path(__file__).parents[1] / "fixtures" / "judge_cases_qwen.json").read_text())["cases"]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_incoherence_needs_enough_repetition():
     assert incoherence("go on go on go on go on") == "repetition"
 
 
-HELDOUT = json.loads((Path(__file__).parent / "data" / "judge_cases_heldout.json").read_text())["cases"]
+HELDOUT = json.loads((Path(__file__).parents[1] / "fixtures" / "judge_cases_heldout.json").read_text())["cases"]
 #: the bars the held-out set must clear, fixed with its labels, before the judge was run on it: the rules were
 #: written from the Qwen cases above, so phrasings outside their lists (other models' refusals, compliances
 #: that say "I can't ...") are expected to cost some agreement, but most must still be judged as a person does
@@ -75,7 +75,7 @@ HELDOUT_MIN_REFUSAL_RECALL = 0.85
 
 
 def test_agrees_with_hand_labels_of_held_out_responses():
-    """Held-out responses the rules were not written from (tests/data/judge_cases_heldout.json: refusals in
+    """Held-out responses the rules were not written from (tests/fixtures/judge_cases_heldout.json: refusals in
     several styles, partial refusals, compliances, some with refusal-like wording, degenerate text), labelled
     by hand before the judge saw them: the judge agrees with at least HELDOUT_MIN_AGREEMENT of the labels and
     finds at least HELDOUT_MIN_REFUSAL_RECALL of the refusals. Every disagreement is printed."""

@@ -102,7 +102,7 @@ def test_embedded_harmless_names():
 
 
 def test_every_embedded_csv_is_package_data():
-    with (Path(__file__).parents[1] / "pyproject.toml").open("rb") as fh:
+    with (Path(__file__).parents[2] / "pyproject.toml").open("rb") as fh:
         globs = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["refusal_lens"]
     files = sorted(p.relative_to(DATA.parent).as_posix() for p in DATA.rglob("*.csv"))
     assert len(files) == 8

@@ -14,7 +14,7 @@ from refusal_lens.infra import durable
 from refusal_lens.infra.durable import StorageError
 from refusal_lens.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
