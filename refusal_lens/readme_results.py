@@ -24,6 +24,15 @@ def verdict_counts(verdicts: dict) -> str:
     return ", ".join(f"{n} {k}" for k, n in (verdicts or {}).items() if n) or "no cells"
 
 
+def similarity_of(row: dict) -> str:
+    """A similarity verdict beside its number: ``partly shared (normalised 0.81, 90% interval [0.74, 0.88], 40 / 38
+    prompts)``."""
+    ci = row.get("normalised_ci") or [None, None]
+    level = f"{row['ci_level']:.0%} " if row.get("ci_level") else ""
+    return (f"{row['verdict']} (normalised {num(row.get('normalised'))}, {level}interval [{num(ci[0])}, {num(ci[1])}], "
+            f"{row.get('n_a')} / {row.get('n_b')} prompts)")
+
+
 def render_run(title: str, s: dict) -> list[str]:
     d, data = s["direction"], s["data"]
     lines = [f"### {title}", ""]
@@ -94,10 +103,15 @@ def render_run(title: str, s: dict) -> list[str]:
                      "agreement over (node, prompt) pairs): " + "; ".join(
                          f"{k} {num(st[k].get('pearson'))} / {pct(st[k].get('sign_agreement'))}" for k in
                          ("error", "top", "random")) + ".")
-    verdicts = s["similarity"]["verdicts"]
-    lines.append("* **One mechanism or many** (circuit similarity on test): " + ("; ".join(
-        f"{t}: " + ", ".join(f"{n} {k}" for k, n in c.items() if n) for t, c in verdicts.items()) or "no pairs") +
-        f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}.")
+    verdicts, pooled = s["similarity"]["verdicts"], s["similarity"].get("pooled_safe_x_toxic")
+    graded = not pooled or "p_shared" in pooled  # recorded before the graded verdicts: distinct = "interval below 1"
+    rule = ("verdicts graded against the margin `analysis.shared_margin`" if graded else
+            "recorded under the earlier rule, where *distinct* meant only \"interval below 1\" (not graded)")
+    lines.append(f"* **One mechanism or many** (circuit similarity on test, {rule}): " + ("; ".join(
+                     f"{t}: " + ", ".join(f"{n} {k}" for k, n in c.items() if n) for t, c in verdicts.items()
+                     if not (pooled and t == pooled["table"])) or
+                     "no pairs") + (f"; pooled safe x toxic: {similarity_of(pooled)}" if pooled else "") +
+                 f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}.")
     if d.get("over_refusal"):
         o = d["over_refusal"]
         lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(

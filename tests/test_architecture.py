@@ -129,3 +129,11 @@ def test_the_test_tree_mirrors_the_package_tree():
         elif not (PACKAGE / Path(*rel.parts[:-1])).is_dir():
             misplaced.append(str(rel))
     assert not misplaced, f"tests with no matching package folder (or not listed as top-level): {misplaced}"
+
+
+def test_the_docs_stage_table_is_the_pipeline_table():
+    from refusal_lens.pipeline import stage_table
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("<!-- stage-table -->\n", 1)[1].split("<!-- /stage-table -->", 1)[0]
+    assert table.strip() == stage_table().strip()

@@ -322,6 +322,6 @@ def hf_hook_target(hf_model, name: str) -> tuple[object, str]:
     layout, why = block_layout(model_type, layer)
     if layout is None:
         raise LayerSpecError(f"{name!r}: the decoder layer {type(layer).__name__} (model_type {model_type!r}) fits "
-                             f"no known block layout ({why}); add one in refusal_lens/models/families.py")
+                             f"no known block layout ({why}); add one in refusal_lens/core/families.py")
     path, kind = layout.points[site.point]
     return layer.get_submodule(path), kind

@@ -1,4 +1,4 @@
-"""docs/configuration.md is generated from refusal_lens/config.py and must stay current."""
+"""docs/configuration.md is generated from refusal_lens/config/ (and each stage's config.py) and must stay current."""
 
 from __future__ import annotations
 

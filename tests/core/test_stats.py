@@ -145,7 +145,7 @@ def test_one_mechanism_is_rarely_distinct_and_mostly_shared(heavy):
     """Pairs of groups from ONE distribution (3,000 or 2,000 pairs, 20 prompts per group, 1,000 nodes, k = 50).
 
     The permutation p-values are uniform (KS) and reject at alpha; ``distinct``, which also needs the
-    interval below 1, comes out a little under alpha; with 20 prompts most pairs are ``shared``.
+    similarity shown below the margin, is rarer still (at most alpha); with 20 prompts most pairs are ``shared``.
     """
     rng = np.random.default_rng(3 + heavy)
     results = []
@@ -158,7 +158,7 @@ def test_one_mechanism_is_rarely_distinct_and_mostly_shared(heavy):
     _, ks_p = ks_uniform(pvalues, grid=np.arange(1, 202) / 201)
     print(f"one mechanism ({'heavy' if heavy else 'gaussian'}): {rates}, p < 0.05: {np.mean(pvalues < 0.05):.3f}, "
           f"KS p {ks_p:.3f}")
-    assert 0.02 <= rates["distinct"] <= 0.08, rates
+    assert rates["distinct"] <= 0.05, rates
     assert 0.02 <= np.mean(pvalues < 0.05) <= 0.08
     assert ks_p > 0.01
     assert rates["shared"] >= 0.8, rates
@@ -223,27 +223,54 @@ def test_partial_sharing_is_not_shared():
     assert rates["distinct"] >= 0.9, rates
 
 
-def test_shared_at_the_margin_is_an_equivalence_test():
+def cosine_pair(rng: np.random.Generator, cosine: float, n: int, nodes: int = 1000, k: int = 100):
+    """Two groups of ``n`` prompts whose true mean effects have the given cosine and the same norm: A's mean on k/2
+    of ``k`` active nodes, B's ``cosine * A + sqrt(1 - cosine^2) * other`` with ``other`` on the other k/2."""
+    both = sparse_mean(rng, nodes, k)
+    active = np.flatnonzero(both)
+    mean_a, other = np.zeros(nodes), np.zeros(nodes)
+    mean_a[active[: k // 2]], other[active[k // 2 :]] = both[active[: k // 2]], both[active[k // 2 :]]
+    other *= np.linalg.norm(mean_a) / np.linalg.norm(other)
+    mean_b = cosine * mean_a + math.sqrt(max(1 - cosine**2, 0.0)) * other
+    return group(rng, mean_a, n), group(rng, mean_b, n)
+
+
+def test_at_the_margin_neither_shared_nor_distinct():
     """True cosine exactly at shared_margin = 0.8 (600 pairs, 20 prompts, 1,000 nodes): the lower bound
     reaches the margin in at most about alpha of pairs (the size of the equivalence test), so ``shared``
-    is at most that; well-powered pairs with a true cosine of 0.8 come out ``distinct``."""
+    is at most that, and so is ``distinct`` (the upper bound below the margin); the rest is ``partly shared``."""
     rng = np.random.default_rng(9)
-    results = []
-    for r in range(600):
-        both = sparse_mean(rng, 1000, 100)
-        active = np.flatnonzero(both)
-        mean_a, other = np.zeros(1000), np.zeros(1000)
-        mean_a[active[:50]], other[active[50:]] = both[active[:50]], both[active[50:]]
-        other *= np.linalg.norm(mean_a) / np.linalg.norm(other)
-        mean_b = 0.8 * mean_a + 0.6 * other  # cosine with mean_a: 0.8
-        results.append(similarity_test(group(rng, mean_a, 20), group(rng, mean_b, 20), n_permutations=200, rng=r))
+    results = [similarity_test(*cosine_pair(rng, 0.8, 20), n_permutations=200, rng=r) for r in range(600)]
     rates = verdict_rates(results)
     reach = np.mean([r.normalised_ci[0] >= 0.8 for r in results])
     print(f"at the margin: lower bound >= 0.8 in {reach:.3f}; {rates}")
     assert reach <= 0.075
-    assert rates["shared"] <= reach
-    assert rates["distinct"] >= 0.5, rates
+    assert rates["shared"] <= 0.075 and rates["distinct"] <= 0.075, rates
+    assert rates["partly shared"] >= 0.8, rates
     assert np.mean([r.normalised for r in results]) == pytest.approx(0.8, abs=0.03)
+
+
+#: verdict rates measured by the test below (200 pairs per cosine, 32 prompts a group, 1,000 nodes, k = 100,
+#: shared_margin 0.8), quoted in docs/statistics.md
+GRADED = {1.0: ("shared", 0.8), 0.97: ("shared", 0.8), 0.9: ("shared", 0.5), 0.7: ("distinct", 0.5),
+          0.5: ("distinct", 0.9), 0.0: ("distinct", 0.9)}
+
+
+@pytest.mark.parametrize("cosine", list(GRADED))
+def test_graded_verdicts_follow_the_true_cosine(cosine):
+    """Groups of 32 prompts whose mean effects have a known cosine: ~0.97 is *shared* in >= 80% of pairs and never
+    *distinct*; 0.7 and below are never *shared*; one mechanism is *distinct* in <= 5%. The verdict is about the
+    size of the similarity against the margin, not about "identical or not"."""
+    rng = np.random.default_rng(int(cosine * 100) + 40)
+    results = [similarity_test(*cosine_pair(rng, cosine, 32), n_permutations=200, rng=r) for r in range(200)]
+    rates = verdict_rates(results)
+    print(f"cosine {cosine}: {rates}, mean normalised {np.mean([r.normalised for r in results]):.3f}")
+    word, at_least = GRADED[cosine]
+    assert rates[word] >= at_least, rates
+    if cosine >= 0.9:
+        assert rates["distinct"] <= (0.05 if cosine == 1.0 else 0.0), rates
+    if cosine <= 0.7:
+        assert rates["shared"] == 0.0, rates
 
 
 def test_no_effect_above_noise_is_indeterminate():
@@ -339,19 +366,15 @@ def test_bh_controls_the_false_discovery_rate():
 
 
 def test_table_verdicts_keep_the_false_discovery_rate():
-    """End to end: 40 tables of 20 pairs (16 one-mechanism, 4 independent; 20 prompts, 500 nodes).
-
-    The mean false-discovery proportion of ``distinct`` after BH stays <= alpha.
+    """End to end: 40 tables of 20 pairs, 20 prompts a group: 16 at the margin's edge (true cosine 0.8 =
+    shared_margin, where *distinct* would be a false discovery: half of them are one mechanism in disguise) and 4
+    independent. The mean false-discovery proportion of ``distinct`` after BH stays <= alpha.
     """
     rng = np.random.default_rng(18)
     fdps, power = [], []
     for t in range(40):
-        pairs = {}
-        for i in range(20):
-            mean = sparse_mean(rng, 500, 25)
-            other = mean if i < 16 else sparse_mean(rng, 500, 25)
-            pairs[("pair", i)] = (group(rng, mean, 20), group(rng, other, 20))
-        table = similarity_table(pairs, n_permutations=200, rng=t)
+        pairs = {("pair", i): cosine_pair(rng, 0.8 if i < 16 else 0.0, 20) for i in range(20)}
+        table = similarity_table(pairs, n_permutations=200, n_draws=2000, rng=t)
         distinct = np.array([table[("pair", i)].verdict == "distinct" for i in range(20)])
         fdps.append(distinct[:16].sum() / max(distinct.sum(), 1))
         power.append(distinct[16:].mean())
@@ -359,6 +382,24 @@ def test_table_verdicts_keep_the_false_discovery_rate():
     print(f"table: mean FDP {np.mean(fdps):.4f}, distinct among independent pairs {np.mean(power):.3f}")
     assert np.mean(fdps) <= 0.05
     assert np.mean(power) >= 0.9
+
+
+def test_table_shared_verdicts_keep_the_false_discovery_rate():
+    """The equivalence verdicts have their own BH family: 40 tables of 20 pairs, 16 at the margin's edge (true
+    cosine 0.8 = shared_margin: *shared* would be a false discovery) and 4 of one mechanism; mean false-discovery
+    proportion of *shared* <= 0.05 (measured: printed), and the one-mechanism pairs are still found."""
+    rng = np.random.default_rng(23)
+    fdps, power = [], []
+    for t in range(40):
+        pairs = {i: cosine_pair(rng, 0.8 if i < 16 else 1.0, 20) for i in range(20)}
+        table = similarity_table(pairs, n_permutations=100, n_draws=2000, rng=t)
+        shared = np.array([table[i].verdict == "shared" for i in range(20)])
+        fdps.append(shared[:16].sum() / max(shared.sum(), 1))
+        power.append(shared[16:].mean())
+        assert all(r.q_shared >= r.p_shared - 1e-12 for r in table.values())
+    print(f"table, shared: mean FDP {np.mean(fdps):.4f}, shared among one-mechanism pairs {np.mean(power):.3f}")
+    assert np.mean(fdps) <= 0.05
+    assert np.mean(power) >= 0.5
 
 
 def test_apply_fdr_rederives_verdicts_from_q_values():

@@ -1,4 +1,4 @@
-"""Durable commits (refusal_lens/durable.py): the write / fsync / rename / fsync-folder protocol, records
+"""Durable commits (refusal_lens/infra/durable.py): the write / fsync / rename / fsync-folder protocol, records
 and their checks, and the clear errors of a full or unwritable disk."""
 
 import errno

@@ -1,4 +1,4 @@
-"""One writer per run folder (refusal_lens/lock.py): a second writer is refused at once, naming the folder
+"""One writer per run folder (refusal_lens/infra/lock.py): a second writer is refused at once, naming the folder
 and the holder's PID; a lock left by a killed process never blocks; torchrun ranks share rank 0's lock."""
 
 import json

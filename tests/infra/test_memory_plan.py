@@ -1,4 +1,4 @@
-"""The memory plan (refusal_lens/estimate.py) against the real peak allocation of a small Llama-style
+"""The memory plan (refusal_lens/infra/storage_estimate.py) against the real peak allocation of a small Llama-style
 model on the CPU, measured with torch's memory profiler: weights exactly; the collect forward (hf_hooks,
 every position of every resid_post), generation with its KV cache, the attribution pass's forward and
 backward through the bridge, and an SAE-Lens training step each within 20%. The shapes here differ from

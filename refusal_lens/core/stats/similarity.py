@@ -60,9 +60,11 @@ from refusal_lens.core.stats.checks import (
 )
 from refusal_lens.core.stats.fdr import bh_qvalues
 
-Verdict = Literal["shared", "distinct", "indeterminate", "insufficient"]
-#: The verdicts of :func:`similarity_test`.
-VERDICTS: tuple[Verdict, ...] = ("shared", "distinct", "indeterminate", "insufficient")
+Verdict = Literal["shared", "partly shared", "distinct", "indeterminate", "insufficient"]
+#: The verdicts of :func:`similarity_test`, graded against the margin ``m`` (``shared_margin``): *shared* (the
+#: similarity is at least m), *partly shared* (positive, not shown to reach m), *distinct* (below m, and the
+#: groups not exchangeable), *indeterminate*, *insufficient*.
+VERDICTS: tuple[Verdict, ...] = ("shared", "partly shared", "distinct", "indeterminate", "insufficient")
 
 K = TypeVar("K", bound=Hashable)
 
@@ -90,6 +92,14 @@ class SimilarityResult:
     p_value: float
     #: Benjamini-Hochberg q-value across a table (NaN until :func:`apply_fdr` sets it).
     q_value: float
+    #: One-sided p-value of the equivalence test "similarity >= shared_margin" (small: shown to reach the margin),
+    #: and of "similarity < shared_margin" (small: shown to stay below it); from the interval's draws, so that
+    #: ``p_shared < alpha`` exactly when the interval's lower end is at least the margin.
+    p_shared: float
+    p_below: float
+    #: Their BH q-values across a table (NaN until :func:`apply_fdr` sets them).
+    q_shared: float
+    q_below: float
     #: One of :data:`VERDICTS`.
     verdict: Verdict
     #: Why this verdict, in words (with the numbers that decided it).
@@ -223,6 +233,18 @@ def _interval(estimate: float, draws: np.ndarray, level: float) -> tuple[float, 
     return float(2 * estimate - low), float(2 * estimate - high)
 
 
+def _margin_pvalues(estimate: float, draws: np.ndarray, margin: float) -> tuple[float, float]:
+    """``(p_shared, p_below)``: the one-sided levels at which the reflected interval of :func:`_interval` has its
+    lower end at the margin (``similarity >= m`` shown when ``p_shared < alpha``) and its upper end at the margin
+    (``similarity < m`` shown when ``p_below < alpha``). Undefined draws count against both claims."""
+    pivot = 2 * estimate - margin
+    n = len(draws)
+    defined = ~np.isnan(draws)
+    p_shared = (np.sum(draws[defined] >= pivot) + np.sum(~defined)) / n
+    p_below = (np.sum(draws[defined] <= pivot) + np.sum(~defined)) / n
+    return float(p_shared), float(p_below)
+
+
 def _decide(r: SimilarityResult) -> tuple[Verdict, str]:
     """(verdict, reason) from a result's numbers and its decision settings (q-value when set)."""
     if min(r.n_a, r.n_b) < r.min_prompts:
@@ -236,17 +258,21 @@ def _decide(r: SimilarityResult) -> tuple[Verdict, str]:
                                      f"(noise ceiling {ceiling:.3g} <= 0): no effect above prompt noise")
     use_q = r.q_value == r.q_value
     label, p = ("q", r.q_value) if use_q else ("p", r.p_value)
+    p_shared, p_below = (r.q_shared, r.q_below) if use_q else (r.p_shared, r.p_below)
     low, high = r.normalised_ci
+    m = r.shared_margin
     ci = f"normalised similarity {r.normalised:.3f}, {r.ci_level:.0%} interval [{low:.3f}, {high:.3f}]"
-    if p < r.alpha and high < 1:
-        return "distinct", f"exchangeability rejected ({label}={p:.3g} < alpha={r.alpha}) and {ci} below 1"
-    if low >= r.shared_margin:
-        return "shared", f"{ci}: lower bound >= shared_margin={r.shared_margin} ({label}={p:.3g})"
-    if p < r.alpha:
-        why = f"{label}={p:.3g} < alpha={r.alpha} but the interval reaches 1"
-    else:
-        why = f"exchangeability not rejected ({label}={p:.3g} >= alpha={r.alpha})"
-    return "indeterminate", f"{why}, and {ci} has its lower bound below shared_margin={r.shared_margin}"
+    if p_shared < r.alpha:
+        return "shared", f"{ci}: at least shared_margin={m} ({label}_shared={p_shared:.3g} < alpha={r.alpha})"
+    if p < r.alpha and p_below < r.alpha:
+        return "distinct", (f"exchangeability rejected ({label}={p:.3g} < alpha={r.alpha}) and {ci} below "
+                            f"shared_margin={m} ({label}_below={p_below:.3g})")
+    if low > 0:
+        return "partly shared", (f"{ci}: positive, but not shown to reach shared_margin={m} "
+                                 f"({label}_shared={p_shared:.3g}) nor to stay below it with the groups told apart "
+                                 f"({label}={p:.3g}, {label}_below={p_below:.3g})")
+    return "indeterminate", (f"{ci} reaches 0 and is not wholly below shared_margin={m} with the groups told apart "
+                             f"({label}={p:.3g}, {label}_below={p_below:.3g})")
 
 
 def similarity_test(effects_a: ArrayLike, effects_b: ArrayLike, *, n_permutations: int = 1000,
@@ -258,15 +284,19 @@ def similarity_test(effects_a: ArrayLike, effects_b: ArrayLike, *, n_permutation
     nodes in the same order; all of them are used). Returns a :class:`SimilarityResult`; the module
     docstring and docs/statistics.md derive each number.
 
-    Verdicts (``p`` is replaced by the q-value when :func:`apply_fdr` sets one):
+    Verdicts, graded against the margin ``m = shared_margin`` (each p-value is replaced by its BH q-value across
+    the table when :func:`apply_fdr` sets them):
 
     * ``insufficient``: ``min(n_a, n_b) < min_prompts`` (the power floor); no test is run.
-    * ``distinct``: the permutation test rejects exchangeability (``p < alpha``) and the normalised
-      similarity is clearly below 1 (the upper bound of its interval is < 1).
-    * ``shared``: positive evidence only, an equivalence test: the lower bound of the normalised
-      similarity is at least ``shared_margin`` (and not distinct).
-    * ``indeterminate``: neither, or a group without a replicable effect (ceiling <= 0). A large p-value
-      alone never gives a verdict.
+    * ``shared``: the similarity is shown to be at least ``m`` (equivalence test, ``p_shared < alpha``: the
+      lower end of the interval is at least ``m``).
+    * ``distinct``: the similarity is shown to be below ``m`` (``p_below < alpha``: the interval's upper end is
+      below ``m``) *and* the permutation test rejects exchangeability (``p < alpha``). Not "below 1": two groups
+      whose mean effects have a cosine of 0.95 are not distinct.
+    * ``partly shared``: neither, with the interval's lower end above 0 (a positive similarity that is not shown
+      to reach ``m``).
+    * ``indeterminate``: the rest (the interval reaches 0), or a group without a replicable effect
+      (ceiling <= 0). A large p-value alone never gives a verdict.
 
     Options: ``n_permutations`` (>= 1), ``n_draws`` (>= 1; draws of the interval), ``alpha`` in (0, 0.5),
     ``shared_margin`` in (0, 1], ``min_prompts`` (>= 4: the variance estimate needs 4 distinct prompts),
@@ -286,16 +316,18 @@ def similarity_test(effects_a: ArrayLike, effects_b: ArrayLike, *, n_permutation
     nan = float("nan")
     fields: dict[str, Any] = dict(
         similarity=nan, similarity_full=nan, ceiling_a=nan, ceiling_b=nan, normalised=nan,
-        normalised_ci=(nan, nan), ci_level=1 - 2 * alpha, p_value=nan, q_value=nan, verdict="insufficient", reason="",
+        normalised_ci=(nan, nan), ci_level=1 - 2 * alpha, p_value=nan, q_value=nan, p_shared=nan, p_below=nan,
+        q_shared=nan, q_below=nan, verdict="insufficient", reason="",
         n_a=n_a, n_b=n_b, n_nodes=ea.shape[1], alpha=alpha, shared_margin=shared_margin,
         min_prompts=min_prompts, n_permutations=n_permutations, n_draws=n_draws)
     if min(n_a, n_b) >= min_prompts:
-        fields.update(_similarity_numbers(np.concatenate([ea, eb]), n_a, n_permutations, n_draws, alpha, gen))
+        fields.update(_similarity_numbers(np.concatenate([ea, eb]), n_a, n_permutations, n_draws, alpha,
+                                          shared_margin, gen))
     return _with_verdict(SimilarityResult(**fields))
 
 
 def _similarity_numbers(pooled: np.ndarray, n_a: int, n_permutations: int, n_draws: int, alpha: float,
-                        gen: np.random.Generator) -> dict[str, Any]:
+                        margin: float, gen: np.random.Generator) -> dict[str, Any]:
     """The numbers of :func:`similarity_test` from the pooled ``[n_a + n_b, nodes]`` effects (A first)."""
     nan = float("nan")
     n_b = len(pooled) - n_a
@@ -320,6 +352,7 @@ def _similarity_numbers(pooled: np.ndarray, n_a: int, n_permutations: int, n_dra
         out["normalised"] = normalised
         draws = _normalised_draws(estimate, cov, min(n_a, n_b) - 1, n_draws, gen)
         out["normalised_ci"] = _interval(normalised, draws, 1 - 2 * alpha)
+        out["p_shared"], out["p_below"] = _margin_pvalues(normalised, draws, margin)
     return out
 
 
@@ -329,7 +362,8 @@ def _with_verdict(r: SimilarityResult) -> SimilarityResult:
 
 
 def apply_fdr(results: Sequence[SimilarityResult], alpha: float | None = None) -> list[SimilarityResult]:
-    """The results of one table with BH q-values across its tested pairs and verdicts re-derived from q.
+    """The results of one table with BH q-values across its tested pairs and verdicts re-derived from q: the
+    exchangeability p-values and each equivalence p-value (``p_shared``, ``p_below``) form their own family.
 
     Pairs that were not tested (``insufficient``, p-value NaN) keep a NaN q-value and do not count in the
     family. ``alpha``: the FDR level for every pair (default: each result's own ``alpha``).
@@ -337,9 +371,12 @@ def apply_fdr(results: Sequence[SimilarityResult], alpha: float | None = None) -
     if alpha is not None:
         alpha = _check_fraction("alpha", alpha, 0.0, 0.5)
     q = bh_qvalues([r.p_value for r in results])
+    q_shared = bh_qvalues([r.p_shared for r in results])
+    q_below = bh_qvalues([r.p_below for r in results])
     out = []
-    for r, qv in zip(results, q):
-        r = dataclasses.replace(r, q_value=float(qv), alpha=r.alpha if alpha is None else alpha)
+    for r, qv, qs, qb in zip(results, q, q_shared, q_below):
+        r = dataclasses.replace(r, q_value=float(qv), q_shared=float(qs), q_below=float(qb),
+                                alpha=r.alpha if alpha is None else alpha)
         out.append(_with_verdict(r))
     return out
 

@@ -12,7 +12,7 @@ from refusal_lens.config.typed import ConfigError
 class AnalysisConfig:
     """Stage 5, analyze: the evidence on test prompts, layer by layer and across categories, and the report."""
 
-    #: one mechanism or many: permutation draws per similarity test (refusal_lens/analysis/stats.py).
+    #: one mechanism or many: permutation draws per similarity test (refusal_lens/core/stats/).
     permutations: int = 1000
     #: draws of the normalised similarity's interval.
     interval_draws: int = 4000
@@ -20,8 +20,9 @@ class AnalysisConfig:
     alpha: float = 0.05
     #: the power floor: a comparison whose groups have fewer test prompts than this is "insufficient" (no verdict).
     min_prompts: int = 10
-    #: equivalence margin of "shared": the lower confidence bound of the normalised similarity (circuits) or of
-    #: the transfer (cross-ablation) must reach it.
+    #: the margin m of the graded verdicts (docs/statistics.md): "shared" when the lower confidence bound of the
+    #: normalised similarity (circuits) or of the transfer (cross-ablation) reaches m, "distinct" only when the upper
+    #: bound is below m, "partly shared" in between (lower bound above 0).
     shared_margin: float = 0.8
     #: top features shown per pooled circuit, with their most activating prompt tokens.
     top_features: int = 8

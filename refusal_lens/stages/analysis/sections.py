@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from refusal_lens.config import Config
 from refusal_lens.report.html import FigureItem, Section, Table
 from refusal_lens.stages.analysis.inputs import AnalysisInputs
+from refusal_lens.core.stats import VERDICTS
 from refusal_lens.stages.analysis.similarity import verdict_counts
 
 
@@ -140,17 +141,20 @@ def mechanisms_section(r: ReportInputs) -> list[Section]:
         "mechanisms", "One mechanism or many?",
         intro_html="<p><b>By intervention</b>: each category's own direction (discovery) ablated, and the refusal rate "
                    "measured on every category's refused toxic test prompts; transfer = the share of B's own ablation "
-                   f"effect that A's direction reaches (shared: its lower bound &ge; {a.shared_margin}; distinct: its upper "
-                   f"bound &lt; {a.shared_margin}). <b>By circuit similarity</b>: per-prompt test effects of two groups, a "
-                   "permutation null (prompts swapped between groups), split-half noise ceilings, normalised similarity "
-                   "with its interval, Benjamini-Hochberg across each table; shared only from positive evidence "
-                   f"(lower bound &ge; {a.shared_margin}), never from a large p-value.</p>",
+                   f"effect that A's direction reaches. <b>By circuit similarity</b>: per-prompt test effects of two "
+                   "groups, a permutation null (prompts swapped between groups), split-half noise ceilings, normalised "
+                   "similarity with its interval, Benjamini-Hochberg across each table (the exchangeability p-values and "
+                   f"each equivalence test its own family). Verdicts are graded against the margin m = {a.shared_margin}: "
+                   "<i>shared</i> when the interval's lower end is &ge; m; <i>distinct</i> only when its upper end is "
+                   "&lt; m (and, for circuits, exchangeability is rejected); <i>partly shared</i> when neither holds and "
+                   "the lower end is above 0; <i>indeterminate</i> otherwise. <i>Distinct</i> means &quot;shown below the "
+                   "margin&quot;, not &quot;not identical&quot;, and no verdict comes from a large p-value.</p>",
         figures=figs_of("cross_ablation", "direction_cosines", "similarity_toxic", "similarity_safe",
                         "similarity_safe_x_toxic"),
         tables=[Table("Cross-ablation", ["direction", "category", "n", "clean_rate", "refusal_rate", "transfer",
                                          "transfer_ci", "verdict"],
                       [{**c, "transfer_ci": _ci(c.get("transfer_ci"))} for c in cross.get("cells", [])]),
-                Table("Circuit similarity: verdicts", ["table", "shared", "distinct", "indeterminate", "insufficient"],
+                Table("Circuit similarity: verdicts", ["table", *VERDICTS],
                       [{"table": t, **c} for t, c in verdict_counts(sims).items()]),
                 Table("Circuit similarity: every pair", ["table", "a", "b", "n_a", "n_b", "normalised", "normalised_ci",
                                                          "p_value", "q_value", "verdict", "reason"],
@@ -170,7 +174,7 @@ def data_section(r: ReportInputs) -> list[Section]:
     return [Section(
         "data", "Prompts, judge and SAEs",
         intro_html="<p>Responses are judged refused / complied / incoherent by documented rules "
-                   "(refusal_lens/judge.py). The refusal score is the log-odds of the refusal-start tokens learned from "
+                   "(refusal_lens/core/judge.py). The refusal score is the log-odds of the refusal-start tokens learned from "
                    "the discovery responses; its AUROC against the judge is measured on test. SAE quality: test split "
                    "(the bar on validation), CE loss recovered against mean ablation.</p>",
         figures=figs_of("refusal_rates", "sae_quality"),

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from refusal_lens.config import Config
-from refusal_lens.core.stats import similarity_table
+from refusal_lens.core.stats import VERDICTS, similarity_table
 from refusal_lens.run.folder import RunFolder
 
 TABLES = (("toxic", "toxic"), ("safe", "safe"), ("safe", "toxic"))
@@ -61,15 +61,15 @@ def _tested(pairs, table, alpha, min_prompts, shared_margin, permutations, draws
     for (a, b), r in results.items():
         d = r.to_dict()
         out.append({"table": table, "a": a, "b": b, **{k: d.get(k) for k in (
-            "similarity", "similarity_full", "ceiling_a", "ceiling_b", "normalised", "normalised_ci", "p_value",
-            "q_value", "verdict", "reason", "n_a", "n_b")}})
+            "similarity", "similarity_full", "ceiling_a", "ceiling_b", "normalised", "normalised_ci", "ci_level",
+            "p_value", "q_value", "p_shared", "q_shared", "p_below", "q_below", "verdict", "reason", "n_a", "n_b")}})
     return out
 
 
 def verdict_counts(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for r in rows:
-        c = out.setdefault(r["table"], {v: 0 for v in ("shared", "distinct", "indeterminate", "insufficient")})
+        c = out.setdefault(r["table"], {v: 0 for v in VERDICTS})
         c[r["verdict"]] += 1
     return out
 

@@ -71,7 +71,7 @@ class DataConfig:
     #: seed of the per-category sampling.
     seed: int = 0
     #: share of prompts in the discovery split (everything is fitted and ranked there), stratified by label x
-    #: category x refused (refusal_lens/splits.py); the three shares sum to 1.
+    #: category x refused (refusal_lens/core/splits.py); the three shares sum to 1.
     split_discovery: float = 0.4
     #: share of prompts in the validation split (every choice among candidates is made there).
     split_validation: float = 0.2

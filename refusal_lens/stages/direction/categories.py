@@ -7,8 +7,9 @@
   rate on category B's refused toxic test prompts. ``transfer(A -> B) = (clean_B - rate_{A->B}) /
   (clean_B - rate_{B->B})`` is the share of B's own ablation effect that A's direction reaches, with a
   paired bootstrap interval over B's prompts. A cell is *shared* when the interval's lower bound is at
-  least ``analysis.shared_margin``, *distinct* when its upper bound is below it, *indeterminate* otherwise,
-  and *insufficient* below ``analysis.min_prompts`` test prompts (or when B's own direction removes no
+  least ``analysis.shared_margin``, *distinct* when its upper bound is below it, *partly shared* when neither
+  holds and the lower bound is above 0, *indeterminate* otherwise (the graded words of the circuit similarity
+  test), and *insufficient* below ``analysis.min_prompts`` test prompts (or when B's own direction removes no
   refusal: there is nothing to transfer).
 """
 
@@ -80,6 +81,8 @@ def transfer_verdict(ci: list[float] | None, n: int, min_prompts: int, margin: f
         return "shared"
     if ci[1] < margin:
         return "distinct"
+    if ci[0] > 0:
+        return "partly shared"
     return "indeterminate"
 
 
