@@ -33,6 +33,58 @@ def similarity_of(row: dict) -> str:
             f"{row.get('n_a')} / {row.get('n_b')} prompts)")
 
 
+def circuit_lines(b: dict) -> list[str]:
+    """The headline circuit's README lines: the ablation beside every control, steering in its own line."""
+    c = b["circuit"]
+    kind = c.get("kind") or ("steering" if c["intervention"].startswith("scale") else "ablation")
+    if kind == "steering":  # a run recorded before the headline became an ablation
+        kind = "steering (recorded before the headline became an ablation; not an ablation)"
+    lines = [f"* **Circuit** ({c['method']}, K = {c['k']} refusal-promoting features, {kind} {c['intervention']}, "
+             f"{c['positions']} positions, chosen on validation) on refused toxic test prompts: clean "
+             f"{fmt_rate(b['clean'])}, circuit {fmt_rate(c)}, {b['random']['n']} matched random sets mean "
+             f"{pct(b['random']['mean'])} (5-95%: {pct(b['random']['q05'])}-{pct(b['random']['q95'])}; "
+             f"p = {num(b['random']['p_value'], '.3f')}), direction ablated {fmt_rate(b['direction'])}: "
+             f"**{fmt_share(c['fraction_of_direction'], c.get('fraction_ci'))} of the direction's effect**"
+             f"{share_note(c['fraction_of_direction'])} (random sets: {pct(b['random_fraction_of_direction_mean'])}); "
+             f"coherent {pct(c['coherent_rate'])}; smallest K reaching 90% of the direction's effect: "
+             f"{by_method(c['smallest_k_reaching_90'])}."]
+    if (w := b.get("without_direction")):
+        m, al = b["random_matching"], b["alignment"]
+        lines.append(f"  Without its component along r (the same edit, r projected out of it): {fmt_rate(w)}, "
+                     f"{fmt_share(w['fraction_of_direction'], w.get('fraction_ci'))} of the direction's effect. Share of "
+                     f"the edit's norm along r: circuit {num(al['fraction_along_direction'], '.3f')}, random sets "
+                     f"{num(m['fraction_along_direction']['mean'], '.4f')}; edit norm per position and hook: circuit "
+                     f"{num(al['edit_norm'])}, random sets {num(m['edit_norm']['mean'])} "
+                     f"({num(m['edit_norm']['q05'])}-{num(m['edit_norm']['q95'])}; matched on {m['matched_on']}).")
+        if b.get("other_ablations"):
+            lines.append("  Other ablations at this K: " + "; ".join(
+                f"{o['intervention']} {fmt_rate(o)} ({fmt_share(o['fraction_of_direction'])})"
+                for o in b["other_ablations"]) + ".")
+        if b.get("steering"):
+            lines.append("  Steering, not ablation (the features pushed past zero, f <- -c f), beside the direction's "
+                         "own steering x <- x - (1 + c)(x . r) r: " + "; ".join(
+                             f"{st['intervention']} {fmt_rate(st['circuit'])} against direction "
+                             f"{fmt_rate(st['direction_steered'])}" for st in b["steering"]) + ".")
+    ind = b["induction"]
+    lines.append(f"  Induction on harmless test prompts (steering the features in): clean {fmt_rate(ind['clean'])}, "
+                 f"direction ActAdd(+r) {fmt_rate(ind['direction_actadd'])}, " + ", ".join(
+                     f"{i['method']} {fmt_rate(i)}" for i in ind["circuits"]) +
+                 f"; {ind['random']['n']} matched random sets mean {pct(ind['random']['mean'])} "
+                 f"(p = {num(ind['random']['p_value'], '.3f')}).")
+    return lines
+
+
+def independence_of(ind: dict | None) -> str:
+    """``; representational independence ...`` (Wollschläger et al.), or nothing for a run recorded before it."""
+    if not ind or not ind.get("between_categories"):
+        return ""
+    b, o = ind["between_categories"], ind["own"]
+    return (f"; representational independence (mean squared change of B's per-layer cosine when A is ablated, "
+            f"{ind['n_prompts']} refused toxic test prompts): between categories median {num(b['median'], '.4f')} "
+            f"(range {num(b['min'], '.4f')}-{num(b['max'], '.4f')}, {b['n']} pairs), a direction's own ablation median "
+            f"{num(o['median'], '.4f')}")
+
+
 def render_run(title: str, s: dict) -> list[str]:
     d, data = s["direction"], s["data"]
     lines = [f"### {title}", ""]
@@ -68,22 +120,15 @@ def render_run(title: str, s: dict) -> list[str]:
                  f"{fmt_rate(d['harmless']['actadd_plus'])}; KL on harmless under ablation "
                  f"{num(d['kl_harmless'].get('mean'), '.3f')}; CE {num(d['ce_harmless'].get('clean'), '.3f')} -> "
                  f"{num(d['ce_harmless'].get('ablated'), '.3f')} nats/token; {d['random_ablated']['n']} random directions "
-                 f"ablated: mean {pct(d['random_ablated']['mean'])} refused (p = {num(d['random_ablated']['p_value'], '.3f')}).")
-    b = s.get("circuit_behaviour")
-    if b:
-        c = b["circuit"]
-        lines.append(f"* **Circuit** ({c['method']}, K = {c['k']} refusal-promoting features, {c['intervention']}, "
-                     f"{c['positions']} positions) on refused toxic test prompts: clean {fmt_rate(b['clean'])}, circuit "
-                     f"ablated {fmt_rate(c)}, {b['random']['n']} matched random sets mean {pct(b['random']['mean'])} "
-                     f"(p = {num(b['random']['p_value'], '.3f')}), direction ablated {fmt_rate(b['direction'])}: "
-                     f"**{fmt_share(c['fraction_of_direction'], c.get('fraction_ci'))} of the direction's effect**"
-                     f"{share_note(c['fraction_of_direction'])} (random sets: "
-                     f"{pct(b['random_fraction_of_direction_mean'])}); coherent {pct(c['coherent_rate'])}; smallest K "
-                     f"reaching 90% of the direction's effect: {by_method(c['smallest_k_reaching_90'])}.")
-        ind = b["induction"]
-        lines.append(f"  Induction on harmless test prompts: clean {fmt_rate(ind['clean'])}, direction ActAdd(+r) "
-                     f"{fmt_rate(ind['direction_actadd'])}, " + ", ".join(f"{i['method']} {fmt_rate(i)}" for i in ind["circuits"])
-                     + ".")
+                 f"ablated: mean {pct(d['random_ablated']['mean'])} refused (p = {num(d['random_ablated']['p_value'], '.3f')}); "
+                 f"{d['random_added']['n']} random vectors of |r| added to harmless prompts: mean "
+                 f"{pct(d['random_added']['mean'])} refused (p = {num(d['random_added']['p_value'], '.3f')})" +
+                 (f"; permutation null ({p_['n']} label-shuffled discovery mean differences at the site, ablated): "
+                  f"mean {pct(p_['mean'])} refused (5-95%: {pct(p_['q05'])}-{pct(p_['q95'])}; "
+                  f"p = {num(p_['p_value'], '.3f')})" if (p_ := d.get("permuted_ablated")) and p_.get("n") else "")
+                 + ".")
+    if (b := s.get("circuit_behaviour")):
+        lines += circuit_lines(b)
     if (r := s.get("rerun")):
         st = r["stage"]
         lines.append(f"* **Independent re-run** (`scripts/rerun_circuit.py`, its own hooks on the HF model) on "
@@ -111,7 +156,8 @@ def render_run(title: str, s: dict) -> list[str]:
                      f"{t}: " + ", ".join(f"{n} {k}" for k, n in c.items() if n) for t, c in verdicts.items()
                      if not (pooled and t == pooled["table"])) or
                      "no pairs") + (f"; pooled safe x toxic: {similarity_of(pooled)}" if pooled else "") +
-                 f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}.")
+                 f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}"
+                 + independence_of(d.get("independence")) + ".")
     if d.get("over_refusal"):
         o = d["over_refusal"]
         lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(

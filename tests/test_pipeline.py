@@ -73,6 +73,20 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert any("safe" in s for s in summary["skipped_groups"])
     behaviour = json.loads((circuits / "validation" / "behaviour.json").read_text())
     assert behaviour["headline"]["k"] == 2 and len(behaviour["random"]["sets"]) == 2
+    # the headline is an ablation, chosen on validation by complied answers; scale(c) is reported as steering beside
+    # the direction's own steering; the edit without its component along r, and the edits' alignment with r
+    head = behaviour["headline"]
+    assert head["kind"] == "ablation" and head["intervention"].split("/")[0] in ("zero", "mean")
+    assert behaviour["selection"]["rule"].startswith("most complied")
+    assert all(r["mode"] in ("zero", "mean") for r in behaviour["selection"]["rows"])
+    chosen_row = next(r for r in behaviour["selection"]["rows"] if (r["method"], r["intervention"]) ==
+                      (head["method"], head["intervention"]))
+    assert chosen_row["complied_rate"] == max(r["complied_rate"] for r in behaviour["selection"]["rows"])
+    assert [st["c"] for st in behaviour["steering"]] == [1.0, 3.0]
+    assert all(st["direction_steered"]["n"] == head["n"] for st in behaviour["steering"])
+    assert 0.0 <= head["alignment"]["fraction_along_direction"] <= 1.0 and head["alignment"]["edit_norm"] > 0
+    assert head["without_direction"]["n"] == head["n"]
+    assert all(s_["edit_norm"] >= 0 for s_ in behaviour["random"]["sets"])
     lines = [json.loads(line) for line in (circuits / "validation" / "responses.jsonl").read_text().splitlines()]
     chosen_on = {split["splits"][r["prompt_id"]] for r in lines if r["condition"].startswith("validation/")}
     measured_on = {split["splits"][r["prompt_id"]] for r in lines if not r["condition"].startswith("validation/")}

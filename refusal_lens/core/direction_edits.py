@@ -22,14 +22,17 @@ from refusal_lens.core.hooks import ablation_hooks, hook_name, parse_hook_name
 from refusal_lens.core.intervene import Edit, EditContext
 
 
-def ablation_edits(unit: Tensor, n_layers: int, from_layer: int = 0) -> list[Edit]:
-    """Project ``unit`` (normalised here) out of every residual write of blocks ``>= from_layer``."""
+def ablation_edits(unit: Tensor, n_layers: int, from_layer: int = 0, coefficient: float = 1.0) -> list[Edit]:
+    """Project ``unit`` (normalised here) out of every residual write of blocks ``>= from_layer``.
+
+    ``coefficient`` != 1 is no longer an ablation but steering: ``x <- x - coefficient (x . r_hat) r_hat``
+    (``1 + c`` is the direction's equivalent of a feature intervention ``f <- -c f``: the component flipped)."""
     u = (unit / unit.norm()).float()
 
     def fn(x: Tensor, ctx: EditContext) -> Tensor:  # noqa: ARG001
         v = u.to(x.device)
         xf = x.float()
-        return (xf - (xf @ v)[..., None] * v).to(x.dtype)
+        return (xf - coefficient * (xf @ v)[..., None] * v).to(x.dtype)
 
     return [Edit(name, fn) for name in ablation_hooks(n_layers) if parse_hook_name(name).layer >= from_layer]
 

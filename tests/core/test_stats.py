@@ -4,7 +4,7 @@ Synthetic groups: per-prompt effects = a sparse mean vector (``k`` active nodes)
 noise. "One mechanism": both groups share the mean vector; "independent": each group has its own.
 Every simulation has a fixed seed (deterministic) and enough repetitions that a miscalibrated test
 fails. The rates these tests measure are quoted in docs/statistics.md. The circuits' random controls
-(``active_features``, ``matched_random``) are tested on SAEs spliced into the tiny random model of conftest.py.
+(``feature_stats``, ``matched_random``) are tested on SAEs spliced into the tiny random model of conftest.py.
 """
 
 from __future__ import annotations
@@ -473,7 +473,7 @@ def test_compare_to_random_summary():
 
 # ---------------------------------------------------------------- matched random controls of a circuit
 #
-# The circuits stage's random controls (refusal_lens.stages.circuits.behaviour: ``active_features``, ``matched_random``)
+# The circuits stage's random controls (refusal_lens.stages.circuits.controls: ``feature_stats``, ``matched_random``)
 # on a NodeSpace of three SAEs spliced into the tiny random model of conftest.py. The SAEs' encoder biases are
 # spread so that about half of each hook's features never fire after the chat template's opening on the
 # prompts: a sampler that drew from every feature would be visibly different from one that draws from the
@@ -490,7 +490,7 @@ D_SAE = 96
 
 @pytest.fixture(scope="module")
 def control_space(tiny_model_dir):
-    """The NodeSpace, the prompts, the library's ``active_features`` and a reference computed by hand: each
+    """The NodeSpace, the library's ``feature_stats`` and a reference computed by hand: each
     prompt alone (no padding) through TransformerLens's ``run_with_cache``, the SAE's encoder on every
     position from the end of the opening on. Also the per-feature score drop (0 for an inactive feature:
     ablating a feature where it never fires changes nothing)."""
@@ -499,7 +499,7 @@ def control_space(tiny_model_dir):
     from sae_lens.saes.sae import SAEMetadata
 
     from refusal_lens.core.chat import encode_prompt
-    from refusal_lens.stages.circuits.behaviour import active_features
+    from refusal_lens.stages.circuits.controls import feature_stats
     from refusal_lens.stages.circuits.nodes import NodeSpace
     from refusal_lens.config import ModelConfig
     from refusal_lens.core.intervene import Intervener
@@ -535,24 +535,34 @@ def control_space(tiny_model_dir):
             sae.b_enc[-1] = -(opening[j] @ u[j] - margin[j] / 2)
             saes[h] = sae
         space = NodeSpace(CONTROL_HOOKS, saes, prompts[0].n_post_instruction)
-        active = active_features(Intervener(loaded, 4), space, prompts)
-        reference, opening_only = {}, {}
+        stats = feature_stats(Intervener(loaded, 4), space, prompts)
+        active = stats.active
+        reference, opening_only, ref_freq, ref_size = {}, {}, {}, {}
         drop = np.zeros(space.n_features)
         for h in CONTROL_HOOKS:
             f = [saes[h].encode(a[h][0]) for a in acts]
             after = torch.stack([fi[p.n_opening:].max(0).values for fi, p in zip(f, prompts)])  # [prompt, d_sae]
             during = torch.stack([fi[: p.n_opening].max(0).values for fi, p in zip(f, prompts)])
             reference[h] = np.flatnonzero((after > 0).any(0).numpy())
+            later = torch.cat([fi[p.n_opening:] for fi, p in zip(f, prompts)])  # every position after the opening
+            norms = saes[h].W_dec.norm(dim=-1)
+            fires = (later > 0).double()
+            ref_freq[h] = fires.mean(0).numpy()
+            ref_size[h] = np.nan_to_num(((later.clamp(min=0) * norms).double().sum(0) / fires.sum(0)).numpy())
             opening_only[h] = np.flatnonzero(((during > 0).any(0) & ~(after > 0).any(0)).numpy())
             off = space.offset(h)
             drop[off : off + D_SAE] = HOOK_WEIGHT[h] * after.clamp(min=0).mean(0).numpy()
-    return space, active, reference, opening_only, drop
+    return space, active, reference, opening_only, drop, stats, (ref_freq, ref_size)
 
 
 def test_active_features_are_those_firing_after_the_opening(control_space):
-    """``active_features`` lists, per hook, exactly the features the reference finds firing somewhere after
-    the opening; about half the features never do, and the feature firing only in the opening is left out."""
-    space, active, reference, opening_only, _ = control_space
+    """``feature_stats`` lists, per hook, exactly the features the reference finds firing somewhere after
+    the opening; about half the features never do, and the feature firing only in the opening is left out. Its
+    firing frequencies and edit sizes equal the reference's (each prompt alone through ``run_with_cache``)."""
+    space, active, reference, opening_only, _, stats, (ref_freq, ref_size) = control_space
+    for h in space.hooks:
+        np.testing.assert_allclose(stats.frequency[h], ref_freq[h], atol=1e-6)
+        np.testing.assert_allclose(stats.size[h], ref_size[h], rtol=1e-3, atol=1e-5)
     for h in space.hooks:
         assert np.array_equal(np.sort(active[h]), reference[h]), h
         assert 0.2 * D_SAE <= len(active[h]) <= 0.8 * D_SAE, (h, len(active[h]))
@@ -574,9 +584,9 @@ def test_matched_random_sets_match_per_hook_counts_and_come_from_active_features
     features the reference finds active, never one of the circuit's; every active feature outside the circuit
     is drawn (the pool is the whole active set). A hook with too few active features outside the circuit
     falls back to all of its features, still never the circuit's own."""
-    from refusal_lens.stages.circuits.behaviour import matched_random
+    from refusal_lens.stages.circuits.controls import matched_random
 
-    space, active, reference, _, drop = control_space
+    space, active, reference, _, drop, stats, _ = control_space
     rng = np.random.default_rng(30)
     circuit = _control_circuit(space, reference, rng)
     circuit[0] = int(np.argmax(drop[: D_SAE]))  # the strongest feature of the first hook is in the circuit
@@ -602,6 +612,38 @@ def test_matched_random_sets_match_per_hook_counts_and_come_from_active_features
         assert all(space.locate(i)[0] == h for i in draw)
 
 
+def test_matched_random_by_stats_draws_features_like_the_circuits(control_space):
+    """With ``stats``, each control feature is one of the 10 active features nearest to its circuit feature in
+    (log firing frequency, log edit size): 500 draws for a circuit of strong and weak features are much closer
+    to the circuit in those terms than unmatched draws, and keep the per-hook counts and exclusions."""
+    from refusal_lens.stages.circuits.controls import _log_stats, matched_random
+
+    space, active, reference, _, drop, stats, _ = control_space
+    rng = np.random.default_rng(31)
+    circuit = _control_circuit(space, reference, rng)
+    want = {h: len(v) for h, v in space.by_hook(circuit).items()}
+
+    def distance(draw) -> float:
+        total = 0.0
+        for h in want:
+            key = _log_stats(stats, h)
+            mine, theirs = sorted(space.by_hook(circuit)[h]), space.by_hook(draw)[h]
+            total += sum(np.abs(key[theirs] - key[j]).sum(1).min() for j in mine)
+        return total
+
+    matched, plain = [], []
+    for _ in range(500):
+        draw = matched_random(space, circuit, active, rng, stats)
+        assert len(set(draw)) == len(draw) and not set(draw) & set(circuit)
+        assert {h: len(v) for h, v in space.by_hook(draw).items()} == want
+        assert all(space.locate(i)[1] in set(active[space.locate(i)[0]].tolist()) for i in draw)
+        matched.append(distance(draw))
+        plain.append(distance(matched_random(space, circuit, active, rng)))
+    print(f"distance to the circuit in (log frequency, log size): matched {np.mean(matched):.3f}, "
+          f"unmatched {np.mean(plain):.3f}")
+    assert np.mean(matched) < 0.8 * np.mean(plain)  # measured: 7.3 against 11.8
+
+
 def test_behaviour_pvalue_of_a_random_set_is_uniform(control_space):
     """The null of the circuits' random-control p-value: a "circuit" that is itself a random set of active
     features (3, 1 and 2 on the three hooks), its behaviour (refusal score left = 1 - the summed drops of its
@@ -609,11 +651,14 @@ def test_behaviour_pvalue_of_a_random_set_is_uniform(control_space):
     p-value by ``control_summary`` as the stage computes it): uniform on {1/21, ..., 1} (KS on that grid),
     P(p <= 0.05) <= 0.05 + 0.02. Power: controls drawn from every feature (``matched_random`` with all features
     as the pool, as an active-blind sampler would) give non-uniform p-values, and a planted strong circuit
-    (the strongest active features) gets the smallest p, 1/21."""
+    (the strongest active features) gets the smallest p, 1/21. Controls matched on firing frequency and edit size
+    (``stats``, as the stage draws them) compare the circuit with features like its own; here the behaviour is a
+    function of those very stats, so the null p-values pile up in the middle (not uniform) and the test is
+    conservative: P(p <= 0.05) <= 0.05 (measured 0.029)."""
     from refusal_lens.core.behaviour import control_summary
-    from refusal_lens.stages.circuits.behaviour import matched_random
+    from refusal_lens.stages.circuits.controls import matched_random
 
-    space, active, reference, _, drop = control_space
+    space, active, reference, _, drop, stats, _ = control_space
     rng = np.random.default_rng(21)
     everything = {h: np.arange(space.d_sae(h)) for h in space.hooks}
     grid = np.arange(1, 22) / 21
@@ -625,11 +670,21 @@ def test_behaviour_pvalue_of_a_random_set_is_uniform(control_space):
         controls = [left(matched_random(space, circuit, pool, rng)) for _ in range(20)]
         return control_summary(left(circuit), controls, "less")["p_value"]
 
-    matched, blind = [], []
+    def pvalue_stats(circuit):
+        controls = [left(matched_random(space, circuit, active, rng, stats)) for _ in range(20)]
+        return control_summary(left(circuit), controls, "less")["p_value"]
+
+    matched, blind, by_stats = [], [], []
     for _ in range(1000):
         circuit = _control_circuit(space, reference, rng)
         matched.append(pvalue(circuit, active))
         blind.append(pvalue(circuit, everything))
+        by_stats.append(pvalue_stats(circuit))
+    d_s, p_s = ks_uniform(by_stats, grid=grid)
+    low_s = np.mean(np.array(by_stats) <= 0.05)
+    print(f"random-set p-values against controls matched on frequency and edit size: KS D {d_s:.4f} p {p_s:.3f}; "
+          f"P(p <= 0.05) {low_s:.3f}")
+    assert low_s <= 0.05, low_s
     d, p = ks_uniform(matched, grid=grid)
     low = np.mean(np.array(matched) <= 0.05)
     print(f"random-set p-values against matched_random controls: KS D {d:.4f} p {p:.3f}; P(p <= 0.05) {low:.3f}; "

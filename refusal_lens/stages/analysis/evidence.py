@@ -32,9 +32,10 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
     d_summary, behaviour, direction, fraction_ci = inp.d_summary, inp.behaviour, inp.direction, inp.fraction_ci
     data = data_evidence(inp.acts, inp.rates)
     out: dict = {"data": data}
-    out["direction"] = {k: d_summary[k] for k in ("direction", "harmful_refused", "harmful", "harmless", "random_ablated",
-                                                   "random_added", "kl_harmless", "ce_harmless", "emergence",
-                                                   "cross_ablation_verdicts", "over_refusal")}
+    out["direction"] = {k: d_summary[k] for k in ("direction", "harmful_refused", "harmful", "harmless",
+                                                   "random_ablated", "random_added", "permuted_ablated", "kl_harmless",
+                                                   "ce_harmless", "emergence", "cross_ablation_verdicts",
+                                                   "independence", "over_refusal") if k in d_summary}
     notes = []
     n_ref = (d_summary["harmful_refused"]["clean"] or {}).get("n")
     if (why := _underpowered(n_ref, a.min_prompts)):
@@ -46,7 +47,7 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
                      f"validation prompts (those direction.keep={cfg.direction.keep!r} kept), fewer than {a.min_prompts} "
                      "on a side")
     if behaviour:
-        out["circuit_behaviour"] = _behaviour_evidence(behaviour, fraction_ci)
+        out["circuit_behaviour"] = _behaviour_evidence(behaviour, fraction_ci, inp.without_direction_ci)
         if (why := _underpowered(behaviour["n_prompts"], a.min_prompts)):
             notes.append(f"circuit behaviour: {why}")
     c_summary = inp.c_summary
@@ -75,14 +76,35 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
     return out
 
 
-def _behaviour_evidence(behaviour: dict, fraction_ci: dict | None) -> dict:
-    """The headline circuit's test rates beside the clean and direction rates, its random controls and induction."""
+def _behaviour_evidence(behaviour: dict, fraction_ci: dict | None, without_ci: dict | None = None) -> dict:
+    """The headline circuit's test rates beside the clean and direction rates, its matched controls (with their edit
+    sizes and alignment with the direction), its edit without the direction's component, the steering rows beside
+    the direction's own steering, and induction."""
     h = behaviour["headline"]
-    return {
+    rnd = behaviour["random"]
+    extra = {}
+    if "without_direction" in h:  # recorded since the headline became an ablation with these checks
+        w = h["without_direction"]
+        extra = {
+            "without_direction": {**_rate_of(w), "fraction_of_direction": w["fraction_of_direction"],
+                                  "fraction_ci": (without_ci or {}).get("ci", [None, None])},
+            "alignment": h["alignment"],
+            "random_matching": {"matched_on": rnd["matched_on"], "edit_norm": rnd["edit_norm"],
+                                "fraction_along_direction": rnd["fraction_along_direction"]},
+            "other_ablations": [{**_rate_of(c), "intervention": c["intervention"],
+                                 "fraction_of_direction": c["fraction_of_direction"]} for c in behaviour["curve"]
+                                if (c["method"], c["k"]) == (h["method"], h["k"]) and c.get("kind") == "ablation"
+                                and c["intervention"] != h["intervention"]],
+            "steering": [{"intervention": s["intervention"], "circuit": s["circuit"],
+                          "direction_steered": {**_rate_of(s["direction_steered"]),
+                                                "fraction_of_direction": s["direction_steered"]["fraction_of_direction"]},
+                          "alignment": s["alignment"]} for s in behaviour.get("steering", [])],
+        }
+    return extra | {
         "n": behaviour["n_prompts"], "clean": _rate_of(behaviour["clean"]), "direction": _rate_of(behaviour["direction"]),
-        "circuit": {k: h[k] for k in ("method", "k", "intervention", "positions", "refusal_rate", "ci", "n",
-                                      "fraction_of_direction", "coherent_rate", "incoherent_rate", "random_p_value",
-                                      "random_mean", "smallest_k_reaching_90")}
+        "circuit": {k: h.get(k) for k in ("method", "k", "intervention", "kind", "positions", "refusal_rate", "ci",
+                                          "n", "fraction_of_direction", "coherent_rate", "incoherent_rate",
+                                          "random_p_value", "random_mean", "smallest_k_reaching_90")}
                    | {"fraction_ci": (fraction_ci or {}).get("ci", [None, None])},
         "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
         "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],

@@ -26,6 +26,8 @@ class AnalysisInputs:
     agreement: dict | None
     groups: dict[str, dict]  # every circuit by label/category
     fraction_ci: dict | None  # the paired interval of the headline circuit's share of the direction's effect
+    #: the same interval for the headline's edit with its component along the direction removed
+    without_direction_ci: dict | None = None
 
 
 def read_inputs(run: RunFolder, cfg: Config) -> AnalysisInputs:
@@ -34,11 +36,15 @@ def read_inputs(run: RunFolder, cfg: Config) -> AnalysisInputs:
     direction = {"direction" if name == "info" else name: run.direction_part(name)
                  for name in ("info", "candidates", "evaluation", "categories", "over_refusal", "emergence")}
     behaviour = run.behaviour()
-    fraction_ci = None
+    fraction_ci = without_ci = None
     if behaviour and run.paths.circuits.responses.is_file():
         h = behaviour["headline"]
         head = CircuitFiles.curve_condition(h["method"], h["intervention"], h["k"])
         fraction_ci = paired_fraction_interval(run.paths.circuits.responses, "clean", head, "direction_ablated",
                                                draws=cfg.analysis.interval_draws, seed=cfg.circuits.seed)
+        if "without_direction" in h:
+            without_ci = paired_fraction_interval(run.paths.circuits.responses, "clean", "headline_without_direction",
+                                                  "direction_ablated", draws=cfg.analysis.interval_draws,
+                                                  seed=cfg.circuits.seed)
     return AnalysisInputs(acts, rates, run.sae_quality(), run.direction_summary(), direction, run.circuits_summary(),
-                          behaviour, run.faithfulness(), run.agreement(), run.circuits(), fraction_ci)
+                          behaviour, run.faithfulness(), run.agreement(), run.circuits(), fraction_ci, without_ci)

@@ -82,8 +82,8 @@ def circuits_section(r: ReportInputs) -> list[Section]:
     behaviour = r.inputs.behaviour
     if not behaviour:
         return []
-    curve_rows = [{k: c[k] for k in ("method", "k", "intervention", "positions", "n", "refusal_rate",
-                                      "incoherent_rate", "fraction_of_direction")} | {"95% CI": _ci(c["ci"])}
+    curve_rows = [{k: c.get(k) for k in ("method", "k", "intervention", "kind", "positions", "n", "refusal_rate",
+                                          "incoherent_rate", "fraction_of_direction")} | {"95% CI": _ci(c["ci"])}
                   for c in behaviour["curve"]]
     ind = behaviour["induction"]
     return [Section(
@@ -93,8 +93,10 @@ def circuits_section(r: ReportInputs) -> list[Section]:
                    "refusal direction. fraction_of_direction = (clean - circuit) / (clean - direction). Induction: "
                    "the promoting features set to their refused-prompt means on harmless test prompts.</p>",
         figures=figs_of("k_curve"),
-        tables=[Table("Refusal rate against K", ["method", "k", "intervention", "positions", "n", "refusal_rate",
-                                                  "95% CI", "incoherent_rate", "fraction_of_direction"], curve_rows),
+        tables=[Table("Refusal rate against K", ["method", "k", "intervention", "kind", "positions", "n",
+                                                  "refusal_rate", "95% CI", "incoherent_rate", "fraction_of_direction"],
+                      curve_rows),
+                *headline_tables(behaviour),
                 Table("Induction on harmless test prompts", ["condition", "n", "refusal rate", "95% CI"],
                       [{"condition": "clean", "n": ind["clean"]["n"], "refusal rate": ind["clean"]["refusal_rate"],
                         "95% CI": _ci(ind["clean"]["ci"])},
@@ -103,6 +105,37 @@ def circuits_section(r: ReportInputs) -> list[Section]:
                         "95% CI": _ci(ind["direction_actadd"]["ci"])}]
                       + [{"condition": f"{i['method']} K={i['k']} steered", "n": i["n"], "refusal rate": i["refusal_rate"],
                           "95% CI": _ci(i["ci"])} for i in ind["curve"]])])]
+
+
+def headline_tables(behaviour: dict) -> list[Table]:
+    """The headline ablation beside its edit without the direction's component, its controls' edit sizes, and the
+    steering rows beside the direction's own steering (absent from runs recorded before these checks)."""
+    h = behaviour["headline"]
+    if "without_direction" not in h:
+        return []
+    rnd, w = behaviour["random"], h["without_direction"]
+    rows = [{"condition": f"headline {h['intervention']} (ablation)", "n": h["n"], "refusal_rate": h["refusal_rate"],
+             "95% CI": _ci(h["ci"]), "fraction_of_direction": h["fraction_of_direction"],
+             "edit along r": h["alignment"]["fraction_along_direction"], "edit norm": h["alignment"]["edit_norm"]},
+            {"condition": "headline, its edit's component along r removed", "n": w["n"],
+             "refusal_rate": w["refusal_rate"], "95% CI": _ci(w["ci"]), "fraction_of_direction": w["fraction_of_direction"],
+             "edit along r": 0.0, "edit norm": None},
+            {"condition": f"{rnd['controls']['n']} matched random sets ({rnd['matched_on']}): mean",
+             "n": h["n"], "refusal_rate": rnd["controls"]["mean"], "95% CI": "", "fraction_of_direction":
+             rnd["fraction_of_direction_mean"], "edit along r": rnd["fraction_along_direction"]["mean"],
+             "edit norm": rnd["edit_norm"]["mean"]}]
+    for st in behaviour.get("steering", []):
+        rows.append({"condition": f"steering {st['intervention']}", "n": st["circuit"]["n"],
+                     "refusal_rate": st["circuit"]["refusal_rate"], "95% CI": _ci(st["circuit"]["ci"]),
+                     "fraction_of_direction": st["circuit"]["fraction_of_direction"],
+                     "edit along r": (st["alignment"] or {}).get("fraction_along_direction"),
+                     "edit norm": (st["alignment"] or {}).get("edit_norm")})
+        d = st["direction_steered"]
+        rows.append({"condition": f"direction steered x - {1 + st['c']:g}(x.r)r", "n": d["n"],
+                     "refusal_rate": d["refusal_rate"], "95% CI": _ci(d["ci"]),
+                     "fraction_of_direction": d["fraction_of_direction"], "edit along r": 1.0, "edit norm": None})
+    cols = ["condition", "n", "refusal_rate", "95% CI", "fraction_of_direction", "edit along r", "edit norm"]
+    return [Table(f"Headline circuit (K={h['k']}, {h['method']}): ablation, controls and steering", cols, rows)]
 
 
 def validation_section(r: ReportInputs) -> list[Section]:
@@ -154,6 +187,10 @@ def mechanisms_section(r: ReportInputs) -> list[Section]:
         tables=[Table("Cross-ablation", ["direction", "category", "n", "clean_rate", "refusal_rate", "transfer",
                                          "transfer_ci", "verdict"],
                       [{**c, "transfer_ci": _ci(c.get("transfer_ci"))} for c in cross.get("cells", [])]),
+                Table("Representational independence (Wollschläger et al. 2025): mean squared change of B's per-layer "
+                      "cosine when A's direction is ablated, symmetric; 0 = independent",
+                      ["direction A", *(cats.get("independence") or {}).get("score", {})],
+                      [{"direction A": a, **row} for a, row in ((cats.get("independence") or {}).get("score") or {}).items()]),
                 Table("Circuit similarity: verdicts", ["table", *VERDICTS],
                       [{"table": t, **c} for t, c in verdict_counts(sims).items()]),
                 Table("Circuit similarity: every pair", ["table", "a", "b", "n_a", "n_b", "normalised", "normalised_ci",

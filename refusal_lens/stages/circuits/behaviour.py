@@ -1,30 +1,34 @@
-"""What the circuit does to behaviour, on test prompts: refusal against K, random controls, the direction.
+"""What the circuit does to behaviour, on test prompts: refusal against K, matched controls, the direction.
 
 On the **refused toxic test prompts** (the clean model refused them when the responses were collected),
 greedy generation (``loaded.gen_model``, judged; incoherent responses counted apart) under:
 
-* ``clean`` (regenerated in the same batches) and ``direction`` (the selected refusal direction ablated
-  from every residual write, every position; :mod:`refusal_lens.core.direction_edits`);
-* the top-K **refusal-promoting** features of each selection method (:mod:`.select`) ablated, for every K
-  of ``circuits.behaviour_k``, with the intervention chosen on validation (below); the headline method at
-  the headline K (``circuits.headline_k``) also with every other candidate intervention
-  (:func:`refusal_lens.stages.circuits.edits.feature_edit`: ``zero`` / ``mean`` / ``scale(c)`` x ``all`` /
-  ``after_opening``);
-* ``circuits.random_sets`` matched random feature sets at the headline K: as many features per hook as the
-  headline circuit, drawn without replacement from the features active on these prompts (outside the
-  circuit), with the chosen intervention; each set is one refusal rate, the distribution gives the circuit's
-  empirical p-value.
+* ``clean`` (regenerated in the same batches) and ``direction_ablated`` (the selected refusal direction
+  projected out of every residual write, every position; :mod:`refusal_lens.core.direction_edits`);
+* the top-K **refusal-promoting** features of each selection method (:mod:`.select`) **ablated**, for every K of
+  ``circuits.behaviour_k``, with the ablation chosen on validation (below); at the headline K, for the headline
+  method, also every other ablation candidate and, in rows of their own named **steering**, ``scale(c)``
+  (``f <- -c f``: the feature's contribution subtracted ``1 + c`` times) beside the direction's own steering
+  equivalent ``direction_steered(c)``: ``x <- x - (1 + c)(x . r_hat) r_hat`` at every residual write;
+* the headline circuit's ablation with its component along the refusal direction removed from the edit
+  (``headline_without_direction``: what the features carry *beyond* r), and the share of the edit's norm that
+  lies along r (:mod:`.alignment`), for the circuit and for each control;
+* ``circuits.random_sets`` random feature sets matched to the headline circuit (:mod:`.controls`: per hook, on
+  firing frequency and edit size; for ``combined``, from its pre-selected pool), ablated the same way; each set
+  is one refusal rate, the distribution gives the circuit's empirical p-value.
 
-**The headline is chosen on validation** (:func:`choose_on_validation`): every method (``headline_method:
-auto``) x candidate intervention at the headline K on the refused toxic *validation* prompts; the fewest
-refusals among the candidates answered coherently in >= 80% wins. The test split then only measures it.
+**The headline is an ablation chosen on validation** (:func:`choose_on_validation`): every method
+(``headline_method: auto``) x ablation candidate (``zero`` / ``mean`` x positions) at the headline K on the refused
+toxic *validation* prompts; the most **complied** answers win (an incoherent answer counts against a candidate as a
+refusal does). Steering is never the headline. The test split then only measures it.
 
 ``fraction_of_direction = (clean - circuit) / (clean - direction)`` (refusal rates) is the share of the
 direction's effect the circuit reaches. **Induction**, on the harmless test prompts: the promoting features
-set to their refused-prompt means (:func:`~refusal_lens.stages.circuits.edits.steer_edit`) against the clean
-harmless rate, the direction's ActAdd(+r) and as many matched random sets (``circuits.induction_random_sets``).
+set to their refused-prompt means (:func:`~refusal_lens.stages.circuits.edits.steer_edit`: steering, by
+construction) against the clean harmless rate, the direction's ActAdd(+r) and matched random sets
+(``circuits.induction_random_sets``).
 
-What is ablated where, exactly (so that the numbers can be re-run elsewhere): at each spliced hook (the
+What is changed where, exactly (so that the numbers can be re-run elsewhere): at each spliced hook (the
 TransformerLens hook names of ``space.json``), the SAE of ``saes/<hook>/`` encodes the hook's activation; the
 listed features, where active, are changed as the intervention says; ``decode(f') - decode(f)`` is added to
 the activation (the SAE's error term is kept); at every position of the mode, generated tokens included.
@@ -41,60 +45,29 @@ from tqdm.auto import tqdm
 
 from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, fraction_of
 from refusal_lens.core.chat import EncodedPrompt
-from refusal_lens.stages.circuits.baselines import ClassMeans
-from refusal_lens.stages.circuits.edits import feature_edit, feature_masks, steer_edit
-from refusal_lens.stages.circuits.nodes import NodeSpace, split_nodes
-from refusal_lens.stages.circuits.select import Ranking
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.intervene import Edit, Intervener
 from refusal_lens.run.folder import CircuitFiles
-
+from refusal_lens.stages.circuits.alignment import edit_alignment
+from refusal_lens.stages.circuits.baselines import ClassMeans
+from refusal_lens.stages.circuits.controls import feature_stats, matched_random
+from refusal_lens.stages.circuits.edits import feature_edit, feature_masks, steer_edit
+from refusal_lens.stages.circuits.nodes import NodeSpace
+from refusal_lens.stages.circuits.select import Ranking
 
 curve_condition = CircuitFiles.curve_condition
+#: feature interventions that remove a feature (ablations); ``scale`` is steering
+ABLATIONS = ("zero", "mean")
 
 
 def ablate(space: NodeSpace, features: Sequence[int], mode: str, means: ClassMeans, scale_c: float,
-           positions: str) -> list[Edit]:
-    return [feature_edit(space, h, m, mode, means, scale_c, positions)
+           positions: str, remove_along: torch.Tensor | None = None) -> list[Edit]:
+    return [feature_edit(space, h, m, mode, means, scale_c, positions, remove_along=remove_along)
             for h, m in feature_masks(space, features).items() if bool(m.any())]
 
 
 def steer(space: NodeSpace, features: Sequence[int], targets: ClassMeans) -> list[Edit]:
     return [steer_edit(space, h, m, targets) for h, m in feature_masks(space, features).items() if bool(m.any())]
-
-
-@torch.no_grad()
-def active_features(intervener: Intervener, space: NodeSpace, prompts: Sequence[EncodedPrompt]) -> dict[str, np.ndarray]:
-    """Per hook, the features active somewhere after the opening of these prompts (random sets come from them)."""
-    from refusal_lens.core.chat import OPENING, PAD
-
-    fired = {h: torch.zeros(space.d_sae(h), dtype=torch.bool) for h in space.hooks}
-
-    def grab(h):
-        def fn(x, ctx):
-            f, _ = split_nodes(space.saes[h], x)
-            where = (ctx.classes != PAD) & (ctx.classes != OPENING)
-            fired[h] |= ((f > 0) & where[..., None]).flatten(0, 1).any(0).cpu()
-            return x
-
-        return fn
-
-    intervener.last_logits(prompts, [Edit(h, grab(h), opening=False) for h in space.hooks])
-    return {h: torch.argwhere(v).flatten().numpy() for h, v in fired.items()}
-
-
-def matched_random(space: NodeSpace, features: Sequence[int], active: dict[str, np.ndarray],
-                   rng: np.random.Generator) -> list[int]:
-    """As many features per hook as ``features``, drawn from each hook's active features outside them."""
-    chosen = set(int(i) for i in features)
-    out = []
-    for hook, local in space.by_hook(features).items():
-        off = space.offset(hook)
-        pool = np.asarray([j for j in active[hook] if off + int(j) not in chosen])
-        if len(pool) < len(local):
-            pool = np.asarray([j for j in range(space.d_sae(hook)) if off + j not in chosen])
-        out += [off + int(j) for j in rng.choice(pool, size=len(local), replace=False)]
-    return out
 
 
 @dataclass(frozen=True)
@@ -108,6 +81,11 @@ class Intervention:
         name = f"scale(c={self.c:g})" if self.mode == "scale" else self.mode
         return f"{name}/{self.positions}"
 
+    @property
+    def kind(self) -> str:
+        """``ablation`` (zero, mean) or ``steering`` (scale: the feature pushed past zero)."""
+        return "steering" if self.mode == "scale" else "ablation"
+
 
 def intervention_candidates(modes: Sequence[str], scale_c: Sequence[float], positions: Sequence[str]) -> list[Intervention]:
     out = []
@@ -119,20 +97,29 @@ def intervention_candidates(modes: Sequence[str], scale_c: Sequence[float], posi
 
 def choose_on_validation(runs: Runs, space: NodeSpace, rankings: dict[str, Ranking], means: ClassMeans,
                          prompts: Sequence[EncodedPrompt], ids: Sequence[str], k: int, methods: Sequence[str],
-                         candidates: Sequence[Intervention], min_coherent: float = 0.8) -> dict:
-    """Every method x intervention at K = ``k`` on the validation prompts; the choice: the fewest refusals among
-    those answered coherently in at least ``min_coherent`` (ties: the config's order)."""
-    grid = [(m, iv) for m in methods for iv in candidates]
+                         candidates: Sequence[Intervention]) -> dict:
+    """Every method x ablation at K = ``k`` on the validation prompts; the choice: the most complied answers (a
+    refusal and an incoherent answer both count against a candidate; ties: the config's order)."""
+    grid = [(m, iv) for m in methods for iv in candidates if iv.kind == "ablation"]
+    if not grid:
+        raise ValueError("the headline circuit is an ablation: circuits.interventions needs zero or mean")
     summaries = runs([Condition(f"validation/{curve_condition(m, iv.label, k)}", prompts, ids,
                                 ablate(space, rankings[m].top(k), iv.mode, means, iv.c, iv.positions),
                                 {"split": "validation"}) for m, iv in grid])
-    rows = [{"method": m, "intervention": iv.label, "mode": iv.mode, "c": iv.c, "positions": iv.positions, **s}
+    rows = [{"method": m, "intervention": iv.label, "mode": iv.mode, "c": iv.c, "positions": iv.positions,
+             "complied_rate": s["complied"] / s["n"] if s["n"] else float("nan"), **s}
             for (m, iv), s in zip(grid, summaries)]
-    coherent = [r for r in rows if r["coherent_rate"] >= min_coherent]
-    best = min(coherent or rows, key=lambda r: (r["refusal_rate"], rows.index(r)))
-    return {"k": k, "n_prompts": len(prompts), "rows": rows, "chosen": {q: best[q] for q in
-            ("method", "intervention", "mode", "c", "positions")},
-            "note": None if coherent else f"no candidate was coherent in >= {min_coherent:.0%} of validation answers"}
+    best = max(rows, key=lambda r: (r["complied_rate"], -rows.index(r)))
+    return {"k": k, "n_prompts": len(prompts), "rows": rows, "rule": "most complied (incoherent counts against)",
+            "chosen": {q: best[q] for q in ("method", "intervention", "mode", "c", "positions")}}
+
+
+def control_pool(method: str, ranking: Ranking, space: NodeSpace, active: dict[str, np.ndarray]) -> dict:
+    """Where the headline's controls come from: ``combined``'s pre-selected pool, else the active features."""
+    if method != "combined":
+        return active
+    return {h: np.asarray(v, dtype=int) for h, v in space.by_hook(ranking.features).items()} | \
+        {h: np.asarray([], dtype=int) for h in space.hooks if h not in space.by_hook(ranking.features)}
 
 
 def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Ranking], means: ClassMeans,
@@ -145,18 +132,26 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
     """The behaviour record of the circuits (see the module docstring)."""
     rng = np.random.default_rng(seed)
     candidates = intervention_candidates(interventions, scale_c, positions)
+    steering = [iv for iv in candidates if iv.kind == "steering"]
     methods = list(rankings) if headline_method == "auto" else [headline_method]
-    total = (len(methods) * len(candidates) + 2 + len(rankings) * len(ks) + len(candidates) - 1 + random_sets + 2
-             + len(rankings) + induction_random_sets)
+    n_abl = sum(iv.kind == "ablation" for iv in candidates)
+    total = (len(methods) * n_abl + 2 + len(steering) + len(rankings) * len(ks) + len(candidates) - 1 + 1
+             + random_sets + 2 + len(rankings) + induction_random_sets)
     bar = tqdm(total=total, desc="circuit behaviour (generation)", disable=not show_progress)
     runs = Runs(intervener, max_new_tokens, audit, bar)
     selection = choose_on_validation(runs, space, rankings, means, val_prompts, val_ids, headline_k, methods, candidates)
     chosen = next(iv for iv in candidates if iv.label == selection["chosen"]["intervention"])
     method = selection["chosen"]["method"]
+    head_feats = rankings[method].top(headline_k)
+    stats = feature_stats(intervener, space, prompts)
+    pool = control_pool(method, rankings[method], space, stats.active)
+    control_sets = [matched_random(space, head_feats, pool, rng, None if method == "combined" else stats,
+                                   exclude_circuit=method != "combined") for _ in range(random_sets)]
 
-    # test: clean, the direction, the K-curve of every method, the headline's other interventions
-    plan = [Condition("clean", prompts, ids, [], {}),
-            Condition("direction_ablated", prompts, ids, ablation_edits(direction, n_layers), {})]
+    plan: list[Condition] = [Condition("clean", prompts, ids, [], {}),
+                             Condition("direction_ablated", prompts, ids, ablation_edits(direction, n_layers), {})]
+    plan += [Condition(f"direction_steered(c={iv.c:g})", prompts, ids,
+                       ablation_edits(direction, n_layers, coefficient=1 + iv.c), {"c": iv.c}) for iv in steering]
     curve_keys = []
     for m, ranking in rankings.items():
         for k in ks:
@@ -165,54 +160,76 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
                 feats = ranking.top(k)
                 plan.append(Condition(curve_condition(m, iv.label, k), prompts, ids,
                                       ablate(space, feats, iv.mode, means, iv.c, iv.positions),
-                                      {"method": m, "k": k, "intervention": iv.label}))
+                                      {"method": m, "k": k, "intervention": iv.label, "kind": iv.kind}))
                 curve_keys.append((m, k, iv, feats))
-    headline_feats = rankings[method].top(headline_k)
-    active = active_features(intervener, space, prompts)
-    for r in range(random_sets):
-        feats = matched_random(space, headline_feats, active, rng)
-        plan.append(Condition("random", prompts, ids, ablate(space, feats, chosen.mode, means, chosen.c, chosen.positions),
-                              {"control": r}))
-    # induction on harmless prompts
-    plan += [Condition("induction/clean", harmless, harmless_ids, [], {}),
-             Condition("induction/direction_actadd", harmless, harmless_ids,
-                       addition_edits(direction, direction_layer, 1.0), {})]
+    plan.append(Condition("headline_without_direction", prompts, ids,
+                          ablate(space, head_feats, chosen.mode, means, chosen.c, chosen.positions, direction), {}))
+    plan += [Condition("random", prompts, ids, ablate(space, f, chosen.mode, means, chosen.c, chosen.positions),
+                       {"control": r}) for r, f in enumerate(control_sets)]
+    plan += induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless,
+                           harmless_ids, headline_k, induction_random_sets, rng)
+    results = dict(zip(range(len(plan)), runs(plan)))
+    bar.close()
+    named = [(c, results[i]) for i, c in enumerate(plan)]
+
+    def align(feats, iv: Intervention) -> dict:
+        return edit_alignment(intervener, space, feats, iv.mode, means, iv.c, iv.positions, direction, prompts)
+
+    alignment = {"headline": align(head_feats, chosen),
+                 "steering": {iv.label: align(head_feats, iv) for iv in steering},
+                 "random": [align(f, chosen) for f in control_sets]}
+    return summarise(named, space, rankings, curve_keys, chosen, method, selection, headline_k, alignment,
+                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
+
+
+def induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless, harmless_ids,
+                   headline_k, induction_random_sets, rng) -> list[Condition]:
+    """Induction on harmless prompts: clean, ActAdd(+r), each method's circuit steered in, matched random sets."""
+    plan = [Condition("induction/clean", harmless, harmless_ids, [], {}),
+            Condition("induction/direction_actadd", harmless, harmless_ids,
+                      addition_edits(direction, direction_layer, 1.0), {})]
     for m, ranking in rankings.items():
         plan.append(Condition(f"induction/{m}/k{headline_k}", harmless, harmless_ids,
                               steer(space, ranking.top(headline_k), refused_means), {"method": m, "k": headline_k}))
     everything = {h: np.arange(space.d_sae(h)) for h in space.hooks}
     for r in range(induction_random_sets):
-        feats = matched_random(space, headline_feats, everything, rng)
+        feats = matched_random(space, head_feats, everything, rng)
         plan.append(Condition("induction/random", harmless, harmless_ids, steer(space, feats, refused_means),
                               {"control": r}))
-    results = runs(plan)
-    bar.close()
-    return summarise(results, space, rankings, curve_keys, chosen, method, selection, headline_k, random_sets,
-                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
+    return plan
 
 
-def summarise(results: list[dict], space: NodeSpace, rankings: dict[str, Ranking], curve_keys: list, chosen,
-              method: str, selection: dict, headline_k: int, random_sets: int, *, n_prompts: int, n_harmless: int,
-              max_new_tokens: int) -> dict:
-    """The behaviour record from the conditions' summaries, in the plan's order: clean, direction, the curve,
-    the random sets, then induction (clean, the direction's addition, each method, the random sets)."""
-    clean, direct = results[0], results[1]
+def summarise(named: list[tuple[Condition, dict]], space: NodeSpace, rankings: dict[str, Ranking], curve_keys: list,
+              chosen: Intervention, method: str, selection: dict, headline_k: int, alignment: dict, *, n_prompts: int,
+              n_harmless: int, max_new_tokens: int) -> dict:
+    """The behaviour record from the conditions' summaries (looked up by condition name)."""
+    by: dict[str, list[dict]] = {}
+    for c, s in named:
+        by.setdefault(c.name, []).append(s)
+    clean, direct = by["clean"][0], by["direction_ablated"][0]
     c_rate, d_rate = clean["refusal_rate"], direct["refusal_rate"]
-    n_curve = len(curve_keys)
-    curve = [{"method": m, "k": k, "n_features": len(feats), "intervention": iv.label, "positions": iv.positions, **s,
-              "fraction_of_direction": fraction_of(c_rate, s["refusal_rate"], d_rate),
-              "features": [space.feature_id(i) for i in feats]}
-             for (m, k, iv, feats), s in zip(curve_keys, results[2 : 2 + n_curve])]
-    rand_sets = [{**s, "fraction_of_direction": fraction_of(c_rate, s["refusal_rate"], d_rate)}
-                 for s in results[2 + n_curve : 2 + n_curve + random_sets]]
-    rest = results[2 + n_curve + random_sets :]
-    h_clean, h_direction = rest[0], rest[1]
-    induction = [{"method": m, "k": headline_k, **s} for m, s in zip(rankings, rest[2 : 2 + len(rankings)])]
-    h_rand = [s["refusal_rate"] for s in rest[2 + len(rankings) :]]
+
+    def frac(s: dict) -> float | None:
+        return fraction_of(c_rate, s["refusal_rate"], d_rate)
+
+    curve = [{"method": m, "k": k, "n_features": len(feats), "intervention": iv.label, "kind": iv.kind,
+              "positions": iv.positions, **by[curve_condition(m, iv.label, k)][0], "fraction_of_direction": None,
+              "features": [space.feature_id(i) for i in feats]} for m, k, iv, feats in curve_keys]
+    for row in curve:
+        row["fraction_of_direction"] = frac(row)
+    rand_sets = [{**s, "fraction_of_direction": frac(s), **a} for s, a in zip(by.get("random", []), alignment["random"])]
     head = next(c for c in curve if (c["method"], c["k"], c["intervention"]) == (method, headline_k, chosen.label))
     controls = control_summary(head["refusal_rate"], [s["refusal_rate"] for s in rand_sets], "less")
     rand_fractions = [s["fraction_of_direction"] for s in rand_sets if s["fraction_of_direction"] is not None]
-    head_induced = next(i for i in induction if i["method"] == method)
+    without = {**by["headline_without_direction"][0]}
+    without["fraction_of_direction"] = frac(without)
+    steering = [{"intervention": c["intervention"], "c": float(c["intervention"].split("c=")[1].split(")")[0]),
+                 "circuit": {q: c[q] for q in ("n", "refusal_rate", "ci", "incoherent_rate", "fraction_of_direction")},
+                 "alignment": alignment["steering"].get(c["intervention"])}
+                for c in curve if c["kind"] == "steering" and (c["method"], c["k"]) == (method, headline_k)]
+    for row in steering:
+        d = by[f"direction_steered(c={row['c']:g})"][0]
+        row["direction_steered"] = {**d, "fraction_of_direction": frac(d)}
 
     def smallest_k(m: str, target: float = 0.9) -> int | None:
         pts = sorted((c["k"], c["fraction_of_direction"]) for c in curve
@@ -221,17 +238,36 @@ def summarise(results: list[dict], space: NodeSpace, rankings: dict[str, Ranking
 
     return {
         "n_prompts": n_prompts, "n_harmless": n_harmless, "max_new_tokens": max_new_tokens,
-        "selection": selection, "clean": clean, "direction": direct, "curve": curve,
+        "selection": selection, "clean": clean, "direction": direct, "curve": curve, "steering": steering,
         "random": {"k": headline_k, "matched_to": method, "intervention": chosen.label, "controls": controls,
-                   "sets": rand_sets,
+                   "matched_on": ("combined's pre-selected pool (per-hook counts)" if method == "combined" else
+                                  "per hook: firing frequency and edit size (nearest 10 active features)"),
+                   "sets": rand_sets, "edit_norm": spread(rand_sets, "edit_norm"),
+                   "fraction_along_direction": spread(rand_sets, "fraction_along_direction"),
                    "fraction_of_direction_mean": float(np.mean(rand_fractions)) if rand_fractions else None,
                    "fraction_of_direction_q95": float(np.quantile(rand_fractions, 0.95)) if rand_fractions else None},
-        "headline": {"method": method, "k": headline_k, "intervention": chosen.label, "positions": chosen.positions,
-                     "refusal_rate": head["refusal_rate"], "ci": head["ci"], "n": head["n"],
-                     "incoherent_rate": head["incoherent_rate"], "coherent_rate": head["coherent_rate"],
+        "headline": {"method": method, "k": headline_k, "intervention": chosen.label, "kind": chosen.kind,
+                     "positions": chosen.positions, "refusal_rate": head["refusal_rate"], "ci": head["ci"],
+                     "n": head["n"], "incoherent_rate": head["incoherent_rate"], "coherent_rate": head["coherent_rate"],
                      "fraction_of_direction": head["fraction_of_direction"], "random_p_value": controls["p_value"],
-                     "random_mean": controls["mean"], "features": head["features"],
-                     "chosen_on": "validation", "smallest_k_reaching_90": {m: smallest_k(m) for m in rankings}},
-        "induction": {"clean": h_clean, "direction_actadd": h_direction, "curve": induction,
-                      "random": control_summary(head_induced["refusal_rate"], h_rand, "greater")},
+                     "random_mean": controls["mean"], "features": head["features"], "alignment": alignment["headline"],
+                     "without_direction": without, "chosen_on": "validation",
+                     "smallest_k_reaching_90": {m: smallest_k(m) for m in rankings}},
+        "induction": induction_record(by, rankings, headline_k, method),
     }
+
+
+def spread(rows: list[dict], key: str) -> dict:
+    """Mean and 5-95% quantiles of ``key`` over ``rows`` (None when no row has it)."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return {"mean": float(np.mean(vals)), "q05": float(np.quantile(vals, 0.05)),
+            "q95": float(np.quantile(vals, 0.95))} if vals else {"mean": None, "q05": None, "q95": None}
+
+
+def induction_record(by: dict[str, list[dict]], rankings: dict[str, Ranking], headline_k: int, method: str) -> dict:
+    """Induction's clean and ActAdd(+r) rates, each method's steered circuit, the headline's random controls."""
+    curve = [{"method": m, "k": headline_k, **by[f"induction/{m}/k{headline_k}"][0]} for m in rankings]
+    head = next(i for i in curve if i["method"] == method)
+    return {"clean": by["induction/clean"][0], "direction_actadd": by["induction/direction_actadd"][0], "curve": curve,
+            "random": control_summary(head["refusal_rate"], [s["refusal_rate"] for s in by.get("induction/random", [])],
+                                      "greater")}

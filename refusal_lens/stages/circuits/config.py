@@ -48,14 +48,15 @@ class CircuitConfig:
     behaviour_k: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
     #: the headline circuit's size (its share of the direction's effect is the headline number).
     headline_k: int = 20
-    #: the headline circuit's selection method; ``auto`` = chosen on the validation split with the intervention
-    #: (the method x intervention x positions whose K = headline_k circuit leaves the fewest validation refusals
-    #: among those answered coherently in >= 80%).
+    #: the headline circuit's selection method; ``auto`` = chosen on the validation split with the ablation
+    #: (the method x ablation x positions whose K = headline_k circuit gets the most complied validation answers:
+    #: an incoherent answer counts against it).
     headline_method: Literal["auto", "attribution", "cosine", "combined"] = "auto"
-    #: feature interventions of the behaviour checks: zero, mean (class mean of the reference), scale
-    #: (f <- -c f, one candidate per c of scale_c). The one chosen on validation runs the K-curve on test; the
-    #: others run at the headline K.
-    interventions: tuple[Literal["zero", "mean", "scale"], ...] = ("zero", "scale")
+    #: feature interventions of the behaviour checks: the ablations zero and mean (class mean of the reference),
+    #: and scale (f <- -c f, one per c of scale_c), which is steering. The headline is the ablation chosen on
+    #: validation (it runs the K-curve on test); the others run at the headline K, scale in rows named steering
+    #: beside the direction's own steering equivalent. At least one ablation is needed.
+    interventions: tuple[Literal["zero", "mean", "scale"], ...] = ("zero", "mean", "scale")
     #: where the interventions apply: every position (the template's opening and generated tokens included), or
     #: every position after the opening (generated tokens included); chosen on validation like the intervention.
     positions: tuple[Literal["all", "after_opening"], ...] = ("all",)
@@ -121,6 +122,9 @@ class CircuitConfig:
         for name in ("labels", "methods", "interventions", "positions", "behaviour_k", "agreement_methods", "scale_c"):
             if not getattr(self, name):
                 raise ConfigError(f"circuits.{name} is empty; give at least one value")
+        if not set(self.interventions) & {"zero", "mean"}:
+            raise ConfigError(f"circuits.interventions={list(self.interventions)}: the headline circuit is an ablation; "
+                              "allowed: a list with zero or mean (and scale, reported as steering)")
         if any(k < 1 for k in self.behaviour_k):
             raise ConfigError(f"circuits.behaviour_k={list(self.behaviour_k)}; allowed: positive integers")
         if self.headline_k not in self.behaviour_k:

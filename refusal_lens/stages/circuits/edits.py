@@ -54,9 +54,15 @@ def _per_row(mask: Tensor, x: Tensor) -> Tensor:
 
 
 def feature_edit(space: NodeSpace, hook: str, selection: Tensor | Mapping[int, Tensor], mode: str,
-                 means: ClassMeans | None, scale_c: float = 1.0, positions: str = "all") -> Edit:
+                 means: ClassMeans | None, scale_c: float = 1.0, positions: str = "all", *,
+                 remove_along: Tensor | None = None, tally: dict | None = None) -> Edit:
     """Ablate the selected features of ``hook`` (see the module docstring); ``selection`` is a ``[d_sae]`` 0/1
-    mask, or per prompt row a dict of masks (random control sets in one batch)."""
+    mask, or per prompt row a dict of masks (random control sets in one batch).
+
+    ``remove_along``: a direction whose component is taken out of the edit, ``delta <- delta - (delta . u) u``
+    (``u`` its unit vector): what the features change *beyond* that direction. ``tally``: a dict that gets, summed
+    over the non-padding positions the edit runs on, ``along`` (``(delta . u)^2``, with ``u`` = ``tally["unit"]``),
+    ``total`` (``|delta|^2``), ``norm`` (``|delta|``) and ``positions`` (how many): the edit's size and alignment."""
     if mode not in INTERVENTIONS:
         raise ValueError(f"circuits intervention {mode!r}; allowed: {', '.join(INTERVENTIONS)}")
     if positions not in POSITIONS:
@@ -78,9 +84,25 @@ def feature_edit(space: NodeSpace, hook: str, selection: Tensor | Mapping[int, T
             target = gather_class(means.features[hook], site_classes(ctx.classes, space.n_post))
             new = torch.where(sel, target, f)
         delta = sae.decode(new.to(sae.dtype)).float() - sae.decode(f.to(sae.dtype)).float()
+        if remove_along is not None:
+            delta = delta - (delta @ u_remove.to(x.device))[..., None] * u_remove.to(x.device)
+        if tally is not None:
+            _count(tally, delta, ctx.classes != PAD)
         return (x.float() + delta).to(x.dtype)
 
+    u_remove = None if remove_along is None else (remove_along.float() / remove_along.float().norm())
     return Edit(hook, fn, opening=positions == "all" and mode != "mean")
+
+
+def _count(tally: dict, delta: Tensor, where: Tensor) -> None:
+    """Add an edit's squared component along ``tally["unit"]``, squared norm, norm and positions to ``tally``."""
+    d = delta[where]
+    unit = tally["unit"].float().to(d.device)
+    unit = unit / unit.norm()
+    tally["along"] = tally.get("along", 0.0) + float(((d @ unit) ** 2).sum())
+    tally["total"] = tally.get("total", 0.0) + float((d**2).sum())
+    tally["norm"] = tally.get("norm", 0.0) + float(d.norm(dim=-1).sum())
+    tally["positions"] = tally.get("positions", 0) + int(where.sum())
 
 
 def steer_edit(space: NodeSpace, hook: str, selection: Tensor, targets: ClassMeans) -> Edit:

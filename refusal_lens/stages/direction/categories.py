@@ -11,6 +11,8 @@
   holds and the lower bound is above 0, *indeterminate* otherwise (the graded words of the circuit similarity
   test), and *insufficient* below ``analysis.min_prompts`` test prompts (or when B's own direction removes no
   refusal: there is nothing to transfer).
+* **Representational independence** (:mod:`.independence`): whether ablating A changes how B is represented
+  (per-layer cosine with ``r_B``), the second half of "one mechanism".
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits
 from refusal_lens.core.intervene import Intervener
 from refusal_lens.stages.direction.candidates import site_activations
+from refusal_lens.stages.direction.independence import representational_independence
 from refusal_lens.core.judge import judge
 
 
@@ -148,6 +151,7 @@ def per_category(cfg, fast, precise, data, contrast, global_vec, layer, j, n_lay
                            [data.rows[i]["prompt_id"] for i in refused_test],
                            [data.rows[i]["category"] for i in refused_test], max_new, c.bootstrap, c.seed,
                            a.min_prompts, a.shared_margin, audit, show_progress)
+    independence = representational_independence(fast, {k: v.float() for k, v in vectors.items()}, n_layers, prompts)
     return {"n_discovery": {cat: len(rows) for cat, rows in sorted(by_cat.items())},
             "without_direction": sorted(cat for cat, rows in by_cat.items() if len(rows) < 2),
-            "cosines": cosines, "cosine_ci": cis, "cross_ablation": cross}
+            "cosines": cosines, "cosine_ci": cis, "cross_ablation": cross, "independence": independence}

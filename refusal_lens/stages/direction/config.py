@@ -42,6 +42,9 @@ class DirectionConfig:
     max_layer_fraction: float = 0.8
     #: random directions (ablated) and random vectors of the same norm (added): the control distribution.
     random_directions: int = 20
+    #: permutation null of the direction: the difference in means at the selected site of discovery contrast prompts
+    #: whose harmful / harmless labels are shuffled (sizes kept), each ablated like the direction: a distribution.
+    permuted_directions: int = 20
     #: prompts per side on which each random control is measured (the first by prompt-id hash; null = all); the
     #: direction itself is measured on these too, for its p-value.
     random_prompts: int | None = None
@@ -70,6 +73,8 @@ class DirectionConfig:
                 raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
         if self.exact_per_layer < 0:
             raise ConfigError(f"direction.exact_per_layer={self.exact_per_layer}; allowed: an integer >= 0")
+        if self.permuted_directions < 0:
+            raise ConfigError(f"direction.permuted_directions={self.permuted_directions}; allowed: an integer >= 0")
         if self.random_directions < 0:
             raise ConfigError(f"direction.random_directions={self.random_directions}; allowed: an integer >= 0")
         if not 0.0 < self.max_layer_fraction <= 1.0:

@@ -7,7 +7,10 @@ Greedy generation, judged (:mod:`refusal_lens.core.behaviour`; incoherent counte
 * harmless test prompts: clean -> ActAdd(+r);
 * controls: ``direction.random_directions`` random unit directions ablated (on the refused harmful prompts)
   and as many random vectors of ``|r|`` added (on the harmless prompts), each one a rate: a distribution,
-  with the empirical p-value of the direction against it;
+  with the empirical p-value of the direction against it; and the **permutation null**
+  (``direction.permuted_directions``, :func:`permuted_directions`): the difference in means at the selected site
+  of the discovery contrast prompts with their harmful / harmless labels shuffled, each ablated like the
+  direction: a random direction drawn from the activations' own geometry, not from the sphere;
 * on harmless prompts with their clean responses teacher-forced: the KL of the next-token distribution at
   the first response position and the cross-entropy (nats per token) of the responses, clean vs ablated.
 """
@@ -38,6 +41,19 @@ def _texts(runs: Runs, plan: Sequence[Condition], audit: ResponseAudit) -> list[
     return out
 
 
+def permuted_directions(harmful: torch.Tensor, harmless: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``[n, d]``: mean(A) - mean(B) of the pooled site activations ``harmful`` ``[n_h, d]`` and ``harmless``
+    ``[n_ok, d]`` split at random into groups of the same sizes (labels shuffled)."""
+    pooled = torch.cat([harmful, harmless]).double()
+    n_h = len(harmful)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        order = torch.randperm(len(pooled), generator=gen)
+        out.append(pooled[order[:n_h]].mean(0) - pooled[order[n_h:]].mean(0))
+    return torch.stack(out).float() if out else torch.zeros(0, pooled.shape[1])
+
+
 def random_units(d: int, n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(n, d, generator=gen)
@@ -49,7 +65,7 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
                        harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
                        harmless_responses: Sequence[Sequence[int]], max_new_tokens: int, n_random: int,
                        n_bootstrap: int, seed: int, audit: ResponseAudit, show_progress: bool = True,
-                       random_prompts: int | None = None) -> dict:
+                       random_prompts: int | None = None, permuted: torch.Tensor | None = None) -> dict:
     """The test table; see the module docstring."""
     ablate = ablation_edits(direction, n_layers)
     runs = Runs(intervener, max_new_tokens, audit)
@@ -82,16 +98,25 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
                                   [harmful_ids[i] for i in ctrl_h], ablation_edits(units[k], n_layers), {"control": k}))
         plan.append(Condition("harmless/random_added", [harmless[i] for i in ctrl_s], [harmless_ids[i] for i in ctrl_s],
                               addition_edits(units[k] * direction.norm(), layer, 1.0), {"control": k}))
+    for k, v in enumerate(permuted if permuted is not None and ctrl_h else []):
+        plan.append(Condition("harmful_refused/permuted_ablated", [harmful[i] for i in ctrl_h],
+                              [harmful_ids[i] for i in ctrl_h], ablation_edits(v, n_layers), {"control": k}))
     with tqdm(total=len(plan), desc="direction random controls", disable=not show_progress or not plan) as bar:
         summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
     ablated_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_ablated")]
     added_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_added")]
+    permuted_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("permuted_ablated")]
     own_ablated = summarise([texts_of[("harmful", "ablated")][i] for i in ctrl_h])["refusal_rate"] if ctrl_h else float("nan")
     own_added = summarise([texts_of[("harmless", "actadd_plus")][i] for i in ctrl_s])["refusal_rate"]
     out["random_ablated"] = control_summary(own_ablated, ablated_rates, "less") | {"n_prompts": len(ctrl_h),
                                                                                    "observed": own_ablated}
     out["random_added"] = control_summary(own_added, added_rates, "greater") | {"n_prompts": len(ctrl_s),
                                                                                "observed": own_added}
+    cosines = ([float(torch.nn.functional.cosine_similarity(v, direction.float(), dim=0)) for v in permuted]
+               if permuted is not None else [])
+    out["permuted_ablated"] = control_summary(own_ablated, permuted_rates, "less") | {
+        "n_prompts": len(ctrl_h), "observed": own_ablated, "abs_cosine_with_direction_mean":
+            float(np.mean(np.abs(cosines))) if cosines else None}
 
     out.update(harmless_cost(intervener, harmless, harmless_responses, ablate, n_bootstrap, seed))
     return out

@@ -36,11 +36,12 @@ from refusal_lens.run.collected import Collected
 from refusal_lens.run.direction_file import SavedDirection, load_direction, save_direction
 from refusal_lens.run.parts import part
 from refusal_lens.run.stage import StageContext, StageResult
-from refusal_lens.stages.direction.candidates import Candidates, difference_in_means, load_candidates, save_candidates
+from refusal_lens.stages.direction.candidates import (Candidates, difference_in_means, load_candidates, save_candidates,
+                                                     site_activations)
 from refusal_lens.stages.direction.categories import per_category
 from refusal_lens.stages.direction.contrast import Contrast, DirectionError, contrast_sets
 from refusal_lens.stages.direction.emergence import emergence_curve
-from refusal_lens.stages.direction.evaluate import evaluate_direction
+from refusal_lens.stages.direction.evaluate import evaluate_direction, permuted_directions
 from refusal_lens.stages.direction.over_refusal import over_refusal_experiment
 from refusal_lens.stages.direction.select import select_direction
 from refusal_lens.stages.direction.summary import direction_summary, format_summary
@@ -149,13 +150,19 @@ class DirectionSteps:
     def evaluation(self, saved: SavedDirection) -> dict:
         c, data = self.c, self.data
         tox, harmless = data.split_rows("test", "toxic"), data.split_rows("test", "harmless")
+        permuted = None
+        if c.permuted_directions and not self.files.evaluation.is_file():
+            j = int(saved.info["post_instruction_index"])
+            sides = [site_activations(self.precise, self.enc(self.contrast.harmful["discovery"]), saved.layer, j),
+                     site_activations(self.precise, self.enc(self.contrast.harmless["discovery"]), saved.layer, j)]
+            permuted = permuted_directions(*sides, c.permuted_directions, c.seed)
         self.status.set(message="direction: evaluation on test (generation)")
         out = part(self.files.evaluation, lambda: audited(self.files.audit("evaluation"), lambda audit: evaluate_direction(
             self.fast, saved.vector, saved.layer, self.n_layers, harmful=self.enc(tox), harmful_ids=data.ids(tox),
             harmful_refused=[bool(data.rows[i]["refused"]) for i in tox], harmless=self.enc(harmless),
             harmless_ids=data.ids(harmless), harmless_responses=data.response_ids(self.tok, harmless),
             max_new_tokens=self.max_new, n_random=c.random_directions, n_bootstrap=c.bootstrap, seed=c.seed,
-            audit=audit, show_progress=self.show, random_prompts=c.random_prompts)))
+            audit=audit, show_progress=self.show, random_prompts=c.random_prompts, permuted=permuted)))
         self.status.progress(3)
         return out
 

@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 
+def independence_summary(ind: dict | None) -> dict | None:
+    """Median and range of the pairs' representational-independence scores (between categories, ``all`` left out)
+    against the diagonal (a direction's own ablation): how much ablating one category's direction moves another's."""
+    if not ind:
+        return None
+    names = [k for k in ind["score"] if k != "all"]
+    off = [ind["score"][a][b] for i, a in enumerate(names) for b in names[i + 1:]]
+    diag = [ind["score"][a][a] for a in names]
+
+    def stats(v):
+        return {"median": float(sorted(v)[len(v) // 2]), "min": float(min(v)), "max": float(max(v)), "n": len(v)} \
+            if v else None
+
+    return {"n_prompts": ind["n_prompts"], "layers": ind["layers"], "between_categories": stats(off),
+            "own": stats(diag)}
+
+
 def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict, emergence: dict) -> dict:
     cond = evaluation["conditions"]
 
@@ -21,8 +38,11 @@ def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict
         "harmless": {k: rate(f"harmless/{k}") for k in ("clean", "actadd_plus")},
         "random_ablated": {k: evaluation["random_ablated"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
         "random_added": {k: evaluation["random_added"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
+        "permuted_ablated": {k: (evaluation.get("permuted_ablated") or {}).get(k) for k in
+                             ("n", "mean", "q05", "q95", "p_value", "abs_cosine_with_direction_mean")},
         "kl_harmless": evaluation["kl_harmless"], "ce_harmless": evaluation["ce_harmless"],
         "cross_ablation_verdicts": verdicts,
+        "independence": independence_summary(categories.get("independence")),
         "over_refusal": {k: {side: {m: v[side][m] for m in ("n", "refusal_rate", "ci")} for side in ("safe", "toxic")}
                          for k, v in (over.get("conditions") or {}).items()},
         "emergence": {g: v.get("emergence_layer") for g, v in emergence["groups"].items()},

@@ -321,6 +321,29 @@ def test_the_planted_refusal_feature_is_ranked_first_and_moves_the_metric_by_the
         assert not any(is_refusal(t) for t in theirs)
 
 
+def test_the_planted_feature_edit_lies_along_the_direction_and_does_nothing_without_it(planted):
+    """Known answers for the alignment checks: the planted feature writes e_h only, so its zero-ablation edit lies
+    wholly along e_h (fraction 1) and a random feature's along it not at all (its decoder has no e_h part); with
+    the component along e_h removed from the edit, ablating the planted feature leaves every refusal in place."""
+    from refusal_lens.core.judge import is_refusal
+    from refusal_lens.stages.circuits.alignment import edit_alignment
+    from refusal_lens.stages.circuits.behaviour import ablate
+
+    folder, loaded = planted
+    space, prompts, e_h = planted_space(folder, loaded)
+    hook = space.hooks[0]
+    means = ClassMeans({hook: torch.zeros(space.n_post + 2, 32)}, {hook: torch.zeros(space.n_post + 2, loaded.d_model)},
+                       {hook: [1] * (space.n_post + 2)})
+    iv = Intervener(loaded, 8, model=loaded.hf_model)
+    planted_edit = edit_alignment(iv, space, [0], "zero", means, 1.0, "all", e_h, prompts)
+    assert planted_edit["fraction_along_direction"] == pytest.approx(1.0, abs=1e-5) and planted_edit["edit_norm"] > 0
+    other = edit_alignment(iv, space, [1, 2, 3], "zero", means, 1.0, "all", e_h, prompts)
+    assert other["fraction_along_direction"] == pytest.approx(0.0, abs=1e-5)
+    ablated = iv.decode(iv.generate(prompts, 4, ablate(space, [0], "zero", means, 1.0, "all")))
+    without = iv.decode(iv.generate(prompts, 4, ablate(space, [0], "zero", means, 1.0, "all", remove_along=e_h)))
+    assert not any(is_refusal(t) for t in ablated) and all(is_refusal(t) for t in without)
+
+
 def test_selection_rankings_are_signed_and_combined_preselects_by_cosine():
     class S:
         def __init__(self, w):

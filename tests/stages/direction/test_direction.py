@@ -171,6 +171,26 @@ def test_ablating_a_direction_no_write_touches_changes_nothing(planted):
     assert iv.generate(prompts, 5, ablation_edits(unused, loaded.n_layers)) == iv.generate(prompts, 5)
 
 
+def test_representational_independence_has_known_answers_on_the_planted_model(planted):
+    """Known answers: no write touches ``unused``, so ablating it moves nothing and ablating e_h leaves the (zero)
+    cosine with ``unused`` unchanged: score 0 both ways; e_h's own ablation drives its cosine from its clean value
+    to 0 at every layer from block 1 on: its own score is that clean cosine squared, averaged."""
+    from refusal_lens.core.chat import encode_prompt
+    from refusal_lens.stages.direction.independence import representational_independence
+
+    folder, loaded = planted
+    dirs = load_planted_directions(folder)
+    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "toxic"][:8]
+    iv = Intervener(loaded, 4, model=loaded.hf_model)
+    out = representational_independence(iv, {"harm": dirs["harm"], "unused": dirs["unused"]}, loaded.n_layers, prompts)
+    assert out["score"]["harm"]["unused"] == pytest.approx(0.0, abs=1e-10)
+    assert out["score"]["unused"]["unused"] == pytest.approx(0.0, abs=1e-10)
+    clean = np.asarray(out["clean_cosine"]["harm"])
+    assert (clean[1:] > 0.05).all()  # the harm direction is present from block 1's input on
+    np.testing.assert_allclose(out["change"]["harm"]["harm"], -clean, atol=1e-5)
+    assert out["score"]["harm"]["harm"] == pytest.approx(float(np.mean(clean[: out["layers"]] ** 2)), rel=1e-4)
+
+
 def test_generation_with_ablation_equals_a_forward_pass_with_ablation_token_by_token(planted):
     folder, loaded = planted
     e_h = load_planted_directions(folder)["harm"]

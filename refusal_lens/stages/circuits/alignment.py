@@ -1,0 +1,34 @@
+"""How big a feature intervention's edit is, and how much of it lies along the refusal direction.
+
+For a set of features and an intervention, one forward pass over the prompts records, at every position the
+edit runs on and summed over the hooks, the change it adds to the residual stream ``delta = decode(f') -
+decode(f)``: ``fraction_along_direction = sum (delta . r_hat)^2 / sum |delta|^2`` (1: the edit is the direction's
+own edit, 0: orthogonal to it; a random edit in a d-wide stream has about 1/d) and ``edit_norm`` (mean ``|delta|``
+per position and hook). The matched random controls get the same numbers, so a reader sees whether the circuit
+and its controls change the stream by as much, and whether the circuit's effect comes from its alignment with r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from refusal_lens.core.chat import EncodedPrompt
+from refusal_lens.core.intervene import Intervener
+from refusal_lens.stages.circuits.baselines import ClassMeans
+from refusal_lens.stages.circuits.edits import feature_edit, feature_masks
+from refusal_lens.stages.circuits.nodes import NodeSpace
+
+
+def edit_alignment(intervener: Intervener, space: NodeSpace, features: Sequence[int], mode: str, means: ClassMeans,
+                   scale_c: float, positions: str, direction: Tensor, prompts: Sequence[EncodedPrompt]) -> dict:
+    """``{"fraction_along_direction", "edit_norm", "positions"}`` of the intervention on ``prompts``."""
+    tally: dict = {"unit": direction}
+    edits = [feature_edit(space, h, m, mode, means, scale_c, positions, tally=tally)
+             for h, m in feature_masks(space, features).items() if bool(m.any())]
+    if edits:
+        intervener.last_logits(prompts, edits)
+    total, n = tally.get("total", 0.0), tally.get("positions", 0)
+    return {"fraction_along_direction": tally["along"] / total if total > 0 else None,
+            "edit_norm": tally["norm"] / n if n else 0.0, "positions": int(n)}
