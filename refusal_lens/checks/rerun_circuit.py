@@ -243,6 +243,9 @@ def load_setup(run: RunFolder) -> dict:
 
     cfg = yaml.safe_load(run.paths.circuits.config.read_text())
     head = read_headline(run)
+    if head["mode"] not in ("zero", "scale"):
+        raise SystemExit(f"the headline is a {head['mode']} ablation: it needs the stage's class means, which this "
+                         "independent re-run does not rebuild; allowed: a run whose headline is zero (or scale)")
     dtype_name = cfg["model"].get("intervention_dtype") or "same"
     dtype = getattr(torch, cfg["model"]["torch_dtype"] if dtype_name == "same" else dtype_name)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
