@@ -85,21 +85,38 @@ def independence_of(ind: dict | None) -> str:
             f"{num(o['median'], '.4f')}")
 
 
+def false_refusal_line(fr: dict) -> str:
+    """Each method's point of the over-refusal trade-off (refused safe / refused toxic still refused, test)."""
+    pts = "; ".join(f"{name}: safe {fmt_rate(m.get('safe_refused'))}, toxic {fmt_rate(m.get('toxic_refused'))}"
+                    for name, m in fr["methods"].items())
+    ctrl = "; ".join(f"{k} ({v['n']}): mean {pct(v['mean'])}, p = {num(v['p_value'], '.3f')}"
+                     for k, v in fr["controls"].items())
+    kl = (fr.get("kl_harmless") or {}).get("mean")
+    return (f"* **Over-refusal** (false-refusal vector of Wang et al. 2025 and baselines; refusal of the refused safe "
+            f"and refused toxic test prompts, 100% clean by construction): {pts}. Controls of {fr['headline']} on the "
+            f"refused safe prompts: {ctrl}; its KL on harmless prompts {num(kl, '.3f')}.")
+
+
+def timing_lines(t: dict) -> list[str]:
+    """``Measured <date> at commit <c> on <machine>: **N min** (stages)``, or nothing."""
+    if not t:
+        return []
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in t.get("stages", {}).items())
+    at = f" at commit {t['commit']}" if t.get("commit") else ""
+    if t.get("head_at_end"):
+        at += f" (HEAD was {t['head_at_end']} when it ended)"
+    if t.get("note"):
+        at += f" ({t['note']})"
+    if t.get("analysis_commit"):
+        at += f"; analysis re-run at commit {t['analysis_commit']}"
+    return [f"Measured {t.get('date', '?')}{at} on {t.get('machine', '?')}: **{t['total_s'] / 60:.1f} min** "
+            f"({stages}).", ""]
+
+
 def render_run(title: str, s: dict) -> list[str]:
     d, data = s["direction"], s["data"]
     lines = [f"### {title}", ""]
-    t = s.get("timing") or {}
-    if t:
-        stages = ", ".join(f"{k} {v:.0f} s" for k, v in t.get("stages", {}).items())
-        at = f" at commit {t['commit']}" if t.get("commit") else ""
-        if t.get("head_at_end"):
-            at += f" (HEAD was {t['head_at_end']} when it ended)"
-        if t.get("note"):
-            at += f" ({t['note']})"
-        if t.get("analysis_commit"):
-            at += f"; analysis re-run at commit {t['analysis_commit']}"
-        lines += [f"Measured {t.get('date', '?')}{at} on {t.get('machine', '?')}: **{t['total_s'] / 60:.1f} min** "
-                  f"({stages}).", ""]
+    lines += timing_lines(s.get("timing") or {})
     counts = data.get("split_counts") or {}
     lines.append("* **Prompts** (discovery / validation / test): " + " / ".join(
         str(counts.get(k, {}).get("all", 0)) for k in ("discovery", "validation", "test")) + "; refused on test: " +
@@ -158,7 +175,9 @@ def render_run(title: str, s: dict) -> list[str]:
                      "no pairs") + (f"; pooled safe x toxic: {similarity_of(pooled)}" if pooled else "") +
                  f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}"
                  + independence_of(d.get("independence")) + ".")
-    if d.get("over_refusal"):
+    if (fr := d.get("false_refusal")) and fr.get("methods"):
+        lines.append(false_refusal_line(fr))
+    elif d.get("over_refusal"):
         o = d["over_refusal"]
         lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(
             f"{k}: safe {fmt_rate(v['safe'])}, toxic {fmt_rate(v['toxic'])}" for k, v in o.items()) + ".")

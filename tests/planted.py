@@ -86,6 +86,51 @@ def build_planted_model(folder: Path, *, strength: float = 6.0) -> Path:
     return folder
 
 
+#: the pseudo-harmful word of the false-refusal model: safe prompts with it are refused
+PSEUDO_WORD = "car"
+#: cosine of the planted false-refusal direction w with the refusal direction e_h
+PSEUDO_COSINE = 0.6
+
+
+def build_false_refusal_model(folder: Path, *, strength: float = 6.0) -> Path:
+    """The planted model plus a planted **false-refusal** direction: the embedding of ``car`` carries
+    ``strength * w`` with ``w = 0.6 e_h + 0.8 e_o`` (partly aligned with the refusal direction e_h; ``e_o``
+    orthogonal to every other planted direction), block 0's head 0 copies e_o as it copies e_h (value/output dim
+    1), and the unembedding reads ``I`` from e_o as from e_h. Safe prompts with ``car`` are refused (over-refusal);
+    the orthogonalised false-refusal vector is ``w' = e_o``: ablating it leaves a toxic prompt's e_h, hence its
+    refusal, exactly as it was, while ablating w itself removes part of e_h. Directions saved with ``pseudo``
+    (``e_o``) and ``w``."""
+    build_planted_model(folder, strength=strength)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    dirs = load_planted_directions(folder)
+    gen = torch.Generator().manual_seed(11)
+    e_o = torch.randn(64, generator=gen)
+    for u in dirs.values():
+        e_o -= (e_o @ u) * u
+    e_o /= e_o.norm()
+    w = PSEUDO_COSINE * dirs["harm"] + (1 - PSEUDO_COSINE**2) ** 0.5 * e_o
+    car, i_tok = tok.convert_tokens_to_ids(PSEUDO_WORD), tok.convert_tokens_to_ids("I")
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.copy_(_project_out(emb, [e_o], dim=1))
+        emb[car] += strength * w
+        for layer in model.model.layers:  # no other write touches e_o
+            layer.self_attn.o_proj.weight.copy_(_project_out(layer.self_attn.o_proj.weight, [e_o], dim=0))
+            layer.mlp.down_proj.weight.copy_(_project_out(layer.mlp.down_proj.weight, [e_o], dim=0))
+        attn = model.model.layers[0].self_attn
+        attn.v_proj.weight[1] = e_o * 8.0
+        attn.o_proj.weight[:, 1] = e_o * 8.0
+        head = model.lm_head.weight
+        head.copy_(_project_out(head, [e_o], dim=1))
+        head[i_tok] = 12.0 * dirs["harm"] + 12.0 * e_o
+    model.save_pretrained(folder)
+    save_file({**dirs, "pseudo": e_o.contiguous(), "w": w.contiguous()}, str(folder / "planted_directions.safetensors"))
+    return folder
+
+
 def load_planted_directions(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "planted_directions.safetensors"))
 

@@ -109,6 +109,15 @@ class DirectionFiles(StageFiles):
         return self.dir / "over_refusal.json"
 
     @property
+    def false_refusal(self) -> Path:
+        return self.dir / "false_refusal.json"
+
+    @property
+    def false_refusal_vector(self) -> Path:
+        """The selected false-refusal vector w' (tensor ``direction``), beside the refusal direction."""
+        return self.dir / "false_refusal.safetensors"
+
+    @property
     def emergence(self) -> Path:
         return self.dir / "emergence.json"
 
@@ -117,11 +126,11 @@ class DirectionFiles(StageFiles):
         return self.dir / "responses"
 
     def audit(self, part: str) -> Path:
-        """The judged responses of one part (``evaluation``, ``categories``, ``over_refusal``)."""
+        """The judged responses of one part (``evaluation``, ``categories``, ``over_refusal``, ``false_refusal``)."""
         return self.responses / f"{part}.jsonl"
 
     #: the parts whose JSON a reader may ask for by name (:meth:`RunFolder.direction_part`)
-    PARTS = ("info", "candidates", "evaluation", "categories", "over_refusal", "emergence")
+    PARTS = ("info", "candidates", "evaluation", "categories", "over_refusal", "false_refusal", "emergence")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
     out["direction"] = {k: d_summary[k] for k in ("direction", "harmful_refused", "harmful", "harmless",
                                                    "random_ablated", "random_added", "permuted_ablated", "kl_harmless",
                                                    "ce_harmless", "emergence", "cross_ablation_verdicts",
-                                                   "independence", "over_refusal") if k in d_summary}
+                                                   "independence", "over_refusal", "false_refusal") if k in d_summary}
     notes = []
     n_ref = (d_summary["harmful_refused"]["clean"] or {}).get("n")
     if (why := _underpowered(n_ref, a.min_prompts)):

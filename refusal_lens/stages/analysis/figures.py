@@ -84,6 +84,10 @@ def report_figures(rates, quality, direction: dict, behaviour, faithfulness, agr
                           ("direction_cosines", D.cosine_heatmap(direction["categories"]))):
             if fig is not None:
                 out[name] = (fig, "Per-category directions: ablation across categories, and their cosines.")
+    if (fig := D.tradeoff_figure(direction.get("false_refusal"))) is not None:
+        out["false_refusal_tradeoff"] = (fig, "Over-refusal removed vs correct refusal kept on test prompts: the "
+                                              "false-refusal vector w'(lambda) (Wang et al. 2025), the refusal "
+                                              "direction ablated, ActAdd(-a r), and the earlier r_over ablation.")
     if behaviour:
         out["k_curve"] = (k_curve_figure(behaviour), "Refusal against K for each selection method; random sets at the "
                                                      "headline K; clean and direction-ablated levels.")

@@ -34,7 +34,8 @@ def read_inputs(run: RunFolder, cfg: Config) -> AnalysisInputs:
     acts = run.manifest("activations")
     rates = json.loads(run.paths.activations.rates_json.read_text())
     direction = {"direction" if name == "info" else name: run.direction_part(name)
-                 for name in ("info", "candidates", "evaluation", "categories", "over_refusal", "emergence")}
+                 for name in ("info", "candidates", "evaluation", "categories", "over_refusal", "false_refusal",
+                              "emergence")}
     behaviour = run.behaviour()
     fraction_ci = without_ci = None
     if behaviour and run.paths.circuits.responses.is_file():

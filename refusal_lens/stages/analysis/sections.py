@@ -196,13 +196,38 @@ def mechanisms_section(r: ReportInputs) -> list[Section]:
                 Table("Circuit similarity: every pair", ["table", "a", "b", "n_a", "n_b", "normalised", "normalised_ci",
                                                          "p_value", "q_value", "verdict", "reason"],
                       [{**s, "normalised_ci": _ci(s.get("normalised_ci"))} for s in sims]),
-                Table("Over-refusal direction (refused safe - refused toxic) on test prompts",
+                *false_refusal_tables(direction.get("false_refusal"), over)],
+        notes=[f"categories without a direction (fewer than 2 discovery prompts): {cats.get('without_direction')}"]
+        if cats.get("without_direction") else [])]
+
+
+def false_refusal_tables(false: dict | None, over: dict) -> list[Table]:
+    """Over-refusal removed while correct refusal stays: every method of the false-refusal experiment on the refused
+    safe and refused toxic test prompts, its controls; the earlier r_over experiment when that is all there is."""
+    if not false or "conditions" not in false:
+        return [Table("Over-refusal direction (refused safe - refused toxic) on test prompts",
                       ["condition", "safe refused", "safe 95% CI", "toxic refused", "toxic 95% CI"],
                       [{"condition": k, "safe refused": v["safe"]["refusal_rate"], "safe 95% CI": _ci(v["safe"]["ci"]),
                         "toxic refused": v["toxic"]["refusal_rate"], "toxic 95% CI": _ci(v["toxic"]["ci"])}
-                       for k, v in (over.get("conditions") or {}).items()])],
-        notes=[f"categories without a direction (fewer than 2 discovery prompts): {cats.get('without_direction')}"]
-        if cats.get("without_direction") else [])]
+                       for k, v in (over.get("conditions") or {}).items()])]
+    rows = []
+    for name, r in false["conditions"].items():
+        s, t = r.get("safe_refused") or {}, r.get("toxic_refused") or {}
+        rows.append({"method": name, "refused safe still refused": s.get("refusal_rate"), "safe 95% CI": _ci(s.get("ci")),
+                     "refused toxic still refused": t.get("refusal_rate"), "toxic 95% CI": _ci(t.get("ci")),
+                     "incoherent (safe)": s.get("incoherent_rate")})
+    ctrl = [{"control": k, "n": v["n"], "mean": v["mean"], "q05": v["q05"], "q95": v["q95"],
+             "p (headline below)": v["p_value"]} for k, v in false["controls"].items()]
+    chosen = [{"lambda": lam, **{k: ch[k] for k in ("layer", "position", "bypass", "kl", "cosine_with_r")}}
+              for lam, ch in false["chosen"].items()]
+    return [Table(f"False-refusal vector (Wang et al. 2025) and baselines on test prompts ({false['n_test']['safe_refused']} "
+                  f"refused safe, {false['n_test']['toxic_refused']} refused toxic; clean: 100% each by construction)",
+                  ["method", "refused safe still refused", "safe 95% CI", "refused toxic still refused", "toxic 95% CI",
+                   "incoherent (safe)"], rows),
+            Table(f"Controls of {false['headline']} on the refused safe test prompts (ablated, refusal rate)",
+                  ["control", "n", "mean", "q05", "q95", "p (headline below)"], ctrl),
+            Table("False-refusal vector: the site chosen on validation per lambda",
+                  ["lambda", "layer", "position", "bypass", "kl", "cosine_with_r"], chosen)]
 
 
 def data_section(r: ReportInputs) -> list[Section]:

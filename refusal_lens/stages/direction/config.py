@@ -52,6 +52,17 @@ class DirectionConfig:
     per_category: bool = True
     #: the over-refusal direction (refused safe - refused toxic) and its ablation / subtraction.
     over_refusal: bool = True
+    #: the false-refusal vector of Wang et al. 2025 (docs/direction.md): w = mean(refused safe) - mean(harmless),
+    #: orthogonalised to the refusal direction, selected on validation, tested against correct refusal.
+    false_refusal: bool = True
+    #: its orthogonalisation strengths: w' = w - lambda (w . r_hat) r_hat; the first is the headline (0 = none).
+    false_refusal_lambdas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.0)
+    #: its selection filter: KL(clean || ablated) on harmless validation prompts at most this (the reference's 0.2).
+    false_refusal_kl_max: float = 0.2
+    #: the baseline ActAdd(-a r) at these strengths a, on the trade-off figure.
+    false_refusal_actadd: tuple[float, ...] = (0.25, 0.5, 1.0)
+    #: random directions orthogonal to r, and label-permuted differences in means, ablated: its controls (each).
+    false_refusal_controls: int = 20
     #: emergence by intervention: the direction ablated from layer l on, for every ``emergence_stride``-th layer.
     emergence_stride: int = 1
     #: greedy tokens per response in the evaluations (null = inference.max_new_tokens).
@@ -73,6 +84,16 @@ class DirectionConfig:
                 raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
         if self.exact_per_layer < 0:
             raise ConfigError(f"direction.exact_per_layer={self.exact_per_layer}; allowed: an integer >= 0")
+        if self.false_refusal_controls < 0:
+            raise ConfigError(f"direction.false_refusal_controls={self.false_refusal_controls}; allowed: an integer >= 0")
+        if not self.false_refusal_lambdas or any(not 0 <= x <= 1 for x in self.false_refusal_lambdas):
+            raise ConfigError(f"direction.false_refusal_lambdas={list(self.false_refusal_lambdas)}; allowed: a "
+                              "non-empty list of numbers in [0, 1]")
+        if any(a <= 0 for a in self.false_refusal_actadd):
+            raise ConfigError(f"direction.false_refusal_actadd={list(self.false_refusal_actadd)}; allowed: positive "
+                              "numbers")
+        if self.false_refusal_kl_max <= 0:
+            raise ConfigError(f"direction.false_refusal_kl_max={self.false_refusal_kl_max}; allowed: a positive number")
         if self.permuted_directions < 0:
             raise ConfigError(f"direction.permuted_directions={self.permuted_directions}; allowed: an integer >= 0")
         if self.random_directions < 0:

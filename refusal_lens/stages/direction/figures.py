@@ -104,21 +104,50 @@ def emergence_figure(emergence: dict) -> go.Figure:
     return fig
 
 
-def figures(candidates: dict, evaluation: dict, categories: dict, emergence: dict) -> dict[str, go.Figure]:
+def tradeoff_figure(false: dict | None) -> go.Figure | None:
+    """Over-refusal removed (x: 1 - refusal of the refused safe test prompts) against correct refusal kept (y:
+    refusal of the refused toxic test prompts) for every method of the false-refusal experiment; the ideal is the
+    top-right corner. Error bars: the Wilson intervals."""
+    rows = (false or {}).get("conditions") or {}
+    points = [(name, r["safe_refused"], r["toxic_refused"]) for name, r in rows.items()
+              if "safe_refused" in r and "toxic_refused" in r]
+    if not points:
+        return None
+    fig = go.Figure()
+    for name, safe, toxic in points:
+        x, y = 1 - safe["refusal_rate"], toxic["refusal_rate"]
+        fig.add_trace(go.Scatter(
+            x=[x], y=[y], mode="markers+text", text=[name], textposition="top center", name=name,
+            error_x=dict(type="data", symmetric=False, array=[safe["ci"][1] - safe["refusal_rate"]],
+                         arrayminus=[safe["refusal_rate"] - safe["ci"][0]]),
+            error_y=dict(type="data", symmetric=False, array=[toxic["ci"][1] - y], arrayminus=[y - toxic["ci"][0]])))
+    fig.update_layout(title=f"Over-refusal removed vs correct refusal kept (test; {points[0][1]['n']} refused safe, "
+                            f"{points[0][2]['n']} refused toxic prompts)",
+                      xaxis=dict(title="over-refusal removed (1 - refused safe still refused)", range=[-0.05, 1.05]),
+                      yaxis=dict(title="correct refusal kept (refused toxic still refused)", range=[-0.05, 1.05]),
+                      showlegend=False, height=500)
+    return fig
+
+
+def figures(candidates: dict, evaluation: dict, categories: dict, emergence: dict,
+            false: dict | None = None) -> dict[str, go.Figure]:
     out = {"direction_candidates": candidate_heatmaps(candidates), "direction_evaluation": evaluation_bars(evaluation),
            "emergence": emergence_figure(emergence)}
+    if (fig := tradeoff_figure(false)) is not None:
+        out["false_refusal_tradeoff"] = fig
     for name, fig in (("cross_ablation", cross_ablation_heatmap(categories)), ("direction_cosines", cosine_heatmap(categories))):
         if fig is not None:
             out[name] = fig
     return out
 
 
-def write_figures(fig_dir: Path, candidates: dict, evaluation: dict, categories: dict, emergence: dict) -> list[Path]:
+def write_figures(fig_dir: Path, candidates: dict, evaluation: dict, categories: dict, emergence: dict,
+                  false: dict | None = None) -> list[Path]:
     """Every figure of the stage as ``<fig_dir>/<name>.html`` (plotly.js beside them)."""
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(exist_ok=True)
     paths = []
-    for name, fig in figures(candidates, evaluation, categories, emergence).items():
+    for name, fig in figures(candidates, evaluation, categories, emergence, false).items():
         path = fig_dir / f"{name}.html"
         durable.write_plotly_html(fig, path, include_plotlyjs="directory")
         paths.append(path)

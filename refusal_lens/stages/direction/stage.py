@@ -12,7 +12,8 @@ Reads the collect stage's prompts (split, judgement, refusal score); runs the mo
    (:mod:`refusal_lens.run.direction_file`);
 4. **evaluation** — the reference's table on test, with random controls, KL and CE (:mod:`.evaluate`);
 5. **categories** — per-category directions, their cosines, the cross-ablation matrix (:mod:`.categories`);
-6. **over-refusal** — the refused-safe vs refused-toxic direction, ablated and subtracted (:mod:`.over_refusal`);
+6. **over-refusal** — the refused-safe vs refused-toxic direction, ablated and subtracted (:mod:`.over_refusal`),
+   and the false-refusal vector of Wang et al. 2025 against correct refusal (:mod:`.false_refusal`);
 7. **emergence** — ablation from layer l on (:mod:`.emergence`); then the figures and ``summary.json``.
 
 Each part is written once and skipped on rerun (:func:`refusal_lens.run.parts.part`); ``--force`` redoes the
@@ -42,11 +43,13 @@ from refusal_lens.stages.direction.categories import per_category
 from refusal_lens.stages.direction.contrast import Contrast, DirectionError, contrast_sets
 from refusal_lens.stages.direction.emergence import emergence_curve
 from refusal_lens.stages.direction.evaluate import evaluate_direction, permuted_directions
+from refusal_lens.stages.direction.false_refusal import false_refusal_experiment
 from refusal_lens.stages.direction.over_refusal import over_refusal_experiment
 from refusal_lens.stages.direction.select import select_direction
 from refusal_lens.stages.direction.summary import direction_summary, format_summary
 
-PARTS = ("candidates", "selection", "evaluation", "categories", "over_refusal", "emergence", "figures")
+PARTS = ("candidates", "selection", "evaluation", "categories", "over_refusal", "false_refusal", "emergence",
+         "figures")
 
 __all__ = ["DirectionError", "DirectionStage", "DirectionSteps", "PARTS"]
 
@@ -106,9 +109,10 @@ class DirectionSteps:
         saved = self.selection(cands)  # 3. selection (validation)
         evaluation = self.evaluation(saved)  # 4. evaluation (test)
         categories = self.categories(saved)  # 5. per-category directions and cross-ablation
-        over = self.over_refusal(saved)  # 6. over-refusal
+        over = self.over_refusal(saved)  # 6. over-refusal, and the false-refusal vector
+        false = self.false_refusal(saved, cands)
         emergence = self.emergence(saved)  # 7. emergence (test)
-        return self.write(saved, evaluation, categories, over, emergence, time.perf_counter() - t0)
+        return self.write(saved, evaluation, categories, over, false, emergence, time.perf_counter() - t0)
 
     def candidates(self) -> Candidates:
         if self.files.candidate_tensors.is_file():
@@ -188,6 +192,24 @@ class DirectionSteps:
         self.status.progress(5)
         return out
 
+    def false_refusal(self, saved: SavedDirection, cands: Candidates) -> dict:
+        out: dict = {}
+        if self.c.false_refusal:
+            self.status.set(message="direction: the false-refusal vector (Wang et al. 2025)")
+
+            def make() -> dict:
+                doc = audited(self.files.audit("false_refusal"), lambda audit: false_refusal_experiment(
+                    self.cfg, self.fast, self.precise, self.data, self.contrast, cands, saved, self.n_layers,
+                    self.max_new, audit, self.show))
+                if (vector := doc.pop("vector", None)) is not None:
+                    durable.save_safetensors({"direction": vector.detach().float().contiguous()},
+                                             self.files.false_refusal_vector)
+                return doc
+
+            out = part(self.files.false_refusal, make)
+        self.status.progress(6)
+        return out
+
     def emergence(self, saved: SavedDirection) -> dict:
         c, data = self.c, self.data
         self.status.set(message="direction: emergence by intervention")
@@ -196,17 +218,17 @@ class DirectionSteps:
         out = part(self.files.emergence, lambda: emergence_curve(
             self.fast, saved.vector, self.n_layers, groups, data.tokens, c.emergence_stride, c.bootstrap, c.seed,
             self.show))
-        self.status.progress(6)
+        self.status.progress(7)
         return out
 
-    def write(self, saved: SavedDirection, evaluation: dict, categories: dict, over: dict, emergence: dict,
-              seconds: float) -> dict:
+    def write(self, saved: SavedDirection, evaluation: dict, categories: dict, over: dict, false: dict,
+              emergence: dict, seconds: float) -> dict:
         from refusal_lens.stages.direction.figures import write_figures
 
         candidates = json.loads(self.files.candidates.read_text())
-        write_figures(self.files.figures, candidates, evaluation, categories, emergence)
-        summary = direction_summary(saved.info, evaluation, categories, over, emergence)
+        write_figures(self.files.figures, candidates, evaluation, categories, emergence, false)
+        summary = direction_summary(saved.info, evaluation, categories, over, emergence, false)
         summary["seconds"] = seconds
         durable.write_json(self.files.summary, summary)
-        self.status.progress(7)
+        self.status.progress(8)
         return summary

@@ -20,7 +20,21 @@ def independence_summary(ind: dict | None) -> dict | None:
             "own": stats(diag)}
 
 
-def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict, emergence: dict) -> dict:
+def false_refusal_summary(false: dict | None) -> dict | None:
+    """The false-refusal experiment's test numbers: each method's refused-safe and refused-toxic rates, the
+    headline's KL and controls, and the selected sites."""
+    if not false or "conditions" not in false:
+        return {"note": false.get("note")} if false else None
+    keep = ("n", "refusal_rate", "ci", "incoherent_rate")
+    return {"headline": false["headline"], "n_test": false["n_test"],
+            "methods": {name: {side: {k: r[side][k] for k in keep} for side in r} for name, r in false["conditions"].items()},
+            "kl_harmless": false.get("kl_harmless"),
+            "controls": {k: {q: v[q] for q in ("n", "mean", "q05", "q95", "p_value")} for k, v in false["controls"].items()},
+            "chosen": false["chosen"]}
+
+
+def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict, emergence: dict,
+                      false: dict | None = None) -> dict:
     cond = evaluation["conditions"]
 
     def rate(key):
@@ -46,6 +60,7 @@ def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict
         "over_refusal": {k: {side: {m: v[side][m] for m in ("n", "refusal_rate", "ci")} for side in ("safe", "toxic")}
                          for k, v in (over.get("conditions") or {}).items()},
         "emergence": {g: v.get("emergence_layer") for g, v in emergence["groups"].items()},
+        "false_refusal": false_refusal_summary(false),
     }
 
 

@@ -297,3 +297,56 @@ def test_no_harmless_prompts_fails_before_writing(planted, tmp_path):
     with pytest.raises(DirectionError, match="harmless"):
         run_stage("direction", cfg, tmp_path, loaded)
     assert not (tmp_path / "direction").exists()
+
+
+def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_path):
+    """A planted refusal direction e_h and a planted false-refusal direction w = 0.6 e_h + 0.8 e_o (tests/planted.py):
+    the direction stage's false-refusal part, fitted on refused safe discovery prompts against harmless ones and
+    orthogonalised to the selected refusal direction (lambda = 1), recovers w' = e_o (cosine >= 0.9); ablating it
+    leaves the refused toxic test prompts refused and their refusal score within a fifth of what ablating w itself
+    removes (w takes 85% of it)."""
+    from planted import build_false_refusal_model
+
+    from refusal_lens.models.loading import load_model
+
+    folder = build_false_refusal_model(tmp_path / "model")
+    loaded = load_model(ModelConfig(name=str(folder)))
+    cfg = planted_config(folder, per_category=False, emergence_stride=2, random_prompts=4,
+                         false_refusal_controls=3, permuted_directions=2)
+    from refusal_lens.data.prompts import Prompt
+
+    extra = ["car car", "a car", "print car", "how car ?", "car world", "the car", "hello a car", "what car ?",
+             "make a car", "car code", "python car", "car is"]  # more safe prompts with the pseudo-harmful word
+    prompts = planted_prompts() + [Prompt(f"safe:car{i}", t, ("harmful", "illegal")[i % 2], "safe", "planted")
+                                   for i, t in enumerate(extra)]
+    collected = collect(loaded, prompts, cfg, tmp_path / "run" / "activations")
+    assert collected.rates  # collected
+    result = run_stage("direction", cfg, tmp_path / "run", loaded)
+    false = json.loads((result.folder / "false_refusal.json").read_text())
+    assert false["refused_safe_discovery"] >= 2, false
+    from safetensors.torch import load_file
+
+    w_prime = load_file(str(result.folder / "false_refusal.safetensors"))["direction"]
+    dirs = load_planted_directions(folder)
+    cos = float(torch.nn.functional.cosine_similarity(w_prime, dirs["pseudo"], dim=0))
+    assert abs(cos) >= 0.9, cos
+    rows = false["conditions"]
+    assert rows["w'(lambda=1)"]["toxic_refused"]["refusal_rate"] == 1.0  # refused when collected: still refused
+    # the refusal score (log-odds of "I") of the refused toxic test prompts: unchanged under w', lowered under w
+    from refusal_lens.core.direction_edits import ablation_edits
+    from refusal_lens.run.folder import RunFolder
+    from refusal_lens.stages.direction.select import scores_of
+
+    data = RunFolder(tmp_path / "run").collected()
+    toxic = data.encoded(loaded.tokenizer, 64, data.split_rows("test", "toxic", refused=True))
+    iv = Intervener(loaded, 4, model=loaded.hf_model)
+    clean = scores_of(iv, toxic, data.tokens)
+    under_w_prime = scores_of(iv, toxic, data.tokens, ablation_edits(w_prime, loaded.n_layers))
+    under_w = scores_of(iv, toxic, data.tokens, ablation_edits(dirs["w"], loaded.n_layers))
+    # measured: clean 91-125, under w' 106-107, under w 15: w' (estimated from 12 prompts, cosine >= 0.9 with e_o)
+    # moves the score by at most a fifth of what w removes, and no refused toxic prompt is answered under it
+    assert (clean - under_w > 50).all(), (clean, under_w)
+    assert np.abs(under_w_prime - clean).max() < 0.3 * (clean - under_w).min(), (clean, under_w_prime, under_w)
+    assert set(false["controls"]) == {"random_orthogonal", "permuted"}
+    summary = json.loads((result.folder / "summary.json").read_text())
+    assert summary["false_refusal"]["headline"] == "w'(lambda=1)"

@@ -1,0 +1,188 @@
+"""The false-refusal vector of Wang et al. 2025 (ICLR; mainlp/False-Refusal-Mitigation): remove over-refusal while
+correct refusal stays.
+
+* **Candidates** (discovery): ``w = mean(safe prompts the model refused) - mean(harmless prompts it answered)`` at
+  every post-instruction position x layer (block input), as the refusal direction's candidates are; each
+  orthogonalised against the refusal direction's candidate *at the same site*, ``w' = w - lambda (w . r_hat)
+  r_hat``, for every lambda of ``direction.false_refusal_lambdas`` (1.0, 0.8, 0.6 as the reference; 0 = no
+  orthogonalisation, the plain ablation of w).
+* **Selection** (validation, per lambda, the reference's rule): each candidate ablated from every residual write at
+  every position; the lowest mean refusal score of the refused safe validation prompts among candidates with KL
+  <= ``direction.false_refusal_kl_max`` (0.2) on harmless validation prompts and layer < 0.8 L. Keeping the
+  refusal of toxic prompts is not a filter: the orthogonalisation is what keeps it (the reference's design). The
+  screen of :mod:`.select` shortlists the candidates measured exactly.
+* **Test** (:func:`false_refusal_test`): for each lambda's w', and as baselines the refusal direction's ablation,
+  ActAdd(-a r) at ``direction.false_refusal_actadd`` strengths and the earlier ``r_over`` (refused safe - refused
+  toxic) ablation: greedy refusal of the refused safe test prompts (over-refusal; 100% clean by construction)
+  and of the refused toxic ones (correct refusal), coherence; for the headline w' (lambda = the first of the
+  list) also every safe / toxic / harmless test prompt and KL on harmless prompts, per category; controls:
+  random unit directions orthogonalised to r and the label-permutation null of the difference in means
+  (refused safe vs harmless discovery activations at the selected site, shuffled, orthogonalised), each ablated
+  on the refused safe test prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary
+from refusal_lens.core.chat import EncodedPrompt
+from refusal_lens.core.direction_edits import ablation_edits, addition_edits
+from refusal_lens.core.intervene import Intervener
+from refusal_lens.core.metrics import kl_divergence
+from refusal_lens.core.refusal import RefusalTokens
+from refusal_lens.stages.direction.candidates import Candidates
+from refusal_lens.stages.direction.select import Scored, choose, linear_screen, scores_of, shortlist
+
+
+def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
+    """Every site's ``w - lam (w . r_hat) r_hat`` with ``r_hat`` the refusal candidate of the same site."""
+    u = r.diff / r.diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    diff = w.diff - lam * (w.diff * u).sum(-1, keepdim=True) * u
+    return Candidates(diff, w.harmful_mean, w.harmless_mean, w.n_harmful, w.n_harmless)
+
+
+def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, safe: Sequence[EncodedPrompt],
+                         harmless: Sequence[EncodedPrompt], tokens: RefusalTokens, n_layers: int, *,
+                         lambdas: Sequence[float], kl_max: float, max_layer_fraction: float,
+                         exact_candidates: int | None, exact_per_layer: int, show_progress: bool = True) -> dict:
+    """Per lambda: the chosen site (lowest refused-safe validation score with KL <= kl_max) and its numbers."""
+    clean = intervener.last_logits(harmless).log_softmax(-1)
+    out = {}
+    for lam in lambdas:
+        cands = orthogonalised(w, r, lam)
+        est, _ = linear_screen(intervener, cands, safe, harmless, tokens, n_layers)
+        norms = cands.diff.norm(dim=-1)
+        tiny = 1e-6 * float(norms.max())
+        scored = [Scored(layer, j, cands.position(j), float(est[layer, j]), 0.0, norm=float(norms[layer, j]),
+                         degenerate=bool(norms[layer, j] <= tiny)) for layer, j in cands.flat()]
+        short = shortlist(scored, n_layers, max_layer_fraction, exact_candidates, exact_per_layer)
+        for s in tqdm(short, desc=f"false-refusal candidates (lambda {lam:g})", disable=not show_progress):
+            edits = ablation_edits(cands.vector(s.layer, s.j), n_layers)
+            s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
+            s.kl = float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
+            s.induce = 0.0  # not a criterion of the reference's selection
+        best, filters = choose(scored, n_layers, kl_max, float("-inf"), max_layer_fraction)
+        filters.pop("induce_min", None)
+        out[lam] = {"layer": best.layer, "j": best.j, "position": best.position, "bypass": best.bypass, "kl": best.kl,
+                    "norm": best.norm, "filters": filters, "vector": cands.vector(best.layer, best.j),
+                    "cosine_with_r": float(torch.nn.functional.cosine_similarity(
+                        w.vector(best.layer, best.j), r.vector(best.layer, best.j), dim=0)),
+                    "clean_safe_score": float(scores_of(intervener, safe, tokens).mean())}
+    return out
+
+
+def permuted_false_refusal(safe: torch.Tensor, harmless: torch.Tensor, r: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``[n, d]``: label-shuffled differences in means of the pooled site activations, orthogonalised to ``r``."""
+    from refusal_lens.stages.direction.evaluate import permuted_directions
+
+    u = (r / r.norm()).float()
+    p = permuted_directions(safe, harmless, n, seed)
+    return p - (p @ u)[:, None] * u
+
+
+def random_orthogonal(r: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``[n, d]`` random unit directions orthogonal to ``r``."""
+    gen = torch.Generator().manual_seed(seed)
+    u = (r / r.norm()).float()
+    v = torch.randn(n, len(u), generator=gen)
+    v = v - (v @ u)[:, None] * u
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def false_refusal_test(intervener: Intervener, conditions: dict[str, list], refused_safe, refused_toxic,
+                       headline: str, everything: dict[str, tuple], harmless, controls: dict[str, torch.Tensor],
+                       n_layers: int, max_new_tokens: int, audit: ResponseAudit, show_progress: bool = True) -> dict:
+    """Greedy refusal of the refused safe and refused toxic test prompts under each condition (``name -> edits``);
+    the headline's every-prompt rows and KL; the controls ablated on the refused safe prompts (their p-values)."""
+    (safe, safe_ids), (toxic, toxic_ids) = refused_safe, refused_toxic
+    plan = [Condition(f"false_refusal/{name}/{side}", ps, pid, edits, {"method": name})
+            for name, edits in conditions.items()
+            for side, ps, pid in (("safe_refused", safe, safe_ids), ("toxic_refused", toxic, toxic_ids)) if ps]
+    plan += [Condition(f"false_refusal/{headline}/all_{side}", ps, pid, conditions[headline], {"method": headline})
+             for side, (ps, pid) in everything.items() if ps]
+    plan += [Condition(f"false_refusal/control_{kind}/safe_refused", safe, safe_ids, ablation_edits(v, n_layers),
+                       {"control": k}) for kind, vs in controls.items() for k, v in enumerate(vs) if safe]
+    with tqdm(total=len(plan), desc="false refusal (generation)", disable=not show_progress) as bar:
+        summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
+    rows: dict[str, dict] = {}
+    ctrl: dict[str, list[float]] = {}
+    for c, s in zip(plan, summaries):
+        _, name, side = c.name.split("/")
+        if name.startswith("control_"):
+            ctrl.setdefault(name[len("control_"):], []).append(s["refusal_rate"])
+        else:
+            rows.setdefault(name, {})[side] = s
+    own = rows.get(headline, {}).get("safe_refused", {}).get("refusal_rate", float("nan"))
+    out = {"conditions": rows, "controls": {k: control_summary(own, v, "less") for k, v in ctrl.items()}}
+    if harmless:
+        clean = intervener.last_logits(harmless).log_softmax(-1)
+        kl = kl_divergence(clean, intervener.last_logits(harmless, conditions[headline]).log_softmax(-1)).numpy()
+        out["kl_harmless"] = {"mean": float(np.mean(kl)), "n": int(len(kl))}
+    return out
+
+
+def actadd_edits(r: torch.Tensor, layer: int, strength: float) -> list:
+    """ActAdd(-a r): ``strength * |r|`` subtracted along r_hat at the direction's layer (a = strength)."""
+    return addition_edits(r, layer, -strength)
+
+
+def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, contrast, r_cands: Candidates,
+                             saved, n_layers: int, max_new: int, audit: ResponseAudit, show_progress: bool) -> dict:
+    """The whole experiment (module docstring) on a run's collection; ``saved`` is the selected refusal direction.
+    Returns the record (the headline w' under ``"vector"``, for the caller to save)."""
+    from refusal_lens.stages.direction.candidates import difference_in_means, site_activations
+
+    c = cfg.direction
+    enc = lambda rows: data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens, rows)  # noqa: E731
+    safe_disc, safe_val = (data.split_rows(s, "safe", refused=True) for s in ("discovery", "validation"))
+    counts = {"refused_safe_discovery": len(safe_disc), "refused_safe_validation": len(safe_val)}
+    if len(safe_disc) < 2 or not safe_val:
+        return {**counts, "note": "too few refused safe discovery / validation prompts for a false-refusal vector"}
+    harmless_disc, harmless_val = contrast.harmless["discovery"], contrast.harmless["validation"]
+    w = difference_in_means(precise, enc(safe_disc), enc(harmless_disc), n_layers, r_cands.diff.shape[-1])
+    chosen = select_false_refusal(fast, w, r_cands, enc(safe_val), enc(harmless_val), data.tokens, n_layers,
+                                  lambdas=c.false_refusal_lambdas, kl_max=c.false_refusal_kl_max,
+                                  max_layer_fraction=c.max_layer_fraction, exact_candidates=c.exact_candidates,
+                                  exact_per_layer=c.exact_per_layer, show_progress=show_progress)
+    lam0 = c.false_refusal_lambdas[0]
+    head = chosen[lam0]
+    headline = f"w'(lambda={lam0:g})"
+    conditions = {f"w'(lambda={lam:g})": ablation_edits(ch["vector"], n_layers) for lam, ch in chosen.items()}
+    conditions["r ablated"] = ablation_edits(saved.vector, n_layers)
+    conditions.update({f"ActAdd(-{a:g}r)": actadd_edits(saved.vector, saved.layer, a) for a in c.false_refusal_actadd})
+    j = int(saved.info["post_instruction_index"])
+    tox_disc = data.split_rows("discovery", "toxic", refused=True)
+    if len(tox_disc) >= 2:  # the earlier experiment, as a baseline: r_over = refused safe - refused toxic
+        r_over = (site_activations(precise, enc(safe_disc), saved.layer, j).mean(0)
+                  - site_activations(precise, enc(tox_disc), saved.layer, j).mean(0)).float()
+        conditions["r_over ablated"] = ablation_edits(r_over, n_layers)
+    acts = [site_activations(precise, enc(rows), head["layer"], head["j"]) for rows in (safe_disc, harmless_disc)]
+    controls = {"random_orthogonal": random_orthogonal(saved.vector, c.false_refusal_controls, c.seed),
+                "permuted": permuted_false_refusal(*acts, r_cands.vector(head["layer"], head["j"]),
+                                                   c.false_refusal_controls, c.seed)}
+    safe_t, tox_t = (data.split_rows("test", lab, refused=True) for lab in ("safe", "toxic"))
+    every = {lab: data.split_rows("test", lab) for lab in ("safe", "toxic", "harmless")}
+    result = false_refusal_test(fast, conditions, (enc(safe_t), data.ids(safe_t)), (enc(tox_t), data.ids(tox_t)),
+                                headline, {lab: (enc(rows), data.ids(rows)) for lab, rows in every.items()},
+                                enc(every["harmless"]), controls, n_layers, max_new, audit, show_progress)
+    result["by_category"] = by_category(audit, f"false_refusal/{headline}/all_safe", data)
+    return {**counts, "headline": headline, "lambda": lam0, "vector": head["vector"],
+            "chosen": {f"{lam:g}": {k: v for k, v in ch.items() if k != "vector"} for lam, ch in chosen.items()},
+            "n_test": {"safe_refused": len(safe_t), "toxic_refused": len(tox_t)}, **result}
+
+
+def by_category(audit: ResponseAudit, condition: str, data) -> dict:
+    """Refusal rate per OR-Bench category of one condition's responses (from the audit)."""
+    from refusal_lens.core.behaviour import summarise
+
+    cat_of = {r["prompt_id"]: r["category"] for r in data.rows}
+    texts: dict[str, list[str]] = {}
+    for row in audit.rows:
+        if row["condition"] == condition:
+            texts.setdefault(cat_of[row["prompt_id"]], []).append(row["response"])
+    return {cat: summarise(t) for cat, t in sorted(texts.items())}
