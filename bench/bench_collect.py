@@ -3,10 +3,17 @@
 1. Collecting all ``resid_post`` layers (run_with_cache + position extraction + Arrow shard writes to
    disk) versus a bare HF forward pass (default sdpa attention) over the same batches.
    Target: <= 1.10x. Intermediate variants show where the time goes.
-2. Generation (the collect stage's ``generate_responses``) versus HF ``generate`` on a freshly loaded
-   model, same prompts and settings. Target: >= 0.9x throughput.
+2. Generation (the collect stage's responses pass: ``Intervener(loaded).generate``, as
+   :func:`refusal_lens.stages.collect.responses.judge_batch` calls it) versus HF ``generate`` on a freshly
+   loaded model, same prompts and settings. Target: >= 0.9x throughput.
 
-Usage: .venv/bin/python bench/bench_collect.py [--model NAME] [--prompts N] [--repeats R]
+The collect variants write through the stage's own :class:`~refusal_lens.stages.collect.shards.ShardWriter`
+into a scratch run folder's ``activations/`` (:class:`refusal_lens.run.folder.RunFolder`).
+
+``--smoke``: a tiny random 2-layer model (bench/smoke.py, no download) and its tiny prompts in a temporary
+folder, 8 prompts in batches of 4, 4 new tokens, 1 repeat (seconds).
+
+Usage: .venv/bin/python bench/bench_collect.py [--model NAME] [--prompts N] [--repeats R] [--smoke]
 Rounds of all variants are interleaved so machine noise hits each alike; medians are reported.
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +33,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from refusal_lens.core.chat import encode_prompt, left_pad, render  # noqa: E402
-from refusal_lens.stages.collect.stage import (  # noqa: E402
-    BatchOutput,
-    CollectStats,
-    ShardWriter,
-    forward_and_extract,
-    generate_responses,
-)
+from refusal_lens.core.intervene import Intervener  # noqa: E402
+from refusal_lens.stages.collect.extraction import BatchOutput, CollectStats, forward_and_extract  # noqa: E402
+from refusal_lens.stages.collect.shards import ShardWriter  # noqa: E402
 from refusal_lens.config import InferenceConfig, ModelConfig  # noqa: E402
 from refusal_lens.infra.storage_estimate import measure_hook_widths  # noqa: E402
 from refusal_lens.core.hooks import resolve_hooks  # noqa: E402
 from refusal_lens.models.loading import load_hf_model, load_model  # noqa: E402
 from refusal_lens.data.prompts import read_prompts  # noqa: E402
 from refusal_lens.core.refusal import family_refusal_tokens  # noqa: E402
+from refusal_lens.run.folder import RunFolder  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -46,8 +51,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -55,12 +60,27 @@ def main() -> None:
     ap.add_argument("--gen-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--only", choices=["collect", "generate"], help="run one of the two benchmarks")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="tiny random model and sizes (checks the bench)")
+    args = ap.parse_args(argv)
+    if not args.smoke:
+        bench(args, read_prompts(None))
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import smoke
 
+    print(smoke.smoke_note())
+    args.prompts, args.batch_size, args.repeats, args.gen_prompts, args.max_new_tokens = 8, 4, 1, 4, 4
+    with smoke.scratch("bench_collect") as folder:
+        args.model = str(smoke.tiny_model(folder / "model"))
+        bench(args, smoke.tiny_prompts(folder / "data"))
+    return 0
+
+
+def bench(args, all_prompts) -> None:
     loaded = load_model(ModelConfig(name=args.model, activation_layers=("residuals_all",)))
     hf_plain = load_hf_model(loaded.source, torch.float32, torch.device("cpu"))  # the baseline: HF defaults (sdpa)
     hf_eager = load_hf_model(loaded.source, torch.float32, torch.device("cpu"), "eager")
-    prompts = read_prompts(None)[: args.prompts]
+    prompts = all_prompts[: args.prompts]
     encoded = [encode_prompt(loaded.tokenizer, p.prompt, 256) for p in prompts]
     hooks = resolve_hooks(loaded.model, ["residuals_all"])
     widths = measure_hook_widths(loaded.model, hooks)
@@ -86,7 +106,8 @@ def main() -> None:
     def collect(positions: str):
         inf = InferenceConfig(positions=positions, storage_dtype="float16")
         with tempfile.TemporaryDirectory() as tmp:
-            writer = ShardWriter(Path(tmp), hooks, widths, "float16", 0, 1 << 40)
+            files = RunFolder(tmp).paths.activations  # a scratch run folder's activations/
+            writer = ShardWriter(files, hooks, widths, "float16", 0, 1 << 40)
             for b in batches:
                 ps, es = [prompts[j] for j in b], [encoded[j] for j in b]
                 scores, values, tids, meta, _ = forward_and_extract(loaded, ps, es, empty[: len(b)], hooks, inf, tokens)
@@ -99,7 +120,7 @@ def main() -> None:
         "HF forward, sdpa (baseline)": lambda: hf_forward(hf_plain),
         "HF forward, eager": lambda: hf_forward(hf_eager),
         "bridge forward": bridge_forward,
-        "collect last, 24 resid_post + disk": lambda: collect("last"),
+        f"collect last, {len(hooks)} resid_post + disk": lambda: collect("last"),
         "collect all positions + disk": lambda: collect("all"),
     }
     if args.only == "generate":
@@ -132,8 +153,10 @@ def _bench_generation(args, loaded, hf_plain, encoded, bs) -> None:
     gen = [encoded[i] for i in range(min(args.gen_prompts, len(encoded)))]
     gen_batches = [gen[i : i + bs] for i in range(0, len(gen), bs)]
 
+    intervener = Intervener(loaded, bs)  # the collect stage's responses pass (stages/collect/responses.py)
+
     def ours():
-        return sum(len(r) for b in gen_batches for r in generate_responses(loaded, b, args.max_new_tokens))
+        return sum(len(r) for b in gen_batches for r in intervener.generate(b, args.max_new_tokens))
 
     def hf_generate():
         n = 0
@@ -146,10 +169,10 @@ def _bench_generation(args, loaded, hf_plain, encoded, bs) -> None:
         return n
 
     ours()
-    g = {"HF generate (baseline)": [], "collect's generate_responses": []}
+    g = {"HF generate (baseline)": [], "collect's Intervener.generate": []}
     for _ in range(args.repeats):
         g["HF generate (baseline)"].append(timed(hf_generate))
-        g["collect's generate_responses"].append(timed(ours))
+        g["collect's Intervener.generate"].append(timed(ours))
     gbase = statistics.median(g["HF generate (baseline)"])
     print(f"\n## Generation ({len(gen)} prompts, max_new_tokens {args.max_new_tokens}, batches of {bs}, "
           f"median of {args.repeats})")
@@ -166,4 +189,4 @@ def _row(p) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,7 +9,9 @@ Qwen's d_model) as ``--files`` shard files of ``--mb`` MiB into a fresh folder:
 3. durable + record: as 2, plus the size and SHA-256 that collect records per shard file (the file is
    read back from the page cache).
 
-Usage: .venv/bin/python bench/bench_durable.py [--mb 32] [--files 4] [--repeats 3] [--dir DIR]
+``--smoke``: 2 files of 1 MiB, 2 repeats, in a temporary folder (under a second).
+
+Usage: .venv/bin/python bench/bench_durable.py [--mb 32] [--files 4] [--repeats 3] [--dir DIR] [--smoke]
 Rounds of all variants are interleaved so machine noise hits each alike; medians are reported.
 """
 
@@ -57,13 +59,17 @@ def with_record(path: Path, data: list[pa.RecordBatch], schema: pa.Schema) -> No
     durable.record(path)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=32, help="MiB per shard file")
     parser.add_argument("--files", type=int, default=4, help="shard files per round and variant")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder on this disk)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="2 files of 1 MiB, 2 repeats (checks the bench)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.mb, args.files, args.repeats = 1, 2, 2
+        print("smoke run (tiny sizes): checks that the bench runs; its timings mean nothing")
     data, schema = batches(args.mb)
     variants = {"os.replace, no fsync (baseline)": plain, "durable (fsync file + folder)": write_arrow_file,
                 "durable + size and sha256": with_record}
@@ -88,7 +94,8 @@ def main() -> None:
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"{name:<36}{t:>8.2f}{total_mb / t:>9.0f}{t / base:>12.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

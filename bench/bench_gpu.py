@@ -197,7 +197,9 @@ def part_collect(loaded, shape: Shape, report: Report, scratch: Path) -> None:
     from refusal_lens.activations.collector import CollectRequest, HFHookCollector, overlapped
     from refusal_lens.activations.store import hook_features, hook_record_batch, write_arrow_file
     from refusal_lens.core.chat import EncodedPrompt
-    from refusal_lens.stages.collect.stage import BatchOutput, CollectStats, ShardWriter, forward_and_extract
+    from refusal_lens.stages.collect.extraction import BatchOutput, CollectStats, forward_and_extract
+    from refusal_lens.stages.collect.shards import ShardWriter
+    from refusal_lens.run.folder import RunFolder
     from refusal_lens.config import InferenceConfig
     from refusal_lens.infra.memory_plan import ModelShape, forward_bytes
     from refusal_lens.data.prompts import Prompt
@@ -253,7 +255,8 @@ def part_collect(loaded, shape: Shape, report: Report, scratch: Path) -> None:
 
     def stage_path():
         """What `refusal-lens collect` does per batch, generation aside: a shard per batch (1 GB > shard_mb)."""
-        writer = ShardWriter(new_dir(), hooks, {h: d for h in hooks}, "float16", 0, inf.shard_mb << 20)
+        files = RunFolder(new_dir()).paths.activations  # a scratch run folder's activations/
+        writer = ShardWriter(files, hooks, {h: d for h in hooks}, "float16", 0, inf.shard_mb << 20)
         for i, encoded in enumerate(encoded_of):
             scores, values, tids, meta, _ = forward_and_extract(loaded, prompts, encoded, empty, hooks, inf, tokens)
             meta["refused"] = [False] * len(tids)
@@ -487,12 +490,15 @@ def part_pipeline(model_dir: Path, shape: Shape, device: torch.device, report: R
     out = report.folder / "pipeline"
     out.mkdir(exist_ok=True)
     (out / "log.txt").write_text(log[-200_000:])
-    run = results / "smoke"
-    for rel in ("status.json", "activations/refusal_rates.json", "saes/quality.json", "circuits/summary.json",
-                "analysis/summary.json"):
-        if (run / rel).is_file():
-            shutil.copy(run / rel, out / rel.replace("/", "__"))
-    stages = json.loads((run / "status.json").read_text())["stages"] if (run / "status.json").is_file() else []
+    from refusal_lens.run.folder import RunFolder
+
+    run = RunFolder(results / "smoke")  # output.run_name=smoke (pipeline_overrides)
+    paths = run.paths
+    for path in (run.status_file, paths.activations.rates_json, paths.saes.quality_json, paths.circuits.summary,
+                 paths.analysis.summary):
+        if path.is_file():
+            shutil.copy(path, out / "__".join(path.relative_to(run.root).parts))
+    stages = json.loads(run.status_file.read_text())["stages"] if run.status_file.is_file() else []
     for stage in stages:
         report.add("pipeline", f"stage {stage['name']}", (stage.get("elapsed_s") or 0) * 1e3, note=stage["state"])
     report.add("pipeline", "refusal-lens run (subprocess, 64 prompts)", wall * 1e3,
@@ -507,7 +513,8 @@ def part_pipeline(model_dir: Path, shape: Shape, device: torch.device, report: R
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="folder for bench_gpu.json and the pipeline's summaries")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
+                    help="tiny shapes (CPU check of the script); --smoke is the same flag as every bench's")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--scratch", type=Path, help="scratch folder (model, shards, pipeline results); default: a "
                                                   "temporary folder, removed at the end")

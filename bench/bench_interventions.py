@@ -6,7 +6,10 @@ time of 32 prompts for: float32 whole prompts (the baseline), float32 with the t
 and shared, bfloat16 whole, bfloat16 shared; with a directional-ablation edit (which changes the opening, so the
 shared opening is recomputed once per call) and with no edit. Ratios are against the baseline of the same run.
 
-Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3]
+``--smoke``: a tiny random 2-layer model (bench/smoke.py, no download) and its tiny prompts in a temporary
+folder, 8 prompts, 4 new tokens, 1 repeat (seconds).
+
+Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
@@ -32,16 +36,33 @@ from refusal_lens.models.loading import load_model  # noqa: E402
 from refusal_lens.data.prompts import read_prompts  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model and sizes (checks the bench)")
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        bench(args, read_prompts(None))
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import smoke
+
+    print(smoke.smoke_note())
+    args.prompts, args.new_tokens, args.repeats, args.batch_size = 8, 4, 1, 8
+    with smoke.scratch("bench_interventions") as folder:
+        args.model = str(smoke.tiny_model(folder / "model"))
+        bench(args, smoke.tiny_prompts(folder / "data"))
+    return 0
+
+
+def bench(args, all_prompts) -> None:
     torch.set_num_threads(2)
-    loaded = load_model(ModelConfig(name="qwen2.5-coder-0.5b-instruct", intervention_dtype="bfloat16"))
-    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 256) for p in read_prompts(None)[: args.prompts]]
+    loaded = load_model(ModelConfig(name=args.model, intervention_dtype="bfloat16"))
+    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 256) for p in all_prompts[: args.prompts]]
     edit = ablation_edits(torch.randn(loaded.d_model), loaded.n_layers)
     variants = {f"{dtype} {'shared' if share else 'whole'}": Intervener(
         loaded, args.batch_size, model=loaded.hf_model if dtype == "float32" else loaded.gen_model, share_opening=share)
@@ -58,7 +79,7 @@ def main() -> int:
                 fn(iv)
                 times[(t, v)].append(time.perf_counter() - t0)
     n_tok = sum(len(p.ids) for p in prompts)
-    print(f"{args.prompts} sample prompts ({n_tok} prompt tokens, opening {prompts[0].n_opening} tokens each), "
+    print(f"{len(prompts)} sample prompts ({n_tok} prompt tokens, opening {prompts[0].n_opening} tokens each), "
           f"{args.new_tokens} new tokens, batch {args.batch_size}, 2 threads, median of {args.repeats}")
     print(f"{'task':<22}{'variant':<18}{'s':>8}{'x baseline':>12}")
     for t in tasks:
@@ -66,7 +87,6 @@ def main() -> int:
         for v in variants:
             m = statistics.median(times[(t, v)])
             print(f"{t:<22}{v:<18}{m:>8.2f}{m / base:>12.2f}")
-    return 0
 
 
 if __name__ == "__main__":

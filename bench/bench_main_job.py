@@ -11,8 +11,14 @@ With ``--record NAME`` the run's analysis summary and this timing are copied int
 and the README's results section is rewritten from them (``refusal_lens.readme_results``): the README's
 numbers always come from such a run.
 
+Results are read through :class:`refusal_lens.run.folder.RunFolder` (status file, discover summary, report).
+
+``--smoke``: the same subprocess on a tiny main job (bench/smoke.py: a random 2-layer model, 24 + 12 tiny
+prompts, every stage cut down; seconds), in a temporary folder removed at the end; ``--record`` is refused
+there (a smoke run's numbers are not the main job's).
+
 Usage: .venv/bin/python bench/bench_main_job.py [--config configs/pipelines/default.yaml]
-       [--results results/bench-main-job] [--budget-min 15] [--record main_job]
+       [--results results/bench-main-job] [--budget-min 15] [--record main_job] [--smoke]
 """
 
 from __future__ import annotations
@@ -39,30 +45,49 @@ def head_commit() -> str:
     return commit + ("+changes" if dirty else "")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/pipelines/default.yaml"))
     parser.add_argument("--results", default=str(ROOT / "results/bench-main-job"),
                         help="results folder for this run (emptied first)")
     parser.add_argument("--budget-min", type=float, default=15.0)
     parser.add_argument("--record", metavar="NAME", help="save the results for the README as docs/results/NAME.json")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny main job in a temporary folder (seconds; checks the bench, measures nothing)")
+    args = parser.parse_args(argv)
+    if args.smoke and args.record:
+        parser.error("--record is refused with --smoke: the README's numbers come from the real main job only")
+    if args.record and head_commit().endswith("+changes"):
+        parser.error("--record is refused from a tree with uncommitted changes to tracked files: the README's "
+                     "numbers must name the commit they come from; commit first")
+    if not args.smoke:
+        return measure(args, Path(args.config), Path(args.results))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import smoke
 
-    results = Path(args.results)
+    with smoke.scratch("bench_main_job") as folder:
+        print(smoke.smoke_note())
+        return measure(args, smoke.tiny_config(folder), folder / "results")
+
+
+def measure(args, config: Path, results: Path) -> int:
+    from refusal_lens.run.folder import RunFolder
+
     shutil.rmtree(results, ignore_errors=True)
+    run = RunFolder(results / "main")  # output.run_name=main below
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "refusal_lens", "run", "--config", args.config,
-           "--set", f"output.result_dir={results}", "--set", "output.run_name=main"]
+    cmd = [sys.executable, "-m", "refusal_lens", "run", "--config", str(config),
+           "--set", f"output.result_dir={results}", "--set", f"output.run_name={run.name}"]
     started_at = head_commit()  # the code the stages run is the code at the start
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         return proc.returncode
-    status = json.loads((results / "main" / "status.json").read_text())
+    status = json.loads(run.status_file.read_text())
     budget = args.budget_min * 60
-    print(f"main job: {args.config}")
+    print(f"main job: {config}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; torch threads per config")
     print(f"{'stage':<12}{'seconds':>10}{'share of budget':>18}")
     for stage in status["stages"]:
@@ -70,18 +95,22 @@ def main() -> int:
     print(f"{'total':<12}{wall:>10.1f}{wall / budget:>18.2f}   (wall time of the command, model loading included)")
     print(f"budget {args.budget_min:.0f} min: {'within' if wall <= budget else 'OVER'} "
           f"({wall / 60:.1f} min = {wall / budget:.2f}x the budget)")
-    report = results / "main" / "analysis" / "report.html"
-    print(f"report: {report} ({'exists' if report.is_file() else 'missing'})")
+    discover = next((s for s in status["stages"] if s["name"] == "discover"), None)
+    attribution = run.circuits_summary().get("attribution_seconds") if run.complete("circuits") else None
+    if discover and attribution is not None and discover["elapsed_s"]:
+        print(f"discover: attribution (model forward/backward passes) {attribution:.1f} s = "
+              f"{attribution / discover['elapsed_s']:.2f} of the stage, {attribution / wall:.2f} of the total")
+    print(f"report: {run.report} ({'exists' if run.report.is_file() else 'missing'})")
     if args.record:
         from refusal_lens import readme_results
 
-        timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": str(Path(args.config).resolve().relative_to(ROOT)),
+        timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": os.path.relpath(config.resolve(), ROOT),
                   "commit": started_at,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}}
         if (ended_at := head_commit()) != started_at:
             timing["head_at_end"] = ended_at  # commits landed while it ran: said, not hidden
-        out = readme_results.save(results / "main" / "analysis" / "summary.json", args.record, timing)
+        out = readme_results.save(run.paths.analysis.summary, args.record, timing)
         readme_results.update()
         print(f"recorded {out}; README results rewritten")
     return 0

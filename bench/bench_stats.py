@@ -6,7 +6,9 @@ by one ``[permutations, prompts] @ [prompts, nodes]`` matrix product and the cos
 permutation part only). ``similarity_test`` does the whole test (permutations, ceilings, interval,
 verdict) from the prompts' Gram matrix. Rounds interleaved, medians.
 
-Usage: .venv/bin/python bench/bench_stats.py [--repeats 5] [--permutations 1000]
+``--smoke``: one tiny shape (10 prompts per group x 200 nodes), 50 permutations, 2 repeats (under a second).
+
+Usage: .venv/bin/python bench/bench_stats.py [--repeats 5] [--permutations 1000] [--smoke]
 """
 
 from __future__ import annotations
@@ -31,14 +33,24 @@ def node_space_null(ea: np.ndarray, eb: np.ndarray, n_perm: int, rng: np.random.
     return (mean_a * mean_b).sum(1) / np.linalg.norm(mean_a, axis=1) / np.linalg.norm(mean_b, axis=1)
 
 
-def main() -> int:
+SHAPES = [(50, 5000), (20, 15000), (200, 15000)]
+SMOKE_SHAPES = [(10, 200)]
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--permutations", type=int, default=1000)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape, few permutations (checks the bench)")
+    args = parser.parse_args(argv)
+    shapes = SHAPES
+    if args.smoke:
+        shapes, args.repeats, args.permutations = SMOKE_SHAPES, 2, 50
+        print("smoke run (tiny sizes): checks that the bench runs; its timings mean nothing")
+    print(f"{args.permutations} permutations, median of {args.repeats}, rounds interleaved")
     print("| prompts per group x nodes | similarity_test s | node-space permutations s | x baseline |")
     print("|---|---|---|---|")
-    for n, nodes in [(50, 5000), (20, 15000), (200, 15000)]:
+    for n, nodes in shapes:
         rng = np.random.default_rng(0)
         mean = np.zeros(nodes)
         mean[rng.choice(nodes, 50, replace=False)] = rng.normal(0, 1, 50)

@@ -151,7 +151,8 @@ def per_category(cfg, fast, precise, data, contrast, global_vec, layer, j, n_lay
                            [data.rows[i]["prompt_id"] for i in refused_test],
                            [data.rows[i]["category"] for i in refused_test], max_new, c.bootstrap, c.seed,
                            a.min_prompts, a.shared_margin, audit, show_progress)
-    independence = representational_independence(fast, {k: v.float() for k, v in vectors.items()}, n_layers, prompts)
+    independence = (representational_independence(fast, {k: v.float() for k, v in vectors.items()}, n_layers, prompts)
+                    if prompts else None)  # no refused toxic test prompt: nothing to measure
     return {"n_discovery": {cat: len(rows) for cat, rows in sorted(by_cat.items())},
             "without_direction": sorted(cat for cat, rows in by_cat.items() if len(rows) < 2),
             "cosines": cosines, "cosine_ci": cis, "cross_ablation": cross, "independence": independence}
