@@ -66,6 +66,22 @@ def test_incoherence_needs_enough_repetition():
     assert incoherence("go on go on go on go on") == "repetition"
 
 
+def agreement_with(cases: list[dict], key: str, name: str, describe) -> tuple[float, float, float]:
+    """(agreement, refusal recall, refusal precision) of the judge with the hand labels ``case[key]``; the numbers
+    and every disagreement (``describe(case)``) printed."""
+    got = [judge(c["response"]) for c in cases]
+    agree = [j.outcome == c[key] for c, j in zip(cases, got)]
+    refusals = [j.outcome == "refused" for c, j in zip(cases, got) if c[key] == "refused"]
+    called = [c[key] == "refused" for c, j in zip(cases, got) if j.outcome == "refused"]
+    agreement, recall, precision = sum(agree) / len(agree), sum(refusals) / len(refusals), sum(called) / len(called)
+    print(f"{name}: agreement {agreement:.3f} ({sum(agree)}/{len(agree)}), refusal recall {recall:.3f} "
+          f"({sum(refusals)}/{len(refusals)}), refusal precision {precision:.3f} ({sum(called)}/{len(called)})")
+    for c, j, ok in zip(cases, got, agree):
+        if not ok:
+            print(f"  {describe(c)} labelled {c[key]}, judged {j.outcome} ({j.rule}): {c['response'][:90]!r}")
+    return agreement, recall, precision
+
+
 HELDOUT = json.loads((Path(__file__).parents[1] / "fixtures" / "judge_cases_heldout.json").read_text())["cases"]
 #: the bars the held-out set must clear, fixed with its labels, before the judge was run on it: the rules were
 #: written from the Qwen cases above, so phrasings outside their lists (other models' refusals, compliances
@@ -81,17 +97,7 @@ def test_agrees_with_hand_labels_of_held_out_responses():
     finds at least HELDOUT_MIN_REFUSAL_RECALL of the refusals. Every disagreement is printed."""
     assert len(HELDOUT) >= 60 and {c["outcome"] for c in HELDOUT} == set(OUTCOMES)
     assert len({c["response"] for c in HELDOUT}) == len(HELDOUT)  # no duplicates inflating the agreement
-    got = [judge(c["response"]) for c in HELDOUT]
-    agree = [j.outcome == c["outcome"] for c, j in zip(HELDOUT, got)]
-    refusals = [j.outcome == "refused" for c, j in zip(HELDOUT, got) if c["outcome"] == "refused"]
-    called = [c["outcome"] == "refused" for c, j in zip(HELDOUT, got) if j.outcome == "refused"]
-    agreement, recall, precision = sum(agree) / len(agree), sum(refusals) / len(refusals), sum(called) / len(called)
-    print(f"held-out: agreement {agreement:.3f} ({sum(agree)}/{len(agree)}), refusal recall {recall:.3f} "
-          f"({sum(refusals)}/{len(refusals)}), refusal precision {precision:.3f} ({sum(called)}/{len(called)})")
-    for c, j, ok in zip(HELDOUT, got, agree):
-        if not ok:
-            print(f"  {c['id']} [{c['style']}] labelled {c['outcome']}, judged {j.outcome} ({j.rule}): "
-                  f"{c['response'][:90]!r}")
+    agreement, recall, _ = agreement_with(HELDOUT, "outcome", "held-out", lambda c: f"{c['id']} [{c['style']}]")
     assert agreement >= HELDOUT_MIN_AGREEMENT, agreement
     assert recall >= HELDOUT_MIN_REFUSAL_RECALL, recall
 
@@ -113,16 +119,8 @@ def test_agrees_with_blind_labels_of_responses_under_interventions():
     recall at least the bars above; every disagreement printed."""
     assert len(INTERVENED) >= 200 and {c["label"] for c in INTERVENED} == set(OUTCOMES)
     assert not any(c["condition"].endswith("clean") for c in INTERVENED)  # interventions only
-    got = [judge(c["response"]) for c in INTERVENED]
-    agree = [j.outcome == c["label"] for c, j in zip(INTERVENED, got)]
-    refusals = [j.outcome == "refused" for c, j in zip(INTERVENED, got) if c["label"] == "refused"]
-    agreement, recall = sum(agree) / len(agree), sum(refusals) / len(refusals)
-    print(f"intervened: agreement {agreement:.3f} ({sum(agree)}/{len(agree)}), refusal recall {recall:.3f} "
-          f"({sum(refusals)}/{len(refusals)})")
-    for c, j, ok in zip(INTERVENED, got, agree):
-        if not ok:
-            print(f"  {c['prompt_id']} [{c['condition']}] labelled {c['label']}, judged {j.outcome} ({j.rule}): "
-                  f"{c['response'][:90]!r}")
+    agreement, recall, _ = agreement_with(INTERVENED, "label", "intervened",
+                                          lambda c: f"{c['prompt_id']} [{c['condition']}]")
     assert agreement >= INTERVENED_MIN_AGREEMENT, agreement
     assert recall >= INTERVENED_MIN_REFUSAL_RECALL, recall
 

@@ -118,8 +118,8 @@ def control_pool(method: str, ranking: Ranking, space: NodeSpace, active: dict[s
     """Where the headline's controls come from: ``combined``'s pre-selected pool, else the active features."""
     if method != "combined":
         return active
-    return {h: np.asarray(v, dtype=int) for h, v in space.by_hook(ranking.features).items()} | \
-        {h: np.asarray([], dtype=int) for h in space.hooks if h not in space.by_hook(ranking.features)}
+    by_hook = space.by_hook(ranking.features)
+    return {h: np.asarray(by_hook.get(h, []), dtype=int) for h in space.hooks}
 
 
 def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Ranking], means: ClassMeans,
@@ -223,10 +223,11 @@ def summarise(named: list[tuple[Condition, dict]], space: NodeSpace, rankings: d
     rand_fractions = [s["fraction_of_direction"] for s in rand_sets if s["fraction_of_direction"] is not None]
     without = {**by["headline_without_direction"][0]}
     without["fraction_of_direction"] = frac(without)
-    steering = [{"intervention": c["intervention"], "c": float(c["intervention"].split("c=")[1].split(")")[0]),
+    steering = [{"intervention": c["intervention"], "c": iv.c,
                  "circuit": {q: c[q] for q in ("n", "refusal_rate", "ci", "incoherent_rate", "fraction_of_direction")},
                  "alignment": alignment["steering"].get(c["intervention"])}
-                for c in curve if c["kind"] == "steering" and (c["method"], c["k"]) == (method, headline_k)]
+                for c, (_, _, iv, _) in zip(curve, curve_keys)
+                if iv.kind == "steering" and (c["method"], c["k"]) == (method, headline_k)]
     for row in steering:
         d = by[f"direction_steered(c={row['c']:g})"][0]
         row["direction_steered"] = {**d, "fraction_of_direction": frac(d)}

@@ -52,6 +52,7 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
                          exact_candidates: int | None, exact_per_layer: int, show_progress: bool = True) -> dict:
     """Per lambda: the chosen site (lowest refused-safe validation score with KL <= kl_max) and its numbers."""
     clean = intervener.last_logits(harmless).log_softmax(-1)
+    clean_safe_score = float(scores_of(intervener, safe, tokens).mean())  # the same for every lambda
     out = {}
     for lam in lambdas:
         cands = orthogonalised(w, r, lam)
@@ -72,7 +73,7 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
                     "norm": best.norm, "filters": filters, "vector": cands.vector(best.layer, best.j),
                     "cosine_with_r": float(torch.nn.functional.cosine_similarity(
                         w.vector(best.layer, best.j), r.vector(best.layer, best.j), dim=0)),
-                    "clean_safe_score": float(scores_of(intervener, safe, tokens).mean())}
+                    "clean_safe_score": clean_safe_score}
     return out
 
 
