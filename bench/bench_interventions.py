@@ -6,6 +6,10 @@ time of 32 prompts for: float32 whole prompts (the baseline), float32 with the t
 and shared, bfloat16 whole, bfloat16 shared; with a directional-ablation edit (which changes the opening, so the
 shared opening is recomputed once per call) and with no edit. Ratios are against the baseline of the same run.
 
+A second table times greedy generation with the ablation edit (bfloat16, shared opening) at each batch size of
+``--gen-batches`` on the same prompts: on a CPU one decoding step reads every weight whatever the batch, so larger
+batches should cost little more per step. Ratios against the first batch size.
+
 ``--smoke``: a tiny random 2-layer model (bench/smoke.py, no download) and its tiny prompts in a temporary
 folder, 8 prompts, 4 new tokens, 1 repeat (seconds).
 
@@ -42,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--gen-batches", default="16,32,64", help="generation batch sizes to compare")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and sizes (checks the bench)")
     args = parser.parse_args(argv)
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
     import smoke
 
     print(smoke.smoke_note())
-    args.prompts, args.new_tokens, args.repeats, args.batch_size = 8, 4, 1, 8
+    args.prompts, args.new_tokens, args.repeats, args.batch_size, args.gen_batches = 8, 4, 1, 8, "4,8"
     with smoke.scratch("bench_interventions") as folder:
         args.model = str(smoke.tiny_model(folder / "model"))
         bench(args, smoke.tiny_prompts(folder / "data"))
@@ -87,6 +92,20 @@ def bench(args, all_prompts) -> None:
         for v in variants:
             m = statistics.median(times[(t, v)])
             print(f"{t:<22}{v:<18}{m:>8.2f}{m / base:>12.2f}")
+    sizes = [int(x) for x in args.gen_batches.split(",")]
+    gen = {b: [] for b in sizes}
+    for _ in range(args.repeats):
+        for b in sizes:
+            iv = Intervener(loaded, b)
+            t0 = time.perf_counter()
+            iv.generate(prompts, args.new_tokens, edit)
+            gen[b].append(time.perf_counter() - t0)
+    print(f"generation with the ablation edit, bfloat16 shared, {len(prompts)} prompts, {args.new_tokens} new tokens")
+    print(f"{'generation batch':<18}{'s':>8}{'x first':>10}")
+    first = statistics.median(gen[sizes[0]])
+    for b in sizes:
+        m = statistics.median(gen[b])
+        print(f"{b:<18}{m:>8.2f}{m / first:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -134,18 +134,30 @@ class Condition:
     extra: dict
 
 
-class Runs:
-    """Conditions generated in shared batches (:meth:`Intervener.generate_conditions`), ``per_call`` at a time;
-    every response goes to the audit, each condition gets its summary."""
+def chunks(conditions: Sequence[Condition], rows: int) -> list[Sequence[Condition]]:
+    """Consecutive runs of conditions holding at least ``rows`` prompts together (the last may hold fewer): each
+    fills a generation batch of that size."""
+    out, start, n = [], 0, 0
+    for i, c in enumerate(conditions):
+        n += len(c.prompts)
+        if n >= rows:
+            out.append(conditions[start : i + 1])
+            start, n = i + 1, 0
+    if start < len(conditions):
+        out.append(conditions[start:])
+    return out
 
-    def __init__(self, intervener: Intervener, max_new_tokens: int, audit: ResponseAudit, bar=None, per_call: int = 4):
-        self.intervener, self.max_new_tokens, self.audit, self.bar, self.per_call = (
-            intervener, max_new_tokens, audit, bar, per_call)
+
+class Runs:
+    """Conditions generated in shared batches (:meth:`Intervener.generate_conditions`), as many at a time as fill
+    one generation batch (:func:`chunks`); every response goes to the audit, each condition gets its summary."""
+
+    def __init__(self, intervener: Intervener, max_new_tokens: int, audit: ResponseAudit, bar=None):
+        self.intervener, self.max_new_tokens, self.audit, self.bar = intervener, max_new_tokens, audit, bar
 
     def __call__(self, conditions: Sequence[Condition]) -> list[dict]:
         out = []
-        for s in range(0, len(conditions), self.per_call):
-            chunk = conditions[s : s + self.per_call]
+        for chunk in chunks(conditions, self.intervener.generation_batch_size):
             responses = self.intervener.generate_conditions([(c.prompts, c.edits) for c in chunk], self.max_new_tokens)
             for c, ids in zip(chunk, responses):
                 texts = self.intervener.decode(ids)

@@ -153,12 +153,16 @@ class Intervener:
     runs every prompt whole; ``tests/core/test_intervene.py`` checks both give the same logits and tokens.
     """
 
-    def __init__(self, loaded, batch_size: int = 16, model=None, share_opening: bool = True):
+    def __init__(self, loaded, batch_size: int = 16, model=None, share_opening: bool = True,
+                 generation_batch_size: int | None = None):
         self.loaded = loaded
         self.model = loaded.gen_model if model is None else model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.batch_size = batch_size
+        #: prompts per greedy-generation batch (``batch_size`` when None): a CPU decoding step reads every weight
+        #: whatever the batch, so generation gains from larger batches than forward passes do (bench_interventions)
+        self.generation_batch_size = generation_batch_size or batch_size
         self.share_opening = share_opening
         self._clean_prefix: dict[tuple[int, ...], object] = {}
         ids = self.model.generation_config.eos_token_id
@@ -214,14 +218,16 @@ class Intervener:
     # ---------------------------------------------------------------- batches and the shared opening
 
     def batches(self, prompts: Sequence[EncodedPrompt], continuations: Sequence[Sequence[int]] | None = None,
-                order_by_length: bool = True, prefix: Sequence[int] = ()) -> list[Batch]:
-        """Batches of ``batch_size`` prompts (sorted by length to pad little; rows keep the caller's order)."""
+                order_by_length: bool = True, prefix: Sequence[int] = (), size: int | None = None) -> list[Batch]:
+        """Batches of ``size`` (default ``batch_size``) prompts (sorted by length to pad little; rows keep the
+        caller's order)."""
+        size = size or self.batch_size
         idx = list(range(len(prompts)))
         if order_by_length:
             idx.sort(key=lambda i: (len(prompts[i].ids) + (len(continuations[i]) if continuations else 0), i))
         out = []
-        for s in range(0, len(idx), self.batch_size):
-            rows = idx[s : s + self.batch_size]
+        for s in range(0, len(idx), size):
+            rows = idx[s : s + size]
             out.append(make_batch([prompts[i] for i in rows], rows, self.tokenizer.pad_token_id,
                                   [continuations[i] for i in rows] if continuations is not None else None,
                                   self.device, prefix))
@@ -337,7 +343,7 @@ class Intervener:
         """Greedy responses (token ids up to, not including, the first end-of-sequence token)."""
         prefix, cache = self._plan(prompts, edits)
         out: list[list[int] | None] = [None] * len(prompts)
-        for batch in self.batches(prompts, prefix=prefix):
+        for batch in self.batches(prompts, prefix=prefix, size=self.generation_batch_size):
             mine = self._edits_for(edits, batch.rows)
             inputs = self._inputs(batch, cache, mine)
             if prefix:  # generate takes the whole sequence and runs only what the cache does not hold

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from refusal_lens.core.behaviour import fraction_interval, fraction_of, paired_fraction_interval, refused_by_prompt
+from refusal_lens.core.behaviour import Condition, chunks, fraction_interval, fraction_of, paired_fraction_interval, refused_by_prompt
 from refusal_lens.report.numbers import fmt_share, share_note
 
 
@@ -82,3 +82,13 @@ def test_formatting():
     assert fmt_share(None) == "- (the reference removed nothing)"
     assert "more refusal than the direction" in share_note(4.67)
     assert share_note(0.9) == ""
+
+
+def test_chunks_fill_a_generation_batch_and_keep_every_condition_once_in_order():
+    def cond(name, n):
+        return Condition(name, [None] * n, [str(i) for i in range(n)], [], {})
+
+    cs = [cond("a", 6), cond("b", 6), cond("c", 15), cond("d", 40), cond("e", 80), cond("f", 1)]
+    got = chunks(cs, 64)
+    assert [[c.name for c in ch] for ch in got] == [["a", "b", "c", "d"], ["e"], ["f"]]
+    assert chunks([], 64) == [] and [len(ch) for ch in chunks(cs, 1)] == [1] * 6

@@ -89,6 +89,8 @@ def test_conditions_in_shared_batches_give_what_each_gives_alone(planted):
     together = iv.generate_conditions(conditions, 5)
     alone = [Intervener(loaded, 4, model=loaded.hf_model).generate(ps, 5, edits) for ps, edits in conditions]
     assert together == alone
+    wide = Intervener(loaded, 2, model=loaded.hf_model, generation_batch_size=64)  # one generation batch for all
+    assert wide.generate_conditions(conditions, 5) == alone
     assert len(together[1]) == 3 and together[1] != together[0][:3]  # the edits did something, on their rows only
 
 

@@ -102,13 +102,16 @@ class CircuitConfig:
     batch_size: int = 8
     #: prompts per intervention pass (generation and faithfulness, model.intervention_dtype).
     intervention_batch_size: int = 32
+    #: prompts per greedy-generation batch (conditions share it; see direction.generation_batch_size).
+    generation_batch_size: int = 64
     #: seed of every random choice of the stage (samples, random controls, bootstrap).
     seed: int = 0
     #: torch threads for the stage.
     num_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("ig_steps", "top_k", "bootstrap", "batch_size", "intervention_batch_size", "num_threads",
+        for name in ("ig_steps", "top_k", "bootstrap", "batch_size", "intervention_batch_size",
+                     "generation_batch_size", "num_threads",
                      "edge_prompts", "agreement_prompts", "agreement_nodes", "faithfulness_prompts", "headline_k",
                      "cosine_preselect"):
             if getattr(self, name) < 1:

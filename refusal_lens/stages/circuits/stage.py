@@ -145,7 +145,7 @@ class DiscoverSteps:
         self.done(2)
         # ---- 5. validation on test: agreement, faithfulness, behaviour
         self.files.validation.mkdir(exist_ok=True)
-        self.fast = Intervener(self.loaded, c.intervention_batch_size)
+        self.fast = Intervener(self.loaded, c.intervention_batch_size, generation_batch_size=c.generation_batch_size)
         agree = self.agreement(toxic)
         faithfulness = self.faithfulness(pooled, effects)
         behaviour_out = self.behaviour(toxic, ranks)

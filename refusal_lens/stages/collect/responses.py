@@ -66,7 +66,7 @@ def respond_all(log: ResponseLog, intervener: Intervener, mine: Sequence[int], p
                     len(mine))
     while todo:
         def respond(bs: int):
-            intervener.batch_size = bs
+            intervener.batch_size = intervener.generation_batch_size = bs
             return judge_batch(intervener, todo[:bs], prompts, encoded, max_new_tokens)
 
         batch, batch_size = with_oom_halving(batch_size, "generation")(respond)

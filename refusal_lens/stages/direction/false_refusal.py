@@ -36,7 +36,7 @@ from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.stages.direction.candidates import Candidates
-from refusal_lens.stages.direction.select import Scored, choose, linear_screen, scores_of, shortlist
+from refusal_lens.stages.direction.select import Scored, bypass_estimates, choose, scores_of, shortlist
 
 
 def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
@@ -53,10 +53,10 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
     """Per lambda: the chosen site (lowest refused-safe validation score with KL <= kl_max) and its numbers."""
     clean = intervener.last_logits(harmless).log_softmax(-1)
     clean_safe_score = float(scores_of(intervener, safe, tokens).mean())  # the same for every lambda
+    sets = [orthogonalised(w, r, lam) for lam in lambdas]
+    screens = bypass_estimates(intervener, sets, safe, tokens, n_layers)  # one backward pass for every lambda
     out = {}
-    for lam in lambdas:
-        cands = orthogonalised(w, r, lam)
-        est, _ = linear_screen(intervener, cands, safe, harmless, tokens, n_layers)
+    for lam, cands, est in zip(lambdas, sets, screens):
         norms = cands.diff.norm(dim=-1)
         tiny = 1e-6 * float(norms.max())
         scored = [Scored(layer, j, cands.position(j), float(est[layer, j]), 0.0, norm=float(norms[layer, j]),

@@ -93,12 +93,21 @@ def _leaves(names: Sequence[str], store: dict) -> list[Edit]:
 def linear_screen(intervener: Intervener, cands: Candidates, harmful: Sequence[EncodedPrompt],
                   harmless: Sequence[EncodedPrompt], tokens: RefusalTokens, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
     """First-order estimates of (bypass, induce) for every candidate: two ``[n_layers, n_post]`` arrays."""
-    n_post = cands.shape[1]
-    raw = cands.diff.reshape(-1, cands.diff.shape[-1]).float()  # [C, d], C = L x P, layer-major
-    units = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    layer_of = torch.arange(len(raw)) // n_post
+    (bypass,) = bypass_estimates(intervener, [cands], harmful, tokens, n_layers)
+    return bypass, induce_estimates(intervener, cands, harmless, tokens, n_layers)
+
+
+def bypass_estimates(intervener: Intervener, cand_sets: Sequence[Candidates], harmful: Sequence[EncodedPrompt],
+                     tokens: RefusalTokens, n_layers: int) -> list[np.ndarray]:
+    """First-order estimate of the mean refusal score of ``harmful`` with each candidate ablated, for every
+    candidate of every set (one ``[n_layers, n_post]`` array per set). The gradients are the clean model's, so one
+    backward pass per batch serves every set."""
+    sets = []
+    for cands in cand_sets:
+        raw = cands.diff.reshape(-1, cands.diff.shape[-1]).float()  # [C, d], C = L x P, layer-major
+        sets.append(raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     writes = ablation_hooks(n_layers)
-    bypass = torch.zeros(len(raw), dtype=torch.float64)
+    bypass = [torch.zeros(len(u), dtype=torch.float64) for u in sets]
     with frozen(intervener.model):
         for batch in intervener.batches(harmful):
             store: dict = {}
@@ -106,15 +115,26 @@ def linear_screen(intervener: Intervener, cands: Candidates, harmful: Sequence[E
                 score = refusal_score(intervener.last_logits_grad(batch, _leaves(writes, store)), tokens)
                 grads = torch.autograd.grad(score.sum(), [store[n][1] for n in writes])
             valid = batch.mask.bool()
-            bypass += float(score.detach().sum())
+            for b in bypass:
+                b += float(score.detach().sum())
             for name, g in zip(writes, grads):
                 x = store[name][0][valid].float()
                 gv = g[valid].float()
-                bypass -= ((gv @ units.T) * (x @ units.T)).sum(0).double()
-        induce = torch.zeros(len(raw), dtype=torch.float64)
-        pre = [hook_name("resid_pre", layer) for layer in range(n_layers)]
+                for b, units in zip(bypass, sets):
+                    b -= ((gv @ units.T) * (x @ units.T)).sum(0).double()
+    return [(b / len(harmful)).numpy().reshape(c.shape) for b, c in zip(bypass, cand_sets)]
+
+
+def induce_estimates(intervener: Intervener, cands: Candidates, harmless: Sequence[EncodedPrompt],
+                     tokens: RefusalTokens, n_layers: int) -> np.ndarray:
+    """First-order estimate of the mean refusal score of ``harmless`` with each candidate added at its layer."""
+    raw = cands.diff.reshape(-1, cands.diff.shape[-1]).float()
+    layer_of = torch.arange(len(raw)) // cands.shape[1]
+    induce = torch.zeros(len(raw), dtype=torch.float64)
+    pre = [hook_name("resid_pre", layer) for layer in range(n_layers)]
+    with frozen(intervener.model):
         for batch in intervener.batches(harmless):
-            store = {}
+            store: dict = {}
             with torch.enable_grad():
                 score = refusal_score(intervener.last_logits_grad(batch, _leaves(pre, store)), tokens)
                 grads = torch.autograd.grad(score.sum(), [store[n][1] for n in pre])
@@ -122,8 +142,7 @@ def linear_screen(intervener: Intervener, cands: Candidates, harmful: Sequence[E
             induce += float(score.detach().sum())
             g_sum = torch.stack([g[valid].float().sum(0) for g in grads])  # [L, d]
             induce += (g_sum[layer_of] * raw).sum(-1).double()
-    shape = cands.shape
-    return (bypass / len(harmful)).numpy().reshape(shape), (induce / len(harmless)).numpy().reshape(shape)
+    return (induce / len(harmless)).numpy().reshape(cands.shape)
 
 
 def exact_scores(intervener: Intervener, cands: Candidates, chosen: Sequence[Scored], harmful: Sequence[EncodedPrompt],

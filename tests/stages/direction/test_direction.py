@@ -16,7 +16,7 @@ from refusal_lens.config import Config, DataConfig, DirectionConfig, InferenceCo
 from refusal_lens.stages.direction.categories import transfer_interval, transfer_verdict
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.run.direction_file import load_direction
-from refusal_lens.stages.direction.select import Scored, choose, linear_screen, scores_of
+from refusal_lens.stages.direction.select import Scored, bypass_estimates, choose, linear_screen, scores_of
 from refusal_lens.stages.direction.candidates import Candidates
 from refusal_lens.stages.direction.contrast import DirectionError, contrast_sets
 from refusal_lens.core.intervene import Intervener
@@ -235,6 +235,13 @@ def test_screen_is_linear_for_small_vectors_and_zero_for_untouched_directions(pl
     exact_induce = scores_of(iv, harmless, tokens, addition_edits(diff[1, -1].float(), 1)).mean()
     assert induce[1, -1] - clean_s == pytest.approx(exact_induce - clean_s, rel=0.02)
     assert bypass[2, -1] == pytest.approx(clean_h, abs=1e-4)
+    # one backward pass for several candidate sets gives each set's own screen (the false-refusal lambdas)
+    other = Candidates(torch.randn_like(diff), diff, diff, 1, 1)
+    both = bypass_estimates(iv, [cands, other], harmful, tokens, loaded.n_layers)
+    alone = bypass_estimates(iv, [other], harmful, tokens, loaded.n_layers)[0]
+    np.testing.assert_allclose(both[0], bypass, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(both[1], alone, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(both[0], both[1])
 
 
 def test_choose_applies_filters_and_says_which_it_dropped():
