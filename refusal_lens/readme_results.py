@@ -97,6 +97,22 @@ def false_refusal_line(fr: dict) -> str:
             f"refused safe prompts: {ctrl}; its KL on harmless prompts {num(kl, '.3f')}.")
 
 
+def over_refusal_circuit_line(o: dict) -> str:
+    """Over-refusal's own features? Both rankings' points (safe / toxic still refused) per K and the verdict."""
+    names = {"safe_minus_toxic": "safe-minus-toxic features", "attribution": "the toxic circuit's features"}
+    parts = []
+    for m, curve in o["curves"].items():
+        pts = ", ".join(f"K={k}: safe {pct(r['safe_refused']['refusal_rate'])}, toxic "
+                        f"{pct(r['toxic_refused']['refusal_rate'])} (selectivity {num(r['selectivity']['estimate'])} "
+                        f"[{num(r['selectivity']['ci'][0])}, {num(r['selectivity']['ci'][1])}])" for k, r in curve.items())
+        parts.append(f"{names.get(m, m)}: {pts}")
+    n = o["n_test"]
+    return (f"  Over-refusal's own features? ({o['intervention']} ablated; {n['safe_refused']} refused safe, "
+            f"{n['toxic_refused']} refused toxic test prompts; selectivity = toxic still refused - safe still refused, "
+            f"Newcombe {o['level']:.1%} intervals): " + "; ".join(parts) + f". Verdict: **{o['verdict']}** (margin "
+            f"{o['margin']}).")
+
+
 def timing_lines(t: dict) -> list[str]:
     """``Measured <date> at commit <c> on <machine>: **N min** (stages)``, or nothing."""
     if not t:
@@ -177,6 +193,8 @@ def render_run(title: str, s: dict) -> list[str]:
                  + independence_of(d.get("independence")) + ".")
     if (fr := d.get("false_refusal")) and fr.get("methods"):
         lines.append(false_refusal_line(fr))
+        if s.get("over_refusal_circuit"):
+            lines.append(over_refusal_circuit_line(s["over_refusal_circuit"]))
     elif d.get("over_refusal"):
         o = d["over_refusal"]
         lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(

@@ -92,14 +92,14 @@ PSEUDO_WORD = "car"
 PSEUDO_COSINE = 0.6
 
 
-def build_false_refusal_model(folder: Path, *, strength: float = 6.0) -> Path:
+def build_false_refusal_model(folder: Path, *, strength: float = 6.0, cosine: float = PSEUDO_COSINE) -> Path:
     """The planted model plus a planted **false-refusal** direction: the embedding of ``car`` carries
     ``strength * w`` with ``w = 0.6 e_h + 0.8 e_o`` (partly aligned with the refusal direction e_h; ``e_o``
     orthogonal to every other planted direction), block 0's head 0 copies e_o as it copies e_h (value/output dim
     1), and the unembedding reads ``I`` from e_o as from e_h. Safe prompts with ``car`` are refused (over-refusal);
     the orthogonalised false-refusal vector is ``w' = e_o``: ablating it leaves a toxic prompt's e_h, hence its
     refusal, exactly as it was, while ablating w itself removes part of e_h. Directions saved with ``pseudo``
-    (``e_o``) and ``w``."""
+    (``e_o``) and ``w``. ``cosine`` = the cosine of w with e_h (0: safe prompts refused through e_o alone)."""
     build_planted_model(folder, strength=strength)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +111,7 @@ def build_false_refusal_model(folder: Path, *, strength: float = 6.0) -> Path:
     for u in dirs.values():
         e_o -= (e_o @ u) * u
     e_o /= e_o.norm()
-    w = PSEUDO_COSINE * dirs["harm"] + (1 - PSEUDO_COSINE**2) ** 0.5 * e_o
+    w = cosine * dirs["harm"] + (1 - cosine**2) ** 0.5 * e_o
     car, i_tok = tok.convert_tokens_to_ids(PSEUDO_WORD), tok.convert_tokens_to_ids("I")
     with torch.no_grad():
         emb = model.model.embed_tokens.weight

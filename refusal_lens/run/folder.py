@@ -170,6 +170,11 @@ class RunFolder:
         path = self.paths.circuits.behaviour
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def over_refusal_circuit(self) -> dict | None:
+        """Over-refusal's own features? (None when the stage did not measure it)."""
+        path = self.paths.circuits.over_refusal
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def faithfulness(self) -> dict | None:
         path = self.paths.circuits.faithfulness
         return json.loads(path.read_text()) if path.is_file() else None

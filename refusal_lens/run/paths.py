@@ -212,6 +212,16 @@ class CircuitFiles(StageFiles):
         return self.validation / "edges.json"
 
     @property
+    def over_refusal(self) -> Path:
+        """Over-refusal's own features? (stages/circuits/over_refusal.py)"""
+        return self.validation / "over_refusal.json"
+
+    @property
+    def over_refusal_responses(self) -> Path:
+        """Every generated response of :attr:`over_refusal`, judged (one JSON line each)."""
+        return self.validation / "over_refusal_responses.jsonl"
+
+    @property
     def responses(self) -> Path:
         """Every generated response of the behaviour checks, judged (one JSON line each)."""
         return self.validation / "responses.jsonl"

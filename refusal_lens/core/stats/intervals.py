@@ -1,4 +1,5 @@
-"""Intervals: the Wilson interval of a rate and the percentile bootstrap interval of a mean."""
+"""Intervals: the Wilson interval of a rate, Newcombe's interval of a difference of two independent rates, and the
+percentile bootstrap interval of a mean."""
 
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     center = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, (center - half) / denom), min(1.0, (center + half) / denom)
+
+
+def newcombe_difference(k1: int, n1: int, k2: int, n2: int, level: float = 0.95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (1998, method 10) of ``k1/n1 - k2/n2`` for two independent samples, from
+    the two Wilson intervals ``(l1, u1)``, ``(l2, u2)``: ``d - sqrt((p1 - l1)^2 + (u2 - p2)^2)`` to ``d +
+    sqrt((u1 - p1)^2 + (p2 - l2)^2)``. Either ``n = 0`` gives ``(nan, nan)``."""
+    if n1 == 0 or n2 == 0:
+        return float("nan"), float("nan")
+    (l1, u1), (l2, u2) = wilson_interval(k1, n1, level), wilson_interval(k2, n2, level)
+    p1, p2 = k1 / n1, k2 / n2
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
 def bootstrap_mean_ci(values: ArrayLike, n_boot: int = 1000, level: float = 0.95,

@@ -55,6 +55,12 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
     for key, v in (c_summary.get("faithfulness") or {}).items():
         if (why := _underpowered(v["n_prompts"], a.min_prompts)):
             notes.append(f"faithfulness of {key}: {why}")
+    if (over := inp.over_refusal_circuit):
+        out["over_refusal_circuit"] = over_refusal_evidence(over)
+        if over["verdict"] == "insufficient":
+            n = over["n_test"]
+            notes.append(f"over-refusal's own features: insufficient ({n['safe_refused']} refused safe and "
+                         f"{n['toxic_refused']} refused toxic test prompts; the floor is {a.min_prompts})")
     out["agreement"] = c_summary.get("agreement")
     out["agreement_prompts"] = c_summary.get("agreement_prompts")
     out["similarity"] = {"verdicts": verdict_counts(sims),
@@ -114,6 +120,15 @@ def _behaviour_evidence(behaviour: dict, fraction_ci: dict | None, without_ci: d
                                    for i in behaviour["induction"]["curve"]],
                       "random": {k: behaviour["induction"]["random"][k] for k in ("n", "mean", "p_value")}},
     }
+
+def over_refusal_evidence(over: dict) -> dict:
+    """The circuit's over-refusal answer: verdict, and per ranking and K both sides' rates and the selectivity."""
+    return {"verdict": over["verdict"], "intervention": over["intervention"], "n_test": over["n_test"],
+            "margin": over["margin"], "level": over["level"],
+            "curves": {m: {k: {"safe_refused": _rate_of(r["safe_refused"]), "toxic_refused": _rate_of(r["toxic_refused"]),
+                               "selectivity": r["selectivity"]}
+                           for k, r in curve.items() if "selectivity" in r} for m, curve in over["curves"].items()}}
+
 
 def _rate_of(s: dict) -> dict:
     return {k: s.get(k) for k in ("n", "refusal_rate", "ci", "incoherent_rate")}

@@ -64,7 +64,8 @@ def sae_quality(quality: Sequence[dict]) -> go.Figure:
     return fig
 
 
-def report_figures(rates, quality, direction: dict, behaviour, faithfulness, agreement, sims) -> dict[str, tuple]:
+def report_figures(rates, quality, direction: dict, behaviour, faithfulness, agreement, sims,
+                   over_refusal_circuit: dict | None = None) -> dict[str, tuple]:
     """name -> (figure, caption) for every figure the data allows."""
     out: dict[str, tuple[go.Figure, str]] = {
         "refusal_rates": (refusal_rates(rates), "Share of test prompts refused per category and label."),
@@ -84,10 +85,12 @@ def report_figures(rates, quality, direction: dict, behaviour, faithfulness, agr
                           ("direction_cosines", D.cosine_heatmap(direction["categories"]))):
             if fig is not None:
                 out[name] = (fig, "Per-category directions: ablation across categories, and their cosines.")
-    if (fig := D.tradeoff_figure(direction.get("false_refusal"))) is not None:
+    if (fig := D.tradeoff_figure(direction.get("false_refusal"), over_refusal_circuit)) is not None:
         out["false_refusal_tradeoff"] = (fig, "Over-refusal removed vs correct refusal kept on test prompts: the "
                                               "false-refusal vector w'(lambda) (Wang et al. 2025), the refusal "
-                                              "direction ablated, ActAdd(-a r), and the earlier r_over ablation.")
+                                              "direction ablated, ActAdd(-a r), the earlier r_over ablation, and "
+                                              "(dotted) the safe-minus-toxic and the toxic circuit's features "
+                                              "ablated at each K.")
     if behaviour:
         out["k_curve"] = (k_curve_figure(behaviour), "Refusal against K for each selection method; random sets at the "
                                                      "headline K; clean and direction-ablated levels.")

@@ -28,6 +28,8 @@ class AnalysisInputs:
     fraction_ci: dict | None  # the paired interval of the headline circuit's share of the direction's effect
     #: the same interval for the headline's edit with its component along the direction removed
     without_direction_ci: dict | None = None
+    #: over-refusal's own features? (the discover stage's validation/over_refusal.json)
+    over_refusal_circuit: dict | None = None
 
 
 def read_inputs(run: RunFolder, cfg: Config) -> AnalysisInputs:
@@ -48,4 +50,5 @@ def read_inputs(run: RunFolder, cfg: Config) -> AnalysisInputs:
                                                   "direction_ablated", draws=cfg.analysis.interval_draws,
                                                   seed=cfg.circuits.seed)
     return AnalysisInputs(acts, rates, run.sae_quality(), run.direction_summary(), direction, run.circuits_summary(),
-                          behaviour, run.faithfulness(), run.agreement(), run.circuits(), fraction_ci, without_ci)
+                          behaviour, run.faithfulness(), run.agreement(), run.circuits(), fraction_ci, without_ci,
+                          run.over_refusal_circuit())

@@ -196,7 +196,8 @@ def mechanisms_section(r: ReportInputs) -> list[Section]:
                 Table("Circuit similarity: every pair", ["table", "a", "b", "n_a", "n_b", "normalised", "normalised_ci",
                                                          "p_value", "q_value", "verdict", "reason"],
                       [{**s, "normalised_ci": _ci(s.get("normalised_ci"))} for s in sims]),
-                *false_refusal_tables(direction.get("false_refusal"), over)],
+                *false_refusal_tables(direction.get("false_refusal"), over),
+                *over_refusal_circuit_tables(r.inputs.over_refusal_circuit)],
         notes=[f"categories without a direction (fewer than 2 discovery prompts): {cats.get('without_direction')}"]
         if cats.get("without_direction") else [])]
 
@@ -228,6 +229,27 @@ def false_refusal_tables(false: dict | None, over: dict) -> list[Table]:
                   ["control", "n", "mean", "q05", "q95", "p (headline below)"], ctrl),
             Table("False-refusal vector: the site chosen on validation per lambda",
                   ["lambda", "layer", "position", "bypass", "kl", "cosine_with_r"], chosen)]
+
+
+def over_refusal_circuit_tables(over: dict | None) -> list[Table]:
+    """Does over-refusal have its own features? Both rankings ablated at every K, with the selectivity and the
+    verdict (stages/circuits/over_refusal.py)."""
+    if not over:
+        return []
+    rows = []
+    for method, curve in over["curves"].items():
+        for k, row in curve.items():
+            s, t, sel = row.get("safe_refused") or {}, row.get("toxic_refused") or {}, row.get("selectivity") or {}
+            rows.append({"features": method, "K": int(k), "refused safe still refused": s.get("refusal_rate"),
+                         "safe 95% CI": _ci(s.get("ci")), "refused toxic still refused": t.get("refusal_rate"),
+                         "toxic 95% CI": _ci(t.get("ci")), "selectivity": sel.get("estimate"),
+                         f"selectivity {sel.get('level', 0.95):.0%} CI": _ci(sel.get("ci"))})
+    n = over["n_test"]
+    return [Table(f"Over-refusal's own features? The safe-minus-toxic features and the toxic circuit's, "
+                  f"{over['intervention']} ablated at each K ({n['safe_refused']} refused safe, {n['toxic_refused']} "
+                  f"refused toxic test prompts; selectivity = toxic still refused - safe still refused, Newcombe "
+                  f"interval, Bonferroni over K). Verdict: {over['verdict']} (margin {over['margin']})",
+                  list(rows[0]) if rows else ["features", "K"], rows)]
 
 
 def data_section(r: ReportInputs) -> list[Section]:

@@ -78,7 +78,7 @@ class AnalyzeStage:
                         "analysis_settings": config_to_dict(a), "run": run.name, "model": cfg.model.name})
         comparison = compare_runs(run) if a.compare_runs else []
         figs = F.report_figures(inp.rates, inp.quality, inp.direction, inp.behaviour, inp.faithfulness,
-                                inp.agreement, sims)
+                                inp.agreement, sims, inp.over_refusal_circuit)
         report = write_report(  # ---- 5. the report
             files.dir, f"refusal_lens: {cfg.model.name}",
             sections(ReportInputs(cfg, summary, figs, inp, sims, top, comparison)), summary=headline_table(summary),

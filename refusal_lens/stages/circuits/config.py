@@ -71,6 +71,12 @@ class CircuitConfig:
     #: refused toxic test prompts of the behaviour checks (the first by prompt-id hash; null = all), and as many
     #: validation prompts for the choice of the headline.
     behaviour_prompts: int | None = None
+    #: over-refusal's own features? The safe-minus-toxic features (discovery effects) and the toxic circuit's, each
+    #: ablated at these K on the refused safe and refused toxic test prompts (stages/circuits/over_refusal.py); empty
+    #: = not measured.
+    over_refusal_k: tuple[int, ...] = (1, 5, 10, 20, 50)
+    #: selectivity (toxic still refused - safe still refused) below this at every K reads "no selective features".
+    over_refusal_margin: float = 0.2
     #: faithfulness / completeness of the pooled circuits at these sizes (nodes), on test prompts.
     faithfulness_sizes: tuple[int, ...] = (10, 100, 1000, 5000)
     #: test prompts per pooled group on which faithfulness is measured (the first by prompt-id hash).
@@ -128,6 +134,10 @@ class CircuitConfig:
         if not set(self.interventions) & {"zero", "mean"}:
             raise ConfigError(f"circuits.interventions={list(self.interventions)}: the headline circuit is an ablation; "
                               "allowed: a list with zero or mean (and scale, reported as steering)")
+        if any(k < 1 for k in self.over_refusal_k):
+            raise ConfigError(f"circuits.over_refusal_k={list(self.over_refusal_k)}; allowed: positive integers")
+        if not 0 < self.over_refusal_margin <= 1:
+            raise ConfigError(f"circuits.over_refusal_margin={self.over_refusal_margin}; allowed: a number in (0, 1]")
         if any(k < 1 for k in self.behaviour_k):
             raise ConfigError(f"circuits.behaviour_k={list(self.behaviour_k)}; allowed: positive integers")
         if self.headline_k not in self.behaviour_k:

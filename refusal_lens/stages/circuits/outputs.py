@@ -10,7 +10,7 @@ from refusal_lens.stages.circuits.inputs import Inputs
 
 
 def write_outputs(files: CircuitFiles, cfg: Config, inputs: Inputs, groups, skipped, circuits, ranks, agree,
-                  faithfulness, behaviour_out, edges, t_attr: float) -> dict:
+                  faithfulness, behaviour_out, over, edges, t_attr: float) -> dict:
     c = cfg.circuits
     space = inputs.space
     summary_groups = []
@@ -45,6 +45,7 @@ def write_outputs(files: CircuitFiles, cfg: Config, inputs: Inputs, groups, skip
                          for k, v in (faithfulness or {}).items()},
         "behaviour": {k: behaviour_out[k] for k in ("headline", "clean", "direction", "n_prompts", "n_harmless")}
         if behaviour_out else None,
+        "over_refusal": {k: over[k] for k in ("verdict", "intervention", "n_test", "n_features")} if over else None,
     }
     durable.write_json(files.summary, summary)
     from refusal_lens.stages.circuits.plots import write_figures
@@ -81,5 +82,9 @@ def format_summary(summary: dict) -> str:
             f"{f(h['fraction_of_direction'], '.0%')} of the direction's effect; random sets {f(h['random_mean'], '.0%')} "
             f"(p = {f(h['random_p_value'])}); coherent {f(h['coherent_rate'], '.0%')}; smallest K reaching 90%: "
             f"{h['smallest_k_reaching_90']}")
+    o = summary.get("over_refusal")
+    if o:
+        lines.append(f"over-refusal's own features ({o['intervention']}; {o['n_test']['safe_refused']} refused safe, "
+                     f"{o['n_test']['toxic_refused']} refused toxic test prompts): {o['verdict']}")
     return "\n".join(lines)
 

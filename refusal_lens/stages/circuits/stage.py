@@ -11,7 +11,8 @@ Table of contents (:meth:`DiscoverSteps.run`; each step a function of objects re
 4. :func:`~.select.rankings` — the promoting features of each selection method;
 5. validation on test: :func:`~.agreement.validate_agreement` (exact patching, by stratum),
    :func:`~.faithfulness.faithfulness_curve` (with random distributions), :func:`~.behaviour.behaviour` (the
-   K-curve against random sets and the direction, induction);
+   K-curve against random sets and the direction, induction), :func:`~.over_refusal.over_refusal_curve` (does
+   over-refusal have its own features?);
 6. :func:`~.edges.circuit_edges` — edges of the pooled circuits (discovery);
 7. :func:`~.outputs.write_outputs` — circuit files, ``summary.json``, figures.
 
@@ -23,6 +24,7 @@ Output folder (``circuits/``, schema in docs/circuits.md, paths in :class:`refus
     prompts.json                  the attributed prompts (split, label, category, refused, clean metric)
     <label>/<category>.json       one circuit per label and category, and <label>/all.json (pooled)
     validation/agreement.json, faithfulness.json, behaviour.json, edges.json, responses.jsonl
+    validation/over_refusal.json, over_refusal_responses.jsonl
     summary.json, figures/*.html
 
 Every part is written once and skipped on rerun; ``--force`` starts over. Under torchrun the work runs on rank 0
@@ -52,12 +54,13 @@ from refusal_lens.stages.circuits.effects import attribute
 from refusal_lens.stages.circuits.faithfulness import faithfulness_curve, ranked_nodes
 from refusal_lens.stages.circuits.inputs import CircuitError, Group, circuit_hooks, load_inputs, prompt_groups
 from refusal_lens.stages.circuits.outputs import format_summary, write_outputs
+from refusal_lens.stages.circuits.over_refusal import over_refusal_curve, safe_minus_toxic
 from refusal_lens.stages.circuits.select import rankings
 
 logger = logging.getLogger(__name__)
 
 PARTS = ("attribution (discovery)", "attribution (test)", "circuits", "agreement", "faithfulness", "behaviour",
-         "edges", "writing")
+         "over-refusal", "edges", "writing")
 
 __all__ = ["CircuitError", "DiscoverStage", "DiscoverSteps", "PARTS"]
 
@@ -149,17 +152,18 @@ class DiscoverSteps:
         agree = self.agreement(toxic)
         faithfulness = self.faithfulness(pooled, effects)
         behaviour_out = self.behaviour(toxic, ranks)
+        over = self.over_refusal(pooled, effects, ranks, behaviour_out)
         # ---- 6. edges of the pooled circuits
         edges = {}
         if c.edges:
             edges = part(self.files.edges, lambda: {g.key: circuit_edges(
                 self.runner, inputs, circuits[g.key], g.rows["discovery"], self.tok, self.cfg, self.show)
                 for g in pooled.values()})
-        self.done(6)
+        self.done(7)
         # ---- 7. outputs
         summary = write_outputs(self.files, self.cfg, inputs, groups, skipped, circuits, ranks, agree, faithfulness,
-                                behaviour_out, edges, t_attr)
-        self.done(7)
+                                behaviour_out, over, edges, t_attr)
+        self.done(8)
         return summary
 
     def write_space(self) -> None:
@@ -235,4 +239,28 @@ class DiscoverSteps:
             max_new_tokens=c.max_new_tokens or self.cfg.inference.max_new_tokens,
             seed=int(part_rng(c.seed, "behaviour").integers(2**31)), audit=audit, show_progress=self.show)))
         self.done(5)
+        return out
+
+    def over_refusal(self, pooled: dict[str, Group], effects: dict, ranks, behaviour_out: dict | None) -> dict | None:
+        """Over-refusal's own features? (:mod:`.over_refusal`): needs both pooled circuits' discovery prompts."""
+        c, data = self.c, self.data
+        safe, toxic = pooled.get("safe"), pooled.get("toxic")
+        out = None
+        if c.over_refusal_k and safe is not None and toxic is not None and "attribution" in ranks:
+            mean_effect = {g.label: effects["discovery"].of(g.rows["discovery"])[0].sum(1).mean(0) for g in (safe, toxic)}
+            rankings = {"safe_minus_toxic": safe_minus_toxic(mean_effect["safe"], mean_effect["toxic"]),
+                        "attribution": ranks["attribution"]}
+            mode, positions = (behaviour_out["headline"]["intervention"].split("/") if behaviour_out
+                               else ("zero", "all"))
+            rows = {lab: data.split_rows("test", lab, refused=True) for lab in ("safe", "toxic")}
+            if c.behaviour_prompts is not None:
+                rows = {lab: sorted(data.hash_order(r)[: c.behaviour_prompts]) for lab, r in rows.items()}
+            out = part(self.files.over_refusal, lambda: audited(self.files.over_refusal_responses, lambda audit:
+                       over_refusal_curve(self.fast, self.space, self.inputs.means, rankings, mode, positions,
+                                          c.over_refusal_k, *((self.enc(rows[lab]), data.ids(rows[lab]))
+                                                              for lab in ("safe", "toxic")),
+                                          c.max_new_tokens or self.cfg.inference.max_new_tokens, audit,
+                                          self.cfg.analysis.min_prompts, c.over_refusal_margin,
+                                          show_progress=self.show)))
+        self.done(6)
         return out

@@ -104,9 +104,10 @@ def emergence_figure(emergence: dict) -> go.Figure:
     return fig
 
 
-def tradeoff_figure(false: dict | None) -> go.Figure | None:
+def tradeoff_figure(false: dict | None, circuit: dict | None = None) -> go.Figure | None:
     """Over-refusal removed (x: 1 - refusal of the refused safe test prompts) against correct refusal kept (y:
-    refusal of the refused toxic test prompts) for every method of the false-refusal experiment; the ideal is the
+    refusal of the refused toxic test prompts) for every method of the false-refusal experiment, and (``circuit``,
+    the discover stage's over-refusal record) one line per feature ranking through its K's; the ideal is the
     top-right corner. Error bars: the Wilson intervals."""
     rows = (false or {}).get("conditions") or {}
     points = [(name, r["safe_refused"], r["toxic_refused"]) for name, r in rows.items()
@@ -121,6 +122,12 @@ def tradeoff_figure(false: dict | None) -> go.Figure | None:
             error_x=dict(type="data", symmetric=False, array=[safe["ci"][1] - safe["refusal_rate"]],
                          arrayminus=[safe["refusal_rate"] - safe["ci"][0]]),
             error_y=dict(type="data", symmetric=False, array=[toxic["ci"][1] - y], arrayminus=[y - toxic["ci"][0]])))
+    for method, curve in ((circuit or {}).get("curves") or {}).items():
+        pts = [(int(k), r) for k, r in curve.items() if "safe_refused" in r and "toxic_refused" in r]
+        fig.add_trace(go.Scatter(
+            x=[1 - r["safe_refused"]["refusal_rate"] for _, r in pts], y=[r["toxic_refused"]["refusal_rate"] for _, r in pts],
+            mode="lines+markers+text", text=[f"K={k}" for k, _ in pts], textposition="bottom right",
+            name=f"{method} features ({circuit['intervention']})", line=dict(dash="dot")))
     fig.update_layout(title=f"Over-refusal removed vs correct refusal kept (test; {points[0][1]['n']} refused safe, "
                             f"{points[0][2]['n']} refused toxic prompts)",
                       xaxis=dict(title="over-refusal removed (1 - refused safe still refused)", range=[-0.05, 1.05]),
