@@ -28,7 +28,8 @@ model: {{name: "{folder}", activation_layers: ["residuals_0", "residuals_1"], in
 inference: {{batch_size: 16, max_new_tokens: 4, activation_model: "model"}}
 data: {{path: "{bench}", split_discovery: 0.4, split_validation: 0.3, split_test: 0.3}}
 direction: {{harmless: "{harmless}", harmless_samples: null, exact_candidates: 2, exact_per_layer: 1,
-             random_directions: 2, bootstrap: 50, emergence_stride: 1, batch_size: 16, max_new_tokens: 4}}
+             random_directions: 2, bootstrap: 50, emergence_stride: 1, batch_size: 16, max_new_tokens: 4,
+             over_refusal: true}}
 sae: {{hooks: ["residuals_0", "residuals_1"], expansion_factor: 2, training_tokens: 4096, train_batch_size_tokens: 128,
        eval_prompts: 4, num_threads: 1, allow_fewer_rows_than_features: true, min_explained_variance: -10.0,
        min_ce_recovered: -100.0}}
@@ -103,6 +104,7 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     said = any("the direction is a mean difference of" in note for note in analysis["underpowered"])
     fewest = min(fitted[s][side] for s in ("discovery", "validation") for side in ("harmful", "harmless"))
     assert said == (fewest < 4), (fitted, analysis["underpowered"])
+    assert (run / "direction" / "over_refusal.json").is_file()  # the earlier experiment, switched on here
     report = (run / "analysis" / "report.html").read_text()
     assert "Evidence (test split)" in report and "One mechanism or many?" in report
     # an independent re-run of the headline ablation from the run's files (scripts/rerun_circuit.py) gives the

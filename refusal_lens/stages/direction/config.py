@@ -50,8 +50,10 @@ class DirectionConfig:
     random_prompts: int | None = None
     #: per-category directions, their cosines and the cross-ablation matrix.
     per_category: bool = True
-    #: the over-refusal direction (refused safe - refused toxic) and its ablation / subtraction.
-    over_refusal: bool = True
+    #: the earlier over-refusal experiment on its own: the direction refused safe - refused toxic ablated and
+    #: subtracted on every refused safe / toxic test prompt. Off by default: its ablation is a baseline of the
+    #: false-refusal experiment (``r_over ablated``, on its table and trade-off figure), which replaces it.
+    over_refusal: bool = False
     #: the false-refusal vector of Wang et al. 2025 (docs/direction.md): w = mean(refused safe) - mean(harmless),
     #: orthogonalised to the refusal direction, selected on validation, tested against correct refusal.
     false_refusal: bool = True
