@@ -232,7 +232,7 @@ def save(summary_path: Path, name: str, timing: dict | None = None, results: Pat
     """Copy a run's analysis summary (and its timing) into ``docs/results/<name>.json``."""
     s = json.loads(Path(summary_path).read_text())
     keep = {k: s[k] for k in ("data", "direction", "circuit_behaviour", "faithfulness", "agreement", "agreement_prompts",
-                              "similarity", "saes", "underpowered", "model", "run") if k in s}
+                              "similarity", "saes", "underpowered", "model", "run", "over_refusal_circuit") if k in s}
     if timing:
         keep["timing"] = timing
     results.mkdir(parents=True, exist_ok=True)
