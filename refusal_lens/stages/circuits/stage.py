@@ -144,7 +144,8 @@ class DiscoverSteps:
         circuits = build_circuits(inputs, groups, effects, self.cfg)
         toxic = pooled.get("toxic") or next(iter(pooled.values()))
         d_feats, _ = effects["discovery"].of(toxic.rows["discovery"])
-        ranks = rankings(self.space, d_feats.sum(1).mean(0), inputs.direction.vector, c.cosine_preselect, c.methods)
+        toxic_effect = d_feats.sum(1).mean(0)
+        ranks = rankings(self.space, toxic_effect, inputs.direction.vector, c.cosine_preselect, c.methods)
         self.done(2)
         # ---- 5. validation on test: agreement, faithfulness, behaviour
         self.files.validation.mkdir(exist_ok=True)
@@ -152,7 +153,7 @@ class DiscoverSteps:
         agree = self.agreement(toxic)
         faithfulness = self.faithfulness(pooled, effects)
         behaviour_out = self.behaviour(toxic, ranks)
-        over = self.over_refusal(pooled, effects, ranks, behaviour_out)
+        over = self.over_refusal(pooled, effects, toxic_effect, ranks, behaviour_out)
         # ---- 6. edges of the pooled circuits
         edges = {}
         if c.edges:
@@ -241,14 +242,16 @@ class DiscoverSteps:
         self.done(5)
         return out
 
-    def over_refusal(self, pooled: dict[str, Group], effects: dict, ranks, behaviour_out: dict | None) -> dict | None:
-        """Over-refusal's own features? (:mod:`.over_refusal`): needs both pooled circuits' discovery prompts."""
+    def over_refusal(self, pooled: dict[str, Group], effects: dict, toxic_effect, ranks,
+                     behaviour_out: dict | None) -> dict | None:
+        """Over-refusal's own features? (:mod:`.over_refusal`): needs both pooled circuits' discovery prompts;
+        ``toxic_effect`` is the pooled toxic circuit's mean discovery effect (the rankings' own)."""
         c, data = self.c, self.data
         safe, toxic = pooled.get("safe"), pooled.get("toxic")
         out = None
         if c.over_refusal_k and safe is not None and toxic is not None and "attribution" in ranks:
-            mean_effect = {g.label: effects["discovery"].of(g.rows["discovery"])[0].sum(1).mean(0) for g in (safe, toxic)}
-            rankings = {"safe_minus_toxic": safe_minus_toxic(mean_effect["safe"], mean_effect["toxic"]),
+            safe_effect = effects["discovery"].of(safe.rows["discovery"])[0].sum(1).mean(0)
+            rankings = {"safe_minus_toxic": safe_minus_toxic(safe_effect, toxic_effect),
                         "attribution": ranks["attribution"]}
             mode, positions = (behaviour_out["headline"]["intervention"].split("/") if behaviour_out
                                else ("zero", "all"))
