@@ -154,7 +154,7 @@ class Intervener:
     """
 
     def __init__(self, loaded, batch_size: int = 16, model=None, share_opening: bool = True,
-                 generation_batch_size: int | None = None):
+                 generation_batch_size: int | None = None, gradient_batch_size: int | None = None):
         self.loaded = loaded
         self.model = loaded.gen_model if model is None else model
         self.tokenizer = loaded.tokenizer
@@ -163,6 +163,9 @@ class Intervener:
         #: prompts per greedy-generation batch (``batch_size`` when None): a CPU decoding step reads every weight
         #: whatever the batch, so generation gains from larger batches than forward passes do (bench_interventions)
         self.generation_batch_size = generation_batch_size or batch_size
+        #: prompts per forward + backward pass (``batch_size`` when None): the autograd graph of a float32 model
+        #: holds every layer's activations, 5.4 GB at 64 prompts of the main job (the direction stage's peak)
+        self.gradient_batch_size = gradient_batch_size or batch_size
         self.share_opening = share_opening
         self._clean_prefix: dict[tuple[int, ...], object] = {}
         ids = self.model.generation_config.eos_token_id
@@ -321,20 +324,23 @@ class Intervener:
         for batch in self.batches(prompts, continuations, prefix=prefix):
             mine = self._edits_for(edits, batch.rows)
             inputs = self._inputs(batch, cache, mine)
+            # only the positions that predict a response token (the rows are left-padded, so the continuations
+            # end together): [batch, keep, d_vocab] instead of the whole width, the memory peak of evaluation
+            keep = max(len(continuations[row]) for row in batch.rows) + 1
             with self.edits(mine, batch):
-                logits = self.model(**inputs).logits.float()
-            logp = logits.log_softmax(-1)
+                logits = self.model(**inputs, logits_to_keep=keep).logits
             width = batch.ids.shape[1]
             for b, row in enumerate(batch.rows):
+                logp = logits[b].float().log_softmax(-1)  # one row at a time: [keep, d_vocab] float32
                 n_cont = len(continuations[row])
-                last = width - n_cont - 1  # position predicting the first response token
-                first[row] = logp[b, last].cpu()
+                last = keep - n_cont - 1  # kept position predicting the first response token
+                first[row] = logp[last].cpu()
                 if n_cont:
-                    targets = batch.ids[b, last + 1 :]
-                    nll[row] = float(-logp[b, last : width - 1].gather(-1, targets[:, None]).sum())
+                    targets = batch.ids[b, width - n_cont :]
+                    nll[row] = float(-logp[last : keep - 1].gather(-1, targets[:, None]).sum())
                 if reference is not None:
                     ref = reference[row].to(logp.device)
-                    kl[row] = float(kl_divergence(ref, logp[b, last]))
+                    kl[row] = float(kl_divergence(ref, logp[last]))
         return first, nll, kl  # type: ignore[return-value]
 
     @torch.no_grad()

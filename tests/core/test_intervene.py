@@ -133,3 +133,18 @@ def test_an_explicit_template_sets_the_position_classes_from_its_own_text(plante
     assert default.text != enc.text  # the tokenizer's own template is a different one
     with pytest.raises(ValueError, match="exactly one"):
         encode_prompt(tok, "x", 64, "<|im_start|>user\n<|im_end|>")
+
+
+def test_continuation_logprobs_match_one_unbatched_forward_per_prompt(planted):
+    """Continuations of different lengths in one left-padded batch (only the positions predicting a response
+    token are computed): the first-token log-probs and the summed NLL equal those of each prompt run alone."""
+    _, loaded, prompts = planted
+    conts = [[7, 8, 9, 10][: i % 4] for i in range(len(prompts))]  # lengths 0..3, mixed in every batch
+    first, nll, _ = Intervener(loaded, 4, model=loaded.hf_model).continuation_logprobs(prompts, conts)
+    for p, c, f, n in zip(prompts, conts, first, nll):
+        with torch.no_grad():
+            logp = loaded.hf_model(input_ids=torch.tensor([p.ids + c])).logits[0].float().log_softmax(-1)
+        last = len(p.ids) - 1
+        torch.testing.assert_close(f, logp[last], rtol=1e-4, atol=1e-4)
+        want = -sum(float(logp[last + j, t]) for j, t in enumerate(c))
+        assert n == pytest.approx(want, rel=1e-4, abs=1e-4)

@@ -76,6 +76,9 @@ class DirectionConfig:
     #: prompts per greedy-generation batch (conditions share it; bench/bench_interventions.py: 64 takes 0.46x the
     #: time of 16 on this CPU).
     generation_batch_size: int = 64
+    #: prompts per forward + backward pass of the selection screens (the autograd graph of the float32 model holds
+    #: every layer's activations: 64 prompts of the main job took 5.4 GB, the stage's memory peak).
+    gradient_batch_size: int = 16
     #: seed of every random choice of the stage.
     seed: int = 0
 
@@ -84,7 +87,8 @@ class DirectionConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"direction.{name}={value}; allowed: a positive integer or null")
-        for name in ("emergence_stride", "bootstrap", "batch_size", "generation_batch_size"):
+        for name in ("emergence_stride", "bootstrap", "batch_size", "generation_batch_size",
+                     "gradient_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
         if self.exact_per_layer < 0:

@@ -109,7 +109,7 @@ def bypass_estimates(intervener: Intervener, cand_sets: Sequence[Candidates], ha
     writes = ablation_hooks(n_layers)
     bypass = [torch.zeros(len(u), dtype=torch.float64) for u in sets]
     with frozen(intervener.model):
-        for batch in intervener.batches(harmful):
+        for batch in intervener.batches(harmful, size=intervener.gradient_batch_size):
             store: dict = {}
             with torch.enable_grad():
                 score = refusal_score(intervener.last_logits_grad(batch, _leaves(writes, store)), tokens)
@@ -133,7 +133,7 @@ def induce_estimates(intervener: Intervener, cands: Candidates, harmless: Sequen
     induce = torch.zeros(len(raw), dtype=torch.float64)
     pre = [hook_name("resid_pre", layer) for layer in range(n_layers)]
     with frozen(intervener.model):
-        for batch in intervener.batches(harmless):
+        for batch in intervener.batches(harmless, size=intervener.gradient_batch_size):
             store: dict = {}
             with torch.enable_grad():
                 score = refusal_score(intervener.last_logits_grad(batch, _leaves(pre, store)), tokens)

@@ -96,9 +96,11 @@ class DirectionSteps:
         loaded = ctx.loaded
         self.n_layers, self.d_model, self.tok = loaded.n_layers, loaded.d_model, loaded.tokenizer
         self.max_new = self.c.max_new_tokens or self.cfg.inference.max_new_tokens
-        self.precise = Intervener(loaded, self.c.batch_size, model=loaded.hf_model)  # means in torch_dtype
+        self.precise = Intervener(loaded, self.c.batch_size, model=loaded.hf_model,  # means in torch_dtype
+                                  gradient_batch_size=self.c.gradient_batch_size)
         # every intervention: model.intervention_dtype
-        self.fast = Intervener(loaded, self.c.batch_size, generation_batch_size=self.c.generation_batch_size)
+        self.fast = Intervener(loaded, self.c.batch_size, generation_batch_size=self.c.generation_batch_size,
+                               gradient_batch_size=self.c.gradient_batch_size)
 
     def enc(self, rows):
         return self.data.encoded(self.tok, self.cfg.inference.max_prompt_tokens, rows)
