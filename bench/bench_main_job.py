@@ -7,6 +7,13 @@ and prints every stage's time and share of the budget (15 min on the 2-core CPU 
 ratio of the budget. Also prints the share of the total that goes to model forward/backward work in the
 discover stage (from its summary) so the cost of each part is visible.
 
+Then **the profile**: every stage's parts (the spans between its status messages) with their seconds and the
+token positions they pushed through the model (``status.json``, counted by
+:class:`refusal_lens.infra.token_meter.TokenMeter`: forward, forward + backward, and decode steps), and each
+part's seconds divided by the time its passes take at *the floor*: the throughput this machine reaches on one
+large batched forward of each model the run uses, measured here after the run (a forward + backward counted as
+3 forwards, a decode step as one position). Parts far above the floor are the ones to optimise.
+
 With ``--record NAME`` the run's analysis summary and this timing are copied into ``docs/results/NAME.json``
 and the README's results section is rewritten from them (``refusal_lens.readme_results``): the README's
 numbers always come from such a run.
@@ -101,19 +108,84 @@ def measure(args, config: Path, results: Path) -> int:
         print(f"discover: attribution (model forward/backward passes) {attribution:.1f} s = "
               f"{attribution / discover['elapsed_s']:.2f} of the stage, {attribution / wall:.2f} of the total")
     print(f"report: {run.report} ({'exists' if run.report.is_file() else 'missing'})")
+    rows = profile_rows(status, floor_throughput(config, smoke=args.smoke))
+    print()
+    print(profile_table(rows))
     if args.record:
         from refusal_lens import readme_results
 
         timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": os.path.relpath(config.resolve(), ROOT),
                   "commit": started_at,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-                  "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}}
+                  "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}, "profile": rows}
         if (ended_at := head_commit()) != started_at:
             timing["head_at_end"] = ended_at  # commits landed while it ran: said, not hidden
         out = readme_results.save(run.paths.analysis.summary, args.record, timing)
         readme_results.update()
         print(f"recorded {out}; README results rewritten")
     return 0
+
+
+# ------------------------------------------------------------------------------------------- profile
+
+#: a forward + backward pass costs about three forwards (the backward computes two products per forward one)
+AUTOGRAD_FORWARDS = 3.0
+
+
+def floor_throughput(config: Path, smoke: bool = False) -> dict[str, float]:
+    """Positions per second of one large batched forward (16 prompts x 128 tokens; 4 x 16 in a smoke run), per
+    ``"<role> <dtype>"`` model of the run: the HF model, its intervention copy, the TransformerLens model."""
+    import torch
+
+    from refusal_lens.config import load_config
+    from refusal_lens.models.loading import load_model
+
+    cfg = load_config(config)
+    torch.set_num_threads(cfg.circuits.num_threads or torch.get_num_threads())
+    loaded = load_model(cfg.model)
+    b, t = (4, 16) if smoke else (16, 128)
+    ids = torch.randint(10, min(len(loaded.tokenizer), 5000), (b, t), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    dtype = lambda m: str(next(m.parameters()).dtype).removeprefix("torch.")  # noqa: E731
+    passes = {f"hf {dtype(loaded.hf_model)}": lambda: loaded.hf_model(input_ids=ids, attention_mask=mask),
+              f"hf {dtype(loaded.gen_model)}": lambda: loaded.gen_model(input_ids=ids, attention_mask=mask),
+              f"tl {dtype(loaded.model)}": lambda: loaded.model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[])}
+    out = {}
+    with torch.no_grad():
+        for label, run in passes.items():
+            run()  # warm-up: first-call allocations and kernel choices
+            t0 = time.perf_counter()
+            run()
+            out[label] = b * t / (time.perf_counter() - t0)
+    return out
+
+
+def profile_rows(status: dict, floor: dict[str, float]) -> list[dict]:
+    """Per stage and part: seconds, positions by kind, and the seconds its passes take at the floor's throughput."""
+    rows = []
+    for stage in status["stages"]:
+        for part in stage.get("parts", []):
+            positions = part.get("positions", {})
+            kinds = {"forward": 0, "autograd": 0, "decode": 0}
+            floor_s = 0.0
+            for key, n in positions.items():
+                label, kind = key.rsplit(" ", 1)
+                kinds[kind] += n
+                floor_s += n * (AUTOGRAD_FORWARDS if kind == "autograd" else 1.0) / floor[label]
+            name = part["part"].split(": ", 1)[-1] or ("whole stage" if len(stage["parts"]) == 1 else "set-up")
+            rows.append({"stage": stage["name"], "part": name, "seconds": part["seconds"], **kinds,
+                         "floor_s": floor_s, "x_floor": part["seconds"] / floor_s if floor_s else None})
+    return rows
+
+
+def profile_table(rows: list[dict]) -> str:
+    lines = ["| stage | part | seconds | forward positions | autograd positions | decode positions | floor s | x floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['x_floor']:.1f}" if r["x_floor"] is not None else "no model passes"
+        lines.append(f"| {r['stage']} | {r['part']} | {r['seconds']:.1f} | {r['forward']:,} | {r['autograd']:,} | "
+                     f"{r['decode']:,} | {r['floor_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert (status["state"], status["command"], status["error"], status["current_stage"]) == ("done", "run", None, None)
     assert [(s["name"], s["state"]) for s in status["stages"]] == [(s, "done") for s in STAGES]
     assert status["stages"][0]["progress"] == {"done": 80, "total": 80, "unit": "step"}
+    # the profile: each stage's parts cover its time, with the model's passes counted where it made them
+    parts = {s["name"]: s["parts"] for s in status["stages"]}
+    for s in status["stages"]:
+        assert sum(p["seconds"] for p in s["parts"]) == pytest.approx(s["elapsed_s"], abs=0.05), s["name"]
+    kinds = {name: {k.rsplit(" ", 1)[1] for p in ps for k in p["positions"]} for name, ps in parts.items()}
+    assert {"forward", "decode"} <= kinds["collect"] and kinds["analyze"] == set()
+    assert {"forward", "autograd", "decode"} <= kinds["direction"]  # the selection screens take gradients
+    assert "autograd" in kinds["discover"]  # attribution patching
+    assert "direction: evaluation on test (generation)" in [p["part"] for p in parts["direction"]]
     assert main(["status", str(tmp_path / "results")]) == 0
     # the split: every prompt in one split, the same in every stage's inputs
     split = json.loads((run / "activations" / "split.json").read_text())

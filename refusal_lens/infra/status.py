@@ -8,8 +8,14 @@ or per hook; writes are throttled to one per ``min_interval_s`` (a finished coun
 
     run, command, pid, host, started_at, updated_at, state (running/done/failed/interrupted),
     stages: [{name, state (pending/running/done/skipped/failed/interrupted), started_at, finished_at,
-              elapsed_s, progress: {done, total, unit}, eta_s, summary}],
+              elapsed_s, progress: {done, total, unit}, eta_s, summary,
+              parts: [{part, seconds, positions}]}],
     current_stage, message, rates, error
+
+A stage's **parts** are the spans between its messages (``set(message=...)``: the stage names what it is doing);
+each has its seconds and, with a :class:`refusal_lens.infra.token_meter.TokenMeter`, the token positions it
+pushed through the model by kind of pass (the profile ``bench/bench_main_job.py`` prints). The span before a
+stage's first message is the part ``""`` (the whole stage when it sets none).
 
 Writing the status is best effort: an unwritable file is logged once and never stops the job.
 """
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lens.infra import durable
+from refusal_lens.infra.token_meter import TokenMeter, difference
 from refusal_lens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -80,8 +87,11 @@ class StatusFile:
     """
 
     def __init__(self, path: Path | str | None, *, enabled: bool = True, min_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, meter: TokenMeter | None = None):
         self.path = Path(path) if path is not None and enabled else None
+        #: counts of the model's passes, snapshotted at every part (None: parts get seconds only)
+        self.meter = meter
+        self._part: dict[str, Any] | None = None  # the running part: its name, start and the meter's counts then
         self.min_interval_s = min_interval_s
         self._clock = clock
         self._data: dict[str, Any] = {}
@@ -123,8 +133,14 @@ class StatusFile:
             return
         if "stages" in fields:
             raise ValueError("stages are set through start_stage / progress / finish_stage")
+        now = self._clock()
+        message, name = fields.get("message"), self._data.get("current_stage")
+        if message and name is not None and self._part is not None and message != self._part["part"]:
+            stage = self._stage(name)
+            self._close_part(stage, now)
+            self._open_part(message, now)
         self._data.update(fields)
-        self._write(self._clock())
+        self._write(now)
 
     def finish(self, state: str = "done", error: str | None = None) -> None:
         """End the run; a stage still running ends as ``failed``/``interrupted`` (or ``done``)."""
@@ -150,6 +166,7 @@ class StatusFile:
         stage.update(_new_stage(name), state="running", started_at=iso_time(now), elapsed_s=0.0,
                      progress={"done": 0, "total": total, "unit": unit})
         self._stage_t0[name] = now
+        self._open_part("", now)
         self._initial.pop(name, None)
         self._data.update(current_stage=name, message="")
         self._write(now)
@@ -218,7 +235,21 @@ class StatusFile:
             return None
         return round((now - self._stage_t0.get(name, now)) / rate_done * (total - done), 3)
 
+    def _open_part(self, name: str, now: float) -> None:
+        self._part = {"part": name, "t0": now, "counts": self.meter.snapshot() if self.meter is not None else {}}
+
+    def _close_part(self, stage: dict[str, Any], now: float) -> None:
+        if self._part is None:
+            return
+        entry: dict[str, Any] = {"part": self._part["part"], "seconds": round(now - self._part["t0"], 3)}
+        if self.meter is not None:
+            entry["positions"] = difference(self.meter.snapshot(), self._part["counts"])
+        stage.setdefault("parts", []).append(entry)
+        self._part = None
+
     def _end_stage(self, stage: dict[str, Any], state: str, now: float) -> None:
+        if stage["name"] == self._data.get("current_stage"):
+            self._close_part(stage, now)
         t0 = self._stage_t0.get(stage["name"])
         stage.update(state=state, finished_at=iso_time(now),
                      elapsed_s=round(now - t0, 3) if t0 is not None else stage["elapsed_s"])

@@ -81,7 +81,10 @@ class StageContext:
 
     @property
     def loaded(self) -> LoadedModel:
-        return self.models.get()
+        loaded = self.models.get()
+        if self.status.meter is not None:
+            self.status.meter.watch_model(loaded)  # once per module: the profile's token counts
+        return loaded
 
 
 @dataclass

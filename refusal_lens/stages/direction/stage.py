@@ -228,6 +228,7 @@ class DirectionSteps:
               emergence: dict, seconds: float) -> dict:
         from refusal_lens.stages.direction.figures import write_figures
 
+        self.status.set(message="direction: writing figures and the summary")
         candidates = json.loads(self.files.candidates.read_text())
         write_figures(self.files.figures, candidates, evaluation, categories, emergence, false)
         summary = direction_summary(saved.info, evaluation, categories, over, emergence, false)

@@ -1,0 +1,86 @@
+"""The profile's counts: a TokenMeter on a tiny HF model counts what each kind of pass computes, and the status
+file's parts carry each part's seconds and counts."""
+
+import pytest
+import torch
+
+from planted import build_planted_model
+from refusal_lens.infra.status import StatusFile
+from refusal_lens.infra.token_meter import TokenMeter, difference
+
+from test_status import FakeClock
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = build_planted_model(tmp_path_factory.mktemp("meter") / "model")
+    return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def test_forward_autograd_and_decode_positions_are_counted_exactly(hf):
+    meter = TokenMeter()
+    meter.watch(hf, "hf")
+    meter.watch(hf, "hf")  # once per module: a second watch adds no second count
+    ids = torch.randint(5, 40, (3, 7))
+    with torch.no_grad():
+        hf(input_ids=ids)
+    assert meter.snapshot() == {"hf float32 forward": 21}
+    embeds = hf.get_input_embeddings()(ids[:2]).detach().requires_grad_(True)
+    hf(inputs_embeds=embeds).logits.sum().backward()
+    assert meter.snapshot()["hf float32 autograd"] == 14
+    before = meter.snapshot()
+    with torch.no_grad():
+        hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                    do_sample=False, pad_token_id=0)
+    # the prefill computes the first new token; each of the other 4 is one decode step per row
+    assert difference(meter.snapshot(), before) == {"hf float32 forward": 21, "hf float32 decode": 12}
+
+
+def test_status_parts_carry_seconds_and_the_counts_between_messages(tmp_path):
+    clock, meter = FakeClock(), TokenMeter()
+    status = StatusFile(tmp_path / "status.json", clock=clock, meter=meter)
+    status.begin("run", ["direction"])
+    status.start_stage("direction")
+    clock.t += 2
+    meter.counts["hf float32 forward"] += 10
+    status.set(message="direction: selection")
+    clock.t += 5
+    meter.counts["hf float32 autograd"] += 4
+    meter.counts["hf float32 forward"] += 1
+    status.set(message="direction: selection")  # the same message: the same part
+    clock.t += 1
+    status.set(message="direction: evaluation")
+    clock.t += 3
+    meter.counts["hf bfloat16 decode"] += 64
+    status.finish_stage("direction")
+    parts = status.data["stages"][0]["parts"]
+    assert parts == [
+        {"part": "", "seconds": 2.0, "positions": {"hf float32 forward": 10}},
+        {"part": "direction: selection", "seconds": 6.0,
+         "positions": {"hf float32 autograd": 4, "hf float32 forward": 1}},
+        {"part": "direction: evaluation", "seconds": 3.0, "positions": {"hf bfloat16 decode": 64}},
+    ]
+
+
+def test_transformer_lens_passes_are_counted_through_embed_and_unembed(tmp_path):
+    """run_with_hooks calls forward itself (the model's own hooks never fire): the embed counts, the unembed says
+    whether a graph was built."""
+    from refusal_lens.config import ModelConfig
+    from refusal_lens.models.loading import load_model
+
+    loaded = load_model(ModelConfig(name=str(build_planted_model(tmp_path / "model"))))
+    meter = TokenMeter()
+    meter.watch_model(loaded)
+    tl = loaded.model
+    ids = torch.randint(5, 40, (2, 6))
+    with torch.no_grad():
+        tl.run_with_hooks(ids, attention_mask=torch.ones_like(ids), fwd_hooks=[])
+    assert meter.snapshot() == {"tl float32 forward": 12}
+
+    def leaf(x, hook=None):  # noqa: ARG001
+        return x + torch.zeros_like(x, requires_grad=True)
+
+    tl.run_with_hooks(ids[:1], attention_mask=torch.ones_like(ids[:1]), fwd_hooks=[("blocks.0.hook_resid_post", leaf)])
+    assert meter.snapshot() == {"tl float32 forward": 12, "tl float32 autograd": 6}
