@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from refusal_lens.config import load_config
 from refusal_lens.errors import UserError
-from refusal_lens.infra.status import STATUS_FILE, format_status, read_status
+from refusal_lens.infra.status import STATUS_FILE
+from refusal_lens.infra.status_report import format_status, read_status
 
 logger = logging.getLogger("refusal_lens")
 

@@ -12,15 +12,8 @@ import pytest
 from refusal_lens import cli
 from refusal_lens.cli import main
 from refusal_lens.errors import UserError
-from refusal_lens.infra.status import (
-    StatusFile,
-    StatusReadError,
-    format_duration,
-    format_status,
-    parse_time,
-    rates_summary,
-    read_status,
-)
+from refusal_lens.infra.status import StatusFile, StatusReadError, parse_time, rates_summary
+from refusal_lens.infra.status_report import format_duration, format_status, read_status
 
 from test_pipeline import write_config
 
