@@ -97,6 +97,29 @@ def false_refusal_line(fr: dict) -> str:
             f"refused safe prompts: {ctrl}; its KL on harmless prompts {num(kl, '.3f')}.")
 
 
+def best_points_line(fr: dict, circuit: dict | None) -> str:
+    """The best point of each method of the trade-off: the one nearest the top-right corner (over-refusal removed
+    = 1 - refused safe still refused, correct refusal kept = refused toxic still refused), per method family (w' at
+    every lambda, ActAdd at every strength, ...) and per feature ranking of the circuit curve (over its K)."""
+    families: dict[str, list[tuple[str, float, float]]] = {}
+    for name, m in fr["methods"].items():
+        if m.get("safe_refused") and m.get("toxic_refused"):
+            families.setdefault(name.split("(")[0].strip(), []).append(
+                (name, m["safe_refused"]["refusal_rate"], m["toxic_refused"]["refusal_rate"]))
+    names = {"safe_minus_toxic": "safe-minus-toxic features", "attribution": "the toxic circuit's features"}
+    for method, curve in ((circuit or {}).get("curves") or {}).items():
+        families[names.get(method, method)] = [(f"K={k}", r["safe_refused"]["refusal_rate"],
+                                                r["toxic_refused"]["refusal_rate"]) for k, r in curve.items()
+                                               if r.get("safe_refused") and r.get("toxic_refused")]
+    best = []
+    for family, pts in families.items():
+        if pts:
+            name, safe, toxic = min(pts, key=lambda t: ((t[1]) ** 2 + (1 - t[2]) ** 2, t[0]))
+            best.append(f"{family}: {name} (removed {pct(1 - safe)}, kept {pct(toxic)})")
+    return ("  Best point of each method (nearest the top-right corner: over-refusal removed = 1 - refused safe still "
+            "refused, correct refusal kept = refused toxic still refused; test): " + "; ".join(best) + ".")
+
+
 def over_refusal_circuit_line(o: dict) -> str:
     """Over-refusal's own features? Both rankings' points (safe / toxic still refused) per K and the verdict."""
     names = {"safe_minus_toxic": "safe-minus-toxic features", "attribution": "the toxic circuit's features"}
@@ -195,6 +218,7 @@ def render_run(title: str, s: dict) -> list[str]:
         lines.append(false_refusal_line(fr))
         if s.get("over_refusal_circuit"):
             lines.append(over_refusal_circuit_line(s["over_refusal_circuit"]))
+        lines.append(best_points_line(fr, s.get("over_refusal_circuit")))
     elif d.get("over_refusal"):
         o = d["over_refusal"]
         lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(

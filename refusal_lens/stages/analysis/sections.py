@@ -221,6 +221,12 @@ def false_refusal_tables(false: dict | None, over: dict) -> list[Table]:
              "p (headline below)": v["p_value"]} for k, v in false["controls"].items()]
     chosen = [{"lambda": lam, **{k: ch[k] for k in ("layer", "position", "bypass", "kl", "cosine_with_r")}}
               for lam, ch in false["chosen"].items()]
+    if (kept := false.get("chosen_keeping_toxic")) and "layer" in kept:
+        chosen.append({"lambda": f"{false['lambda']:g}, toxic kept ({kept['toxic_kept']:.0%} of "
+                                 f"{kept['n_toxic_validation']} refused toxic validation prompts)",
+                       **{k: kept[k] for k in ("layer", "position", "bypass", "kl", "cosine_with_r")}})
+    elif kept:
+        chosen.append({"lambda": f"{false['lambda']:g}, toxic kept: {kept.get('note')}"})
     return [Table(f"False-refusal vector (Wang et al. 2025) and baselines on test prompts ({false['n_test']['safe_refused']} "
                   f"refused safe, {false['n_test']['toxic_refused']} refused toxic; clean: 100% each by construction)",
                   ["method", "refused safe still refused", "safe 95% CI", "refused toxic still refused", "toxic 95% CI",

@@ -61,6 +61,10 @@ class DirectionConfig:
     false_refusal_lambdas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.0)
     #: its selection filter: KL(clean || ablated) on harmless validation prompts at most this (the reference's 0.2).
     false_refusal_kl_max: float = 0.2
+    #: the obvious fix when w' costs correct refusal (not the reference's rule): w'(first lambda) also selected with
+    #: correct refusal kept on validation: the lowest refused-safe score among candidates whose ablation keeps the
+    #: refusal score > 0 on at least this fraction of the refused toxic validation prompts (null = off).
+    false_refusal_keep_toxic: float | None = 0.9
     #: the baseline ActAdd(-a r) at these strengths a, on the trade-off figure.
     false_refusal_actadd: tuple[float, ...] = (0.25, 0.5, 1.0)
     #: random directions orthogonal to r, and label-permuted differences in means, ablated: its controls (each).
@@ -101,6 +105,9 @@ class DirectionConfig:
         if any(a <= 0 for a in self.false_refusal_actadd):
             raise ConfigError(f"direction.false_refusal_actadd={list(self.false_refusal_actadd)}; allowed: positive "
                               "numbers")
+        if self.false_refusal_keep_toxic is not None and not 0 < self.false_refusal_keep_toxic <= 1:
+            raise ConfigError(f"direction.false_refusal_keep_toxic={self.false_refusal_keep_toxic}; allowed: a fraction "
+                              "in (0, 1], or null (off)")
         if self.false_refusal_kl_max <= 0:
             raise ConfigError(f"direction.false_refusal_kl_max={self.false_refusal_kl_max}; allowed: a positive number")
         if self.permuted_directions < 0:

@@ -11,6 +11,9 @@ correct refusal stays.
   <= ``direction.false_refusal_kl_max`` (0.2) on harmless validation prompts and layer < 0.8 L. Keeping the
   refusal of toxic prompts is not a filter: the orthogonalisation is what keeps it (the reference's design). The
   screen of :mod:`.select` shortlists the candidates measured exactly.
+* **Selection keeping correct refusal** (:func:`select_keeping_toxic`, ``direction.false_refusal_keep_toxic``; not
+  the reference's rule): for the headline lambda, the lowest refused-safe score among the candidates that keep the
+  refusal score > 0 on that fraction of the refused toxic validation prompts; tested as ``w'(lambda=1, toxic kept)``.
 * **Test** (:func:`false_refusal_test`): for each lambda's w', and as baselines the refusal direction's ablation,
   ActAdd(-a r) at ``direction.false_refusal_actadd`` strengths and the earlier ``r_over`` (refused safe - refused
   toxic) ablation: greedy refusal of the refused safe test prompts (over-refusal; 100% clean by construction)
@@ -49,13 +52,15 @@ def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
 def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, safe: Sequence[EncodedPrompt],
                          harmless: Sequence[EncodedPrompt], tokens: RefusalTokens, n_layers: int, *,
                          lambdas: Sequence[float], kl_max: float, max_layer_fraction: float,
-                         exact_candidates: int | None, exact_per_layer: int, show_progress: bool = True) -> dict:
-    """Per lambda: the chosen site (lowest refused-safe validation score with KL <= kl_max) and its numbers."""
+                         exact_candidates: int | None, exact_per_layer: int,
+                         show_progress: bool = True) -> tuple[dict, list[list[Scored]]]:
+    """Per lambda: the chosen site (lowest refused-safe validation score with KL <= kl_max) and its numbers; and each
+    lambda's scored candidates (those measured exactly have ``bypass``)."""
+    sets = [orthogonalised(w, r, lam) for lam in lambdas]
     clean = intervener.last_logits(harmless).log_softmax(-1)
     clean_safe_score = float(scores_of(intervener, safe, tokens).mean())  # the same for every lambda
-    sets = [orthogonalised(w, r, lam) for lam in lambdas]
     screens = bypass_estimates(intervener, sets, safe, tokens, n_layers)  # one backward pass for every lambda
-    out = {}
+    out, every = {}, []
     for lam, cands, est in zip(lambdas, sets, screens):
         norms = cands.diff.norm(dim=-1)
         tiny = 1e-6 * float(norms.max())
@@ -74,7 +79,61 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
                     "cosine_with_r": float(torch.nn.functional.cosine_similarity(
                         w.vector(best.layer, best.j), r.vector(best.layer, best.j), dim=0)),
                     "clean_safe_score": clean_safe_score}
-    return out
+        every.append(scored)
+    return out, every
+
+
+def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, lam: float, scored: list[Scored],
+                         safe: Sequence[EncodedPrompt], toxic: Sequence[EncodedPrompt], harmless: Sequence[EncodedPrompt],
+                         tokens: RefusalTokens, n_layers: int, *, keep_toxic: float, kl_max: float,
+                         max_layer_fraction: float, exact_candidates: int | None, exact_per_layer: int,
+                         show_progress: bool = True) -> dict:
+    """The obvious fix when the reference's w' costs correct refusal (not the reference's rule): among the candidates
+    of w'(lam), the lowest mean refusal score of the refused safe validation prompts whose ablation keeps the
+    refusal score > 0 on at least ``keep_toxic`` of the refused toxic validation prompts that score > 0 clean, with
+    KL <= kl_max on harmless validation prompts and layer < max_layer_fraction L.
+
+    The shortlist is the reference's (lowest estimated safe score) plus the candidates with the lowest estimated
+    safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on both sides.
+    ``scored``: the reference selection's candidates of w'(lam) (:func:`select_false_refusal`; those it measured are reused).
+    Returns the choice and its numbers, or ``{"note": ...}`` when no candidate passes (then the best kept
+    fraction)."""
+    cands = orthogonalised(w, r, lam)
+    clean_tox = scores_of(intervener, toxic, tokens)
+    base = clean_tox > 0
+    if not base.any():
+        return {"note": "no refused toxic validation prompt has a refusal score > 0 clean: nothing to keep"}
+    (est_tox,) = bypass_estimates(intervener, [cands], toxic, tokens, n_layers)
+    selective = [Scored(s.layer, s.j, s.position, s.bypass_estimate - float(est_tox[s.layer, s.j]), 0.0, norm=s.norm,
+                        degenerate=s.degenerate) for s in scored]
+    by_site = {(s.layer, s.j): s for s in scored}
+    short = {(s.layer, s.j) for s in shortlist(selective, n_layers, max_layer_fraction, exact_candidates,
+                                                 exact_per_layer)}
+    short |= {key for key, s in by_site.items() if s.bypass is not None}
+    clean = intervener.last_logits(harmless).log_softmax(-1)
+    rows = []
+    for layer, j in tqdm(sorted(short), desc=f"false-refusal candidates keeping toxic (lambda {lam:g})",
+                         disable=not show_progress):
+        s = by_site[(layer, j)]
+        edits = ablation_edits(cands.vector(layer, j), n_layers)
+        if s.bypass is None:
+            s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
+            s.kl = float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
+        kept = float((scores_of(intervener, toxic, tokens, edits)[base] > 0).mean())
+        rows.append((s, kept))
+    passing = [(s, kept) for s, kept in rows if s.kl <= kl_max and kept >= keep_toxic]
+    record = {"keep_toxic": keep_toxic, "kl_max": kl_max, "n_measured": len(rows), "n_passing": len(passing),
+              "n_toxic_validation": int(base.sum())}
+    if not passing:
+        best = max(rows, key=lambda t: t[1]) if rows else None
+        return {**record, "note": f"no measured candidate keeps >= {keep_toxic:.0%} of the refused toxic validation "
+                                  f"prompts with KL <= {kl_max}" + (f" (best kept {best[1]:.0%})" if best else "")}
+    s, kept = min(passing, key=lambda t: (t[0].bypass, t[0].layer, t[0].j))
+    vector = cands.vector(s.layer, s.j)
+    return {**record, "layer": s.layer, "j": s.j, "position": s.position, "bypass": s.bypass, "kl": s.kl,
+            "toxic_kept": kept, "norm": s.norm, "vector": vector,
+            "cosine_with_r": float(torch.nn.functional.cosine_similarity(w.vector(s.layer, s.j),
+                                                                         r.vector(s.layer, s.j), dim=0))}
 
 
 def permuted_false_refusal(safe: torch.Tensor, harmless: torch.Tensor, r: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -146,14 +205,25 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
         return {**counts, "note": "too few refused safe discovery / validation prompts for a false-refusal vector"}
     harmless_disc, harmless_val = contrast.harmless["discovery"], contrast.harmless["validation"]
     w = difference_in_means(precise, enc(safe_disc), enc(harmless_disc), n_layers, r_cands.diff.shape[-1])
-    chosen = select_false_refusal(fast, w, r_cands, enc(safe_val), enc(harmless_val), data.tokens, n_layers,
-                                  lambdas=c.false_refusal_lambdas, kl_max=c.false_refusal_kl_max,
-                                  max_layer_fraction=c.max_layer_fraction, exact_candidates=c.exact_candidates,
-                                  exact_per_layer=c.exact_per_layer, show_progress=show_progress)
+    lambdas = c.false_refusal_lambdas
+    chosen, scored = select_false_refusal(
+        fast, w, r_cands, enc(safe_val), enc(harmless_val), data.tokens, n_layers, lambdas=lambdas,
+        kl_max=c.false_refusal_kl_max, max_layer_fraction=c.max_layer_fraction, exact_candidates=c.exact_candidates,
+        exact_per_layer=c.exact_per_layer, show_progress=show_progress)
     lam0 = c.false_refusal_lambdas[0]
     head = chosen[lam0]
     headline = f"w'(lambda={lam0:g})"
     conditions = {f"w'(lambda={lam:g})": ablation_edits(ch["vector"], n_layers) for lam, ch in chosen.items()}
+    tox_val = data.split_rows("validation", "toxic", refused=True)
+    kept_choice = None
+    if c.false_refusal_keep_toxic is not None and tox_val:
+        kept_choice = select_keeping_toxic(
+            fast, w, r_cands, lam0, scored[0], enc(safe_val), enc(tox_val), enc(harmless_val), data.tokens, n_layers,
+            keep_toxic=c.false_refusal_keep_toxic, kl_max=c.false_refusal_kl_max,
+            max_layer_fraction=c.max_layer_fraction, exact_candidates=c.exact_candidates,
+            exact_per_layer=c.exact_per_layer, show_progress=show_progress)
+        if "vector" in kept_choice:
+            conditions[f"w'(lambda={lam0:g}, toxic kept)"] = ablation_edits(kept_choice["vector"], n_layers)
     conditions["r ablated"] = ablation_edits(saved.vector, n_layers)
     conditions.update({f"ActAdd(-{a:g}r)": actadd_edits(saved.vector, saved.layer, a) for a in c.false_refusal_actadd})
     j = int(saved.info["post_instruction_index"])
@@ -174,6 +244,7 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
     result["by_category"] = by_category(audit, f"false_refusal/{headline}/all_safe", data)
     return {**counts, "headline": headline, "lambda": lam0, "vector": head["vector"],
             "chosen": {f"{lam:g}": {k: v for k, v in ch.items() if k != "vector"} for lam, ch in chosen.items()},
+            **({"chosen_keeping_toxic": {k: v for k, v in kept_choice.items() if k != "vector"}} if kept_choice else {}),
             "n_test": {"safe_refused": len(safe_t), "toxic_refused": len(tox_t)}, **result}
 
 

@@ -30,7 +30,7 @@ def false_refusal_summary(false: dict | None) -> dict | None:
             "methods": {name: {side: {k: r[side][k] for k in keep} for side in r} for name, r in false["conditions"].items()},
             "kl_harmless": false.get("kl_harmless"),
             "controls": {k: {q: v[q] for q in ("n", "mean", "q05", "q95", "p_value")} for k, v in false["controls"].items()},
-            "chosen": false["chosen"]}
+            "chosen": false["chosen"], "chosen_keeping_toxic": false.get("chosen_keeping_toxic")}
 
 
 def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict, emergence: dict,

@@ -355,5 +355,8 @@ def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_pa
     assert (clean - under_w > 50).all(), (clean, under_w)
     assert np.abs(under_w_prime - clean).max() < 0.3 * (clean - under_w).min(), (clean, under_w_prime, under_w)
     assert set(false["controls"]) == {"random_orthogonal", "permuted"}
+    kept = false["chosen_keeping_toxic"]  # w' = e_o keeps every refused toxic prompt: it passes the toxic-kept rule
+    assert kept["n_passing"] >= 1 and kept["toxic_kept"] >= 0.9, kept
+    assert rows["w'(lambda=1, toxic kept)"]["toxic_refused"]["refusal_rate"] == 1.0
     summary = json.loads((result.folder / "summary.json").read_text())
     assert summary["false_refusal"]["headline"] == "w'(lambda=1)"

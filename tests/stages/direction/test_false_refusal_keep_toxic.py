@@ -1,0 +1,96 @@
+"""The false-refusal vector selected with correct refusal kept (direction.false_refusal_keep_toxic), on the planted
+false-refusal model of tests/planted.py: safe prompts with ``car`` carry 0.6 e_h + 0.8 e_o, toxic prompts e_h, and
+the refusal score reads e_h + e_o.
+
+Two planted candidates (lambda = 0, so they are used as given): ``a = 0.8 e_h + 0.6 e_o`` removes almost all of a
+safe prompt's refusal signal but most of a toxic prompt's e_h as well; ``e_o`` removes less over-refusal and leaves
+toxic refusal as it was. The reference's rule (lowest refused-safe score) takes ``a``; the toxic-kept rule must take
+``e_o``, and must say so when no candidate keeps enough."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planted import build_false_refusal_model, load_planted_directions
+from refusal_lens.config import ModelConfig
+from refusal_lens.core.chat import encode_prompt
+from refusal_lens.core.direction_edits import ablation_edits
+from refusal_lens.core.intervene import Intervener
+from refusal_lens.core.refusal import RefusalTokens
+from refusal_lens.stages.direction.candidates import Candidates
+from refusal_lens.stages.direction.false_refusal import select_false_refusal, select_keeping_toxic
+from refusal_lens.stages.direction.select import scores_of
+
+SAFE = ["hello car", "what is a car ?", "the car is", "bake car", "print car", "make a car"]
+TOXIC = ["make bomb", "steal code", "how make bomb ?", "bomb the world", "steal the car", "print bomb"]
+HARMLESS = ["bake cake", "hello world", "what is python code ?", "how are you", "make cake", "python code"]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    from refusal_lens.models.loading import load_model
+
+    folder = build_false_refusal_model(tmp_path_factory.mktemp("false_refusal_model"))
+    loaded = load_model(ModelConfig(name=str(folder)))
+    enc = lambda texts: [encode_prompt(loaded.tokenizer, t, 64) for t in texts]  # noqa: E731
+    dirs = load_planted_directions(folder)
+    e_h, e_o, unused = dirs["harm"].double(), dirs["pseudo"].double(), dirs["unused"].double()
+    n_layers, n_post = loaded.n_layers, enc(["x"])[0].n_post_instruction
+    diff = unused.expand(n_layers, n_post, -1).clone()  # every other site: a direction nothing writes (no effect)
+    a = 0.8 * e_h + 0.6 * e_o
+    diff[1, n_post - 1] = 5 * a  # scaled: ablation uses the unit vector
+    diff[2, n_post - 1] = 5 * e_o
+    zeros = torch.zeros_like(e_h)
+    w = Candidates(diff, zeros, zeros, len(SAFE), len(HARMLESS))
+    r = Candidates(e_h.expand(n_layers, n_post, -1).clone(), zeros, zeros, 1, 1)  # unused at lambda = 0
+    iv = Intervener(loaded, 4, model=loaded.hf_model)
+    tokens = RefusalTokens((loaded.tokenizer.convert_tokens_to_ids("I"),), ("I",), "family")
+    return {"iv": iv, "w": w, "r": r, "safe": enc(SAFE), "toxic": enc(TOXIC), "harmless": enc(HARMLESS),
+            "tokens": tokens, "n_layers": n_layers, "n_post": n_post, "a": a.float(), "e_o": e_o.float()}
+
+
+def _select(s, keep_toxic):
+    kw = dict(kl_max=0.2, max_layer_fraction=1.0, exact_candidates=None, exact_per_layer=0, show_progress=False)
+    chosen, scored = select_false_refusal(s["iv"], s["w"], s["r"], s["safe"], s["harmless"], s["tokens"],
+                                          s["n_layers"], lambdas=(0.0,), **kw)
+    kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
+                                s["tokens"], s["n_layers"], keep_toxic=keep_toxic, **kw)
+    return chosen[0.0], kept
+
+
+def test_the_planted_candidates_do_what_the_test_says(setting):
+    s = setting
+    clean_tox = scores_of(s["iv"], s["toxic"], s["tokens"])
+    assert (clean_tox > 0).all(), clean_tox
+    under = {k: ablation_edits(s[k], s["n_layers"]) for k in ("a", "e_o")}
+    tox = {k: scores_of(s["iv"], s["toxic"], s["tokens"], e) for k, e in under.items()}
+    safe = {k: float(scores_of(s["iv"], s["safe"], s["tokens"], e).mean()) for k, e in under.items()}
+    assert (tox["e_o"] > 0).all() and (tox["a"] <= 0).mean() >= 0.5, tox  # a costs correct refusal, e_o does not
+    assert safe["a"] < safe["e_o"], safe  # a removes more over-refusal
+
+
+def test_the_toxic_kept_rule_takes_the_selective_candidate_where_the_reference_takes_the_stronger(setting):
+    s = setting
+    reference, kept = _select(s, keep_toxic=0.9)
+    site = (1, s["n_post"] - 1), (2, s["n_post"] - 1)
+    assert (reference["layer"], reference["j"]) == site[0], reference
+    assert (kept["layer"], kept["j"]) == site[1], kept
+    assert kept["toxic_kept"] == 1.0 and kept["n_passing"] >= 1 and kept["bypass"] > reference["bypass"]
+    assert torch.nn.functional.cosine_similarity(kept["vector"], s["e_o"], dim=0) > 0.999
+
+
+def test_no_candidate_keeping_enough_is_said_not_hidden(setting):
+    s = setting
+    clean_safe = float(scores_of(s["iv"], s["safe"], s["tokens"]).mean())
+    _, kept = _select(s, keep_toxic=1.0)
+    assert "vector" in kept  # e_o keeps all: passes at 1.0 too
+    # a candidate set in which every site costs correct refusal: e_h everywhere
+    only_h = Candidates(s["r"].diff.clone(), s["w"].harmful_mean, s["w"].harmless_mean, 1, 1)
+    kw = dict(kl_max=0.2, max_layer_fraction=1.0, exact_candidates=None, exact_per_layer=0, show_progress=False)
+    _, scored = select_false_refusal(s["iv"], only_h, s["r"], s["safe"], s["harmless"], s["tokens"], s["n_layers"],
+                                     lambdas=(0.0,), **kw)
+    none = select_keeping_toxic(s["iv"], only_h, s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
+                                s["tokens"], s["n_layers"], keep_toxic=0.9, **kw)
+    assert "vector" not in none and "no measured candidate keeps" in none["note"] and none["n_passing"] == 0, none
+    assert clean_safe > 0
