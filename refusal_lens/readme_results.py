@@ -92,9 +92,18 @@ def false_refusal_line(fr: dict) -> str:
     ctrl = "; ".join(f"{k} ({v['n']}): mean {pct(v['mean'])}, p = {num(v['p_value'], '.3f')}"
                      for k, v in fr["controls"].items())
     kl = (fr.get("kl_harmless") or {}).get("mean")
+    score = ""
+    if sc := fr.get("controls_score"):
+        cal = sc.get("calibration") or {}
+        score = (" By the refusal score (one forward pass, mean over the refused safe prompts; headline "
+                 f"{num(sc['headline_mean_score'])}): " + "; ".join(
+                     f"{k} ({v['n']}): mean {num(v['mean'])}, p = {num(v['p_value'], '.3f')}"
+                     for k, v in sc["controls"].items()) +
+                 (f"; Spearman of the generated rate with the mean score over the {cal['n_controls']} generated "
+                  f"controls {num(cal.get('spearman_rate_vs_score'))}" if cal else "") + ".")
     return (f"* **Over-refusal** (false-refusal vector of Wang et al. 2025 and baselines; refusal of the refused safe "
             f"and refused toxic test prompts, 100% clean by construction): {pts}. Controls of {fr['headline']} on the "
-            f"refused safe prompts: {ctrl}; its KL on harmless prompts {num(kl, '.3f')}.")
+            f"refused safe prompts (generated): {ctrl}; its KL on harmless prompts {num(kl, '.3f')}.{score}")
 
 
 def best_points_line(fr: dict, circuit: dict | None) -> str:

@@ -219,6 +219,10 @@ def false_refusal_tables(false: dict | None, over: dict) -> list[Table]:
                      "incoherent (safe)": s.get("incoherent_rate")})
     ctrl = [{"control": k, "n": v["n"], "mean": v["mean"], "q05": v["q05"], "q95": v["q95"],
              "p (headline below)": v["p_value"]} for k, v in false["controls"].items()]
+    sc = false.get("controls_score") or {}
+    ctrl += [{"control": f"{k}, by refusal score (headline {sc['headline_mean_score']:.2f})", "n": v["n"],
+              "mean": v["mean"], "q05": v["q05"], "q95": v["q95"], "p (headline below)": v["p_value"]}
+             for k, v in (sc.get("controls") or {}).items()]
     chosen = [{"lambda": lam, **{k: ch[k] for k in ("layer", "position", "bypass", "kl", "cosine_with_r")}}
               for lam, ch in false["chosen"].items()]
     if (kept := false.get("chosen_keeping_toxic")) and "layer" in kept:
@@ -231,7 +235,8 @@ def false_refusal_tables(false: dict | None, over: dict) -> list[Table]:
                   f"refused safe, {false['n_test']['toxic_refused']} refused toxic; clean: 100% each by construction)",
                   ["method", "refused safe still refused", "safe 95% CI", "refused toxic still refused", "toxic 95% CI",
                    "incoherent (safe)"], rows),
-            Table(f"Controls of {false['headline']} on the refused safe test prompts (ablated, refusal rate)",
+            Table(f"Controls of {false['headline']} on the refused safe test prompts (ablated; generated: refusal rate; "
+                  "by refusal score: mean score, one forward pass)",
                   ["control", "n", "mean", "q05", "q95", "p (headline below)"], ctrl),
             Table("False-refusal vector: the site chosen on validation per lambda",
                   ["lambda", "layer", "position", "bypass", "kl", "cosine_with_r"], chosen)]

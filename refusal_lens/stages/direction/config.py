@@ -69,6 +69,12 @@ class DirectionConfig:
     false_refusal_actadd: tuple[float, ...] = (0.25, 0.5, 1.0)
     #: random directions orthogonal to r, and label-permuted differences in means, ablated: its controls (each).
     false_refusal_controls: int = 20
+    #: how many of each kind of control are generated and judged (the first; null = all, their p is the table's);
+    #: the rest are measured by the refusal score only (below).
+    false_refusal_controls_generated: int | None = None
+    #: every control also measured by the refusal score (one forward pass per prompt): its p against the headline's
+    #: score, and its calibration against the generated controls (Spearman over controls; both p on that subset).
+    false_refusal_score_controls: bool = True
     #: emergence by intervention: the direction ablated from layer l on, for every ``emergence_stride``-th layer.
     emergence_stride: int = 1
     #: greedy tokens per response in the evaluations (null = inference.max_new_tokens).
@@ -97,6 +103,9 @@ class DirectionConfig:
                 raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
         if self.exact_per_layer < 0:
             raise ConfigError(f"direction.exact_per_layer={self.exact_per_layer}; allowed: an integer >= 0")
+        if self.false_refusal_controls_generated is not None and self.false_refusal_controls_generated < 0:
+            raise ConfigError(f"direction.false_refusal_controls_generated={self.false_refusal_controls_generated}; "
+                              "allowed: an integer >= 0, or null (all)")
         if self.false_refusal_controls < 0:
             raise ConfigError(f"direction.false_refusal_controls={self.false_refusal_controls}; allowed: an integer >= 0")
         if not self.false_refusal_lambdas or any(not 0 <= x <= 1 for x in self.false_refusal_lambdas):

@@ -154,11 +154,40 @@ def random_orthogonal(r: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True)
 
 
+def score_controls(intervener: Intervener, safe: Sequence[EncodedPrompt], tokens: RefusalTokens,
+                   headline_edits: Sequence, controls: dict[str, torch.Tensor], n_layers: int,
+                   generated: dict[str, list[float]] | None = None, show_progress: bool = True) -> dict:
+    """The controls measured by the refusal score, one forward pass per prompt (no generation): the mean refusal
+    score of the refused safe test prompts with each control ablated, against the headline's under the same
+    measure (the p of a lower score). With ``generated`` (kind -> the generated refusal rates of the first controls
+    of each kind), the calibration on those: the Spearman correlation over controls of the generated rate with the
+    mean score, and the generated and the score-based p of the headline on that subset."""
+    from refusal_lens.stages.direction.select import spearman
+
+    own = float(scores_of(intervener, safe, tokens, headline_edits).mean())
+    values = {kind: [float(scores_of(intervener, safe, tokens, ablation_edits(v, n_layers)).mean())
+                     for v in tqdm(vs, desc=f"false-refusal controls by score ({kind})", disable=not show_progress)]
+              for kind, vs in controls.items()}
+    out: dict = {"headline_mean_score": own, "n_prompts": len(safe),
+                 "controls": {kind: control_summary(own, v, "less") for kind, v in values.items()}}
+    if generated:
+        rates = [r for kind in values for r in generated.get(kind, [])]
+        scores = [v for kind in values for v in values[kind][:len(generated.get(kind, []))]]
+        out["calibration"] = {"n_controls": len(rates), "spearman_rate_vs_score": spearman(rates, scores),
+                              "by_kind": {kind: {"p_score_on_generated": control_summary(
+                                  own, values[kind][:len(g)], "less")["p_value"], "n": len(g)}
+                                  for kind, g in generated.items() if g}}
+    return out
+
+
 def false_refusal_test(intervener: Intervener, conditions: dict[str, list], refused_safe, refused_toxic,
                        headline: str, everything: dict[str, tuple], harmless, controls: dict[str, torch.Tensor],
-                       n_layers: int, max_new_tokens: int, audit: ResponseAudit, show_progress: bool = True) -> dict:
+                       n_layers: int, max_new_tokens: int, audit: ResponseAudit, show_progress: bool = True,
+                       generated_controls: int | None = None, tokens: RefusalTokens | None = None) -> dict:
     """Greedy refusal of the refused safe and refused toxic test prompts under each condition (``name -> edits``);
-    the headline's every-prompt rows and KL; the controls ablated on the refused safe prompts (their p-values)."""
+    the headline's every-prompt rows and KL; the controls ablated on the refused safe prompts (their p-values):
+    the first ``generated_controls`` of each kind (None = all) generated and judged, and, with ``tokens``, every
+    control measured by the refusal score as well (:func:`score_controls`, calibrated on the generated ones)."""
     (safe, safe_ids), (toxic, toxic_ids) = refused_safe, refused_toxic
     plan = [Condition(f"false_refusal/{name}/{side}", ps, pid, edits, {"method": name})
             for name, edits in conditions.items()
@@ -166,7 +195,8 @@ def false_refusal_test(intervener: Intervener, conditions: dict[str, list], refu
     plan += [Condition(f"false_refusal/{headline}/all_{side}", ps, pid, conditions[headline], {"method": headline})
              for side, (ps, pid) in everything.items() if ps]
     plan += [Condition(f"false_refusal/control_{kind}/safe_refused", safe, safe_ids, ablation_edits(v, n_layers),
-                       {"control": k}) for kind, vs in controls.items() for k, v in enumerate(vs) if safe]
+                       {"control": k}) for kind, vs in controls.items() for k, v in enumerate(vs)
+             if safe and (generated_controls is None or k < generated_controls)]
     with tqdm(total=len(plan), desc="false refusal (generation)", disable=not show_progress) as bar:
         summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
     rows: dict[str, dict] = {}
@@ -179,6 +209,9 @@ def false_refusal_test(intervener: Intervener, conditions: dict[str, list], refu
             rows.setdefault(name, {})[side] = s
     own = rows.get(headline, {}).get("safe_refused", {}).get("refusal_rate", float("nan"))
     out = {"conditions": rows, "controls": {k: control_summary(own, v, "less") for k, v in ctrl.items()}}
+    if tokens is not None and safe:
+        out["controls_score"] = score_controls(intervener, safe, tokens, conditions[headline], controls, n_layers,
+                                               ctrl, show_progress)
     if harmless:
         clean = intervener.last_logits(harmless).log_softmax(-1)
         kl = kl_divergence(clean, intervener.last_logits(harmless, conditions[headline]).log_softmax(-1)).numpy()
@@ -240,7 +273,9 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
     every = {lab: data.split_rows("test", lab) for lab in ("safe", "toxic", "harmless")}
     result = false_refusal_test(fast, conditions, (enc(safe_t), data.ids(safe_t)), (enc(tox_t), data.ids(tox_t)),
                                 headline, {lab: (enc(rows), data.ids(rows)) for lab, rows in every.items()},
-                                enc(every["harmless"]), controls, n_layers, max_new, audit, show_progress)
+                                enc(every["harmless"]), controls, n_layers, max_new, audit, show_progress,
+                                generated_controls=c.false_refusal_controls_generated,
+                                tokens=data.tokens if c.false_refusal_score_controls else None)
     result["by_category"] = by_category(audit, f"false_refusal/{headline}/all_safe", data)
     return {**counts, "headline": headline, "lambda": lam0, "vector": head["vector"],
             "chosen": {f"{lam:g}": {k: v for k, v in ch.items() if k != "vector"} for lam, ch in chosen.items()},

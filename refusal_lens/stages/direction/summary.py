@@ -30,7 +30,17 @@ def false_refusal_summary(false: dict | None) -> dict | None:
             "methods": {name: {side: {k: r[side][k] for k in keep} for side in r} for name, r in false["conditions"].items()},
             "kl_harmless": false.get("kl_harmless"),
             "controls": {k: {q: v[q] for q in ("n", "mean", "q05", "q95", "p_value")} for k, v in false["controls"].items()},
-            "chosen": false["chosen"], "chosen_keeping_toxic": false.get("chosen_keeping_toxic")}
+            "chosen": false["chosen"], "chosen_keeping_toxic": false.get("chosen_keeping_toxic"),
+            "controls_score": score_controls_summary(false.get("controls_score"))}
+
+
+def score_controls_summary(sc: dict | None) -> dict | None:
+    """The score-based controls without their values: each kind's distribution and p, and the calibration."""
+    if not sc:
+        return None
+    return {"headline_mean_score": sc["headline_mean_score"], "n_prompts": sc["n_prompts"],
+            "controls": {k: {q: v[q] for q in ("n", "mean", "q05", "q95", "p_value")} for k, v in sc["controls"].items()},
+            "calibration": sc.get("calibration")}
 
 
 def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict, emergence: dict,

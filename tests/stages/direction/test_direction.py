@@ -319,7 +319,7 @@ def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_pa
     folder = build_false_refusal_model(tmp_path / "model")
     loaded = load_model(ModelConfig(name=str(folder)))
     cfg = planted_config(folder, per_category=False, emergence_stride=2, random_prompts=4,
-                         false_refusal_controls=3, permuted_directions=2)
+                         false_refusal_controls=3, false_refusal_controls_generated=2, permuted_directions=2)
     from refusal_lens.data.prompts import Prompt
 
     extra = ["car car", "a car", "print car", "how car ?", "car world", "the car", "hello a car", "what car ?",
@@ -358,5 +358,11 @@ def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_pa
     kept = false["chosen_keeping_toxic"]  # w' = e_o keeps every refused toxic prompt: it passes the toxic-kept rule
     assert kept["n_passing"] >= 1 and kept["toxic_kept"] >= 0.9, kept
     assert rows["w'(lambda=1, toxic kept)"]["toxic_refused"]["refusal_rate"] == 1.0
+    score = false["controls_score"]  # every control by the refusal score too: w' = e_o below the 3 random ones
+    assert {k: v["n"] for k, v in score["controls"].items()} == {"random_orthogonal": 3, "permuted": 3}, score
+    assert score["controls"]["random_orthogonal"]["p_value"] == 0.25, score  # (a permutation of 12 prompts can
+    # keep most labels, so the permuted controls are not all above it)
+    assert score["calibration"]["n_controls"] == 4  # the first 2 of each kind generated as well
+    assert {k: v["n"] for k, v in false["controls"].items()} == {"random_orthogonal": 2, "permuted": 2}
     summary = json.loads((result.folder / "summary.json").read_text())
     assert summary["false_refusal"]["headline"] == "w'(lambda=1)"

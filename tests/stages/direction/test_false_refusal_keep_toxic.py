@@ -9,6 +9,7 @@ toxic refusal as it was. The reference's rule (lowest refused-safe score) takes 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,28 @@ def test_no_candidate_keeping_enough_is_said_not_hidden(setting):
                                 s["tokens"], s["n_layers"], keep_toxic=0.9, **kw)
     assert "vector" not in none and "no measured candidate keeps" in none["note"] and none["n_passing"] == 0, none
     assert clean_safe > 0
+
+
+def test_score_controls_rank_the_planted_direction_first_and_are_calibrated_on_null_data(setting):
+    """The score-based controls: ablating the planted e_o lowers the refused safe prompts' mean score below every
+    random direction orthogonal to r (p = 1 / (n + 1)); with a random direction as the 'headline' the p is
+    uniform: over 60 directions, each against the other 59, p <= alpha in about alpha of them."""
+    from refusal_lens.core.stats.controls import empirical_pvalue
+    from refusal_lens.stages.direction.false_refusal import random_orthogonal, score_controls
+
+    s = setting
+    e_h = s["r"].diff[0, 0].float()
+    rand = random_orthogonal(e_h, 60, seed=5)
+    out = score_controls(s["iv"], s["safe"], s["tokens"], ablation_edits(s["e_o"], s["n_layers"]),
+                         {"random_orthogonal": rand[:19]}, s["n_layers"],
+                         generated={"random_orthogonal": [0.9, 1.0, 0.8, 1.0]}, show_progress=False)
+    ctrl = out["controls"]["random_orthogonal"]
+    assert ctrl["n"] == 19 and ctrl["p_value"] == pytest.approx(1 / 20), ctrl
+    assert out["headline_mean_score"] < min(ctrl["values"]), (out["headline_mean_score"], ctrl["values"])
+    assert out["calibration"]["n_controls"] == 4 and out["calibration"]["by_kind"]["random_orthogonal"]["n"] == 4
+    null = score_controls(s["iv"], s["safe"], s["tokens"], ablation_edits(rand[0], s["n_layers"]),
+                          {"pool": rand}, s["n_layers"], show_progress=False)["controls"]["pool"]["values"]
+    values = np.asarray(null)
+    p = np.array([empirical_pvalue(values[i], np.delete(values, i), "less") for i in range(len(values))])
+    for alpha in (0.1, 0.25, 0.5):
+        assert abs((p <= alpha).mean() - alpha) <= 0.05, (alpha, (p <= alpha).mean())
