@@ -38,7 +38,8 @@ from refusal_lens.config import load_config  # noqa: E402
 from refusal_lens.core.intervene import frozen, make_batch  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
 from refusal_lens.run.folder import RunFolder  # noqa: E402
-from refusal_lens.stages.circuits.agreement import pearson, sample_features, spearman  # noqa: E402
+from refusal_lens.core.stats import pearson, spearman  # noqa: E402
+from refusal_lens.stages.circuits.agreement import sample_features  # noqa: E402
 from refusal_lens.stages.circuits.attribution import Runner  # noqa: E402
 from refusal_lens.stages.circuits.baselines import means_for  # noqa: E402
 from refusal_lens.stages.circuits.inputs import circuit_hooks  # noqa: E402

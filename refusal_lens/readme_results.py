@@ -48,6 +48,14 @@ def circuit_lines(b: dict) -> list[str]:
              f"{share_note(c['fraction_of_direction'])} (random sets: {pct(b['random_fraction_of_direction_mean'])}); "
              f"coherent {pct(c['coherent_rate'])}; smallest K reaching 90% of the direction's effect: "
              f"{by_method(c['smallest_k_reaching_90'])}."]
+    if rs := b.get("random_score"):
+        cal = rs.get("calibration") or {}
+        lines.append(f"  The random sets by the refusal score (one forward pass; mean over the prompts): circuit "
+                     f"{num(rs['headline_mean_score'])}, {rs['n']} sets mean {num(rs['mean'])} ({num(rs['q05'])} to "
+                     f"{num(rs['q95'])}), p = {num(rs['p_value'], '.3f')}" + (
+                         f"; over the {cal['n_controls']} generated sets, Spearman of the generated rate with the mean "
+                         f"score {num(cal.get('spearman_rate_vs_score'))}, score-based p on them "
+                         f"{num(cal.get('p_score_on_generated'), '.3f')}" if cal else "") + ".")
     if (w := b.get("without_direction")):
         m, al = b["random_matching"], b["alignment"]
         lines.append(f"  Without its component along r (the same edit, r projected out of it): {fmt_rate(w)}, "

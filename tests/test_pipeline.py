@@ -33,7 +33,7 @@ direction: {{harmless: "{harmless}", harmless_samples: null, exact_candidates: 2
 sae: {{hooks: ["residuals_0", "residuals_1"], expansion_factor: 2, training_tokens: 4096, train_batch_size_tokens: 128,
        eval_prompts: 4, num_threads: 1, allow_fewer_rows_than_features: true, min_explained_variance: -10.0,
        min_ce_recovered: -100.0}}
-circuits: {{behaviour_k: [1, 2], headline_k: 2, random_sets: 2, induction_random_sets: 1, faithfulness_sizes: [2, 20],
+circuits: {{behaviour_k: [1, 2], headline_k: 2, random_sets: 3, random_sets_generated: 2, induction_random_sets: 1, faithfulness_sizes: [2, 20],
            random_controls: 2, bootstrap: 50, agreement_nodes: 2, agreement_prompts: 4, edge_prompts: 4, batch_size: 8,
            num_threads: 1, cosine_preselect: 4, top_k: 5, intervention_batch_size: 16, max_new_tokens: 4}}
 analysis: {{permutations: 50, interval_draws: 200, check_render: false, min_prompts: 4}}
@@ -82,7 +82,10 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     summary = json.loads((circuits / "summary.json").read_text())
     assert any("safe" in s for s in summary["skipped_groups"])
     behaviour = json.loads((circuits / "validation" / "behaviour.json").read_text())
-    assert behaviour["headline"]["k"] == 2 and len(behaviour["random"]["sets"]) == 2
+    assert behaviour["headline"]["k"] == 2 and len(behaviour["random"]["sets"]) == 2  # 2 of the 3 sets generated
+    scored = behaviour["random"]["controls_score"]  # ... and all 3 measured by the refusal score, calibrated on 2
+    assert scored["n"] == 3 and scored["calibration"]["n_controls"] == 2 and scored["n_prompts"] == behaviour["n_prompts"]
+    assert behaviour["headline"]["random_p_value_score"] == scored["p_value"] and 0.25 <= scored["p_value"] <= 1.0
     # the headline is an ablation, chosen on validation by complied answers; scale(c) is reported as steering beside
     # the direction's own steering; the edit without its component along r, and the edits' alignment with r
     head = behaviour["headline"]

@@ -32,6 +32,7 @@ from refusal_lens.core.judge import judge
 if TYPE_CHECKING:
     from refusal_lens.core.chat import EncodedPrompt
     from refusal_lens.core.intervene import Edit, Intervener
+    from refusal_lens.core.refusal import RefusalTokens
 
 
 def summarise(texts: Sequence[str]) -> dict:
@@ -47,6 +48,34 @@ def control_summary(observed: float, controls: Sequence[float], alternative: str
     return {"n": int(len(values)), "mean": float(values.mean()), "q05": float(np.quantile(values, 0.05)),
             "q95": float(np.quantile(values, 0.95)),
             "p_value": float(empirical_pvalue(observed, values, alternative)), "values": values.tolist()}
+
+
+def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], tokens: RefusalTokens,
+                    headline: Sequence[Edit], controls: Sequence[Sequence[Edit]], generated: Sequence[float] = (),
+                    bar=None) -> dict:
+    """Controls measured by the refusal score, one forward pass per prompt (no generation): the mean refusal score
+    of ``prompts`` under each control's edits against the mean under ``headline`` (:func:`control_summary`, the p
+    of a lower score). ``generated``: the generated refusal rates of the first controls, for the calibration on
+    them: the Spearman correlation over controls of the generated rate with the mean score, and the score-based p
+    on that subset (to set beside the generated p)."""
+    from refusal_lens.core.refusal import refusal_score
+    from refusal_lens.core.stats import spearman
+
+    def mean_score(edits) -> float:
+        value = float(refusal_score(intervener.last_logits(prompts, edits), tokens).mean())
+        if bar is not None:
+            bar.update(1)
+        return value
+
+    own = mean_score(headline)
+    values = [mean_score(edits) for edits in controls]
+    out = {"measure": "mean refusal score", "headline_mean_score": own, "n_prompts": len(prompts),
+           **control_summary(own, values, "less")}
+    if generated:
+        m = len(generated)
+        out["calibration"] = {"n_controls": m, "spearman_rate_vs_score": spearman(list(generated), values[:m]),
+                              "p_score_on_generated": control_summary(own, values[:m], "less")["p_value"]}
+    return out
 
 
 def fraction_of(clean: float, condition: float, reference: float) -> float | None:

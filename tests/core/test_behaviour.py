@@ -92,3 +92,38 @@ def test_chunks_fill_a_generation_batch_and_keep_every_condition_once_in_order()
     got = chunks(cs, 64)
     assert [[c.name for c in ch] for ch in got] == [["a", "b", "c", "d"], ["e"], ["f"]]
     assert chunks([], 64) == [] and [len(ch) for ch in chunks(cs, 1)] == [1] * 6
+
+
+def test_scored_controls_exact_on_a_fake_model_and_calibrated_on_null_scores():
+    """scored_controls on a fake intervener whose refusal score under an edit is a known number: the headline's mean
+    score, each control's, the empirical p of a lower score, and the Spearman correlation with the generated rates
+    (exact); on exchangeable null scores the p is uniform (its false-positive rate ~ alpha)."""
+    import torch
+
+    from refusal_lens.core.behaviour import scored_controls
+    from refusal_lens.core.refusal import RefusalTokens
+
+    class Fake:  # logits [n_prompts, 2]: token 0 is the refusal token; an edit is (offset,), its score = offset + prompt
+        def last_logits(self, prompts, edits):
+            offset = edits[0] if edits else 0.0
+            return torch.stack([torch.tensor([offset + p, 0.0]) for p in prompts])
+
+    tokens = RefusalTokens((0,), ("I",), "family")
+    prompts = [0.0, 1.0, 2.0]  # mean prompt term 1.0
+    out = scored_controls(Fake(), prompts, tokens, [-2.0], [[0.5], [-3.0], [1.5], [2.0]], generated=[0.6, 0.1, 0.8])
+    # refusal score = logit(R) - logit(other) = offset + p; means: headline -1, controls 1.5, -2, 2.5, 3
+    assert out["headline_mean_score"] == pytest.approx(-1.0)
+    assert out["values"] == pytest.approx([1.5, -2.0, 2.5, 3.0])
+    assert out["p_value"] == pytest.approx(2 / 5)  # (1 + one control <= -1) / (1 + 4)
+    assert out["calibration"]["spearman_rate_vs_score"] == pytest.approx(1.0)  # rates rank as the scores do
+    assert out["calibration"]["p_score_on_generated"] == pytest.approx(2 / 4)
+    rng = np.random.default_rng(0)
+    hits = {0.05: 0, 0.2: 0}
+    trials = 400
+    for _ in range(trials):
+        null = rng.normal(size=20)
+        res = scored_controls(Fake(), [0.0], tokens, [float(null[0])], [[float(v)] for v in null[1:]])
+        for alpha in hits:
+            hits[alpha] += res["p_value"] <= alpha
+    for alpha, n in hits.items():  # binomial sd at 400 trials: ~0.011 (0.05), ~0.02 (0.2)
+        assert abs(n / trials - alpha) < 0.045, (alpha, n / trials)

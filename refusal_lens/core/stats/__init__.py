@@ -7,6 +7,7 @@ random state). docs/statistics.md has the design, the verdict rules and the cali
 * :mod:`.fdr` — :func:`bh_qvalues`;
 * :mod:`.intervals` — :func:`wilson_interval`, :func:`newcombe_difference`, :func:`bootstrap_mean_ci`;
 * :mod:`.controls` — :func:`empirical_pvalue`, :func:`compare_to_random`, :func:`ks_uniform`;
+* :mod:`.correlation` — :func:`pearson`, :func:`spearman`;
 * :mod:`.checks` — :class:`StatsOptionError` and the option checks.
 """
 
@@ -18,6 +19,7 @@ from refusal_lens.core.stats.controls import (
     kolmogorov_sf,
     ks_uniform,
 )
+from refusal_lens.core.stats.correlation import pearson, spearman
 from refusal_lens.core.stats.fdr import bh_qvalues
 from refusal_lens.core.stats.intervals import bootstrap_mean_ci, newcombe_difference, normal_quantile, wilson_interval
 from refusal_lens.core.stats.similarity import (
@@ -31,5 +33,5 @@ from refusal_lens.core.stats.similarity import (
 
 __all__ = ["ALTERNATIVES", "VERDICTS", "RandomControlSummary", "RandomLike", "SimilarityResult", "StatsOptionError",
            "Verdict", "apply_fdr", "bh_qvalues", "bootstrap_mean_ci", "compare_to_random", "empirical_pvalue",
-           "kolmogorov_sf", "ks_uniform", "newcombe_difference", "normal_quantile", "similarity_table", "similarity_test",
-           "wilson_interval"]
+           "kolmogorov_sf", "ks_uniform", "newcombe_difference", "normal_quantile", "pearson", "similarity_table",
+           "similarity_test", "spearman", "wilson_interval"]

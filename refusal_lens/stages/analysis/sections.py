@@ -135,7 +135,20 @@ def headline_tables(behaviour: dict) -> list[Table]:
                      "refusal_rate": d["refusal_rate"], "95% CI": _ci(d["ci"]),
                      "fraction_of_direction": d["fraction_of_direction"], "edit along r": 1.0, "edit norm": None})
     cols = ["condition", "n", "refusal_rate", "95% CI", "fraction_of_direction", "edit along r", "edit norm"]
-    return [Table(f"Headline circuit (K={h['k']}, {h['method']}): ablation, controls and steering", cols, rows)]
+    tables = [Table(f"Headline circuit (K={h['k']}, {h['method']}): ablation, controls and steering", cols, rows)]
+    if sc := rnd.get("controls_score"):
+        cal = sc.get("calibration") or {}
+        tables.append(Table(
+            f"Headline circuit against its matched random sets by the refusal score (one forward pass per prompt, "
+            f"{sc['n_prompts']} prompts; p of a lower mean score)",
+            ["headline mean score", "sets", "sets mean", "q05", "q95", "p", "generated sets", "Spearman rate vs score",
+             "score p on the generated sets", "generated p"],
+            [{"headline mean score": sc["headline_mean_score"], "sets": sc["n"], "sets mean": sc["mean"],
+              "q05": sc["q05"], "q95": sc["q95"], "p": sc["p_value"], "generated sets": cal.get("n_controls"),
+              "Spearman rate vs score": cal.get("spearman_rate_vs_score"),
+              "score p on the generated sets": cal.get("p_score_on_generated"),
+              "generated p": rnd["controls"]["p_value"]}]))
+    return tables
 
 
 def validation_section(r: ReportInputs) -> list[Section]:

@@ -23,32 +23,13 @@ from tqdm.auto import tqdm
 
 from refusal_lens.config import Config
 from refusal_lens.core.hooks import parse_hook_name
+from refusal_lens.core.stats import pearson, spearman
 from refusal_lens.core.intervene import make_batch
 from refusal_lens.stages.circuits.nodes import NodeSpace
 
 if TYPE_CHECKING:
     from refusal_lens.stages.circuits.attribution import Runner
     from refusal_lens.stages.circuits.inputs import Inputs
-
-
-def pearson(a, b) -> float | None:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def spearman(a, b) -> float | None:
-    def ranks(x):
-        x = np.asarray(x, float)
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # average ties
-            r[x == v] = r[x == v].mean()
-        return r
-
-    return pearson(ranks(a), ranks(b)) if len(a) >= 3 else None
 
 
 def stats(est: np.ndarray, exact: np.ndarray, tiny: float = 1e-6) -> dict:

@@ -15,7 +15,10 @@ greedy generation (``loaded.gen_model``, judged; incoherent responses counted ap
   lies along r (:mod:`.alignment`), for the circuit and for each control;
 * ``circuits.random_sets`` random feature sets matched to the headline circuit (:mod:`.controls`: per hook, on
   firing frequency and edit size; for ``combined``, from its pre-selected pool), ablated the same way; each set
-  is one refusal rate, the distribution gives the circuit's empirical p-value.
+  is one refusal rate, the distribution gives the circuit's empirical p-value; the first
+  ``circuits.random_sets_generated`` are generated (all by default) and, with ``circuits.score_controls``, every set
+  is also measured by the refusal score, one forward pass per prompt (``random.controls_score``, calibrated on the
+  generated ones: :func:`refusal_lens.core.behaviour.scored_controls`).
 
 **The headline is an ablation chosen on validation** (:func:`choose_on_validation`): every method
 (``headline_method: auto``) x ablation candidate (``zero`` / ``mean`` x positions) at the headline K on the refused
@@ -43,10 +46,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, fraction_of
+from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, fraction_of, scored_controls
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.intervene import Edit, Intervener
+from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.run.folder import CircuitFiles
 from refusal_lens.stages.circuits.alignment import edit_alignment
 from refusal_lens.stages.circuits.baselines import ClassMeans
@@ -128,15 +132,19 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
               val_ids: Sequence[str], harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
               ks: Sequence[int], headline_k: int, headline_method: str, interventions: Sequence[str],
               positions: Sequence[str], scale_c: Sequence[float], random_sets: int, induction_random_sets: int,
-              max_new_tokens: int, seed: int, audit: ResponseAudit, show_progress: bool = True) -> dict:
-    """The behaviour record of the circuits (see the module docstring)."""
+              max_new_tokens: int, seed: int, audit: ResponseAudit, show_progress: bool = True,
+              random_sets_generated: int | None = None, score_tokens: RefusalTokens | None = None) -> dict:
+    """The behaviour record of the circuits (see the module docstring). The first ``random_sets_generated``
+    random sets (None = all) are generated; with ``score_tokens`` every set is also measured by the refusal score
+    (``random.controls_score``)."""
     rng = np.random.default_rng(seed)
     candidates = intervention_candidates(interventions, scale_c, positions)
     steering = [iv for iv in candidates if iv.kind == "steering"]
     methods = list(rankings) if headline_method == "auto" else [headline_method]
     n_abl = sum(iv.kind == "ablation" for iv in candidates)
+    n_generated = random_sets if random_sets_generated is None else min(random_sets, random_sets_generated)
     total = (len(methods) * n_abl + 2 + len(steering) + len(rankings) * len(ks) + len(candidates) - 1 + 1
-             + random_sets + 2 + len(rankings) + induction_random_sets)
+             + n_generated + 2 + len(rankings) + induction_random_sets)
     bar = tqdm(total=total, desc="circuit behaviour (generation)", disable=not show_progress)
     runs = Runs(intervener, max_new_tokens, audit, bar)
     selection = choose_on_validation(runs, space, rankings, means, val_prompts, val_ids, headline_k, methods, candidates)
@@ -165,7 +173,7 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
     plan.append(Condition("headline_without_direction", prompts, ids,
                           ablate(space, head_feats, chosen.mode, means, chosen.c, chosen.positions, direction), {}))
     plan += [Condition("random", prompts, ids, ablate(space, f, chosen.mode, means, chosen.c, chosen.positions),
-                       {"control": r}) for r, f in enumerate(control_sets)]
+                       {"control": r}) for r, f in enumerate(control_sets[:n_generated])]
     plan += induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless,
                            harmless_ids, headline_k, induction_random_sets, rng)
     results = dict(zip(range(len(plan)), runs(plan)))
@@ -177,9 +185,18 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
 
     alignment = {"headline": align(head_feats, chosen),
                  "steering": {iv.label: align(head_feats, iv) for iv in steering},
-                 "random": [align(f, chosen) for f in control_sets]}
-    return summarise(named, space, rankings, curve_keys, chosen, method, selection, headline_k, alignment,
-                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
+                 "random": [align(f, chosen) for f in control_sets[:n_generated]]}
+    out = summarise(named, space, rankings, curve_keys, chosen, method, selection, headline_k, alignment,
+                    n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
+    if score_tokens is not None and control_sets:
+        edits = [ablate(space, f, chosen.mode, means, chosen.c, chosen.positions) for f in control_sets]
+        with tqdm(total=len(edits) + 1, desc="random sets by score", disable=not show_progress) as score_bar:
+            out["random"]["controls_score"] = scored_controls(
+                intervener, prompts, score_tokens, ablate(space, head_feats, chosen.mode, means, chosen.c,
+                                                          chosen.positions), edits,
+                [s["refusal_rate"] for s in out["random"]["sets"]], score_bar)
+        out["headline"]["random_p_value_score"] = out["random"]["controls_score"]["p_value"]
+    return out
 
 
 def induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless, harmless_ids,

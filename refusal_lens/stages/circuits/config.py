@@ -64,6 +64,12 @@ class CircuitConfig:
     scale_c: tuple[float, ...] = (1.0, 3.0)
     #: matched random feature sets (same count per hook) against the headline circuit: the control distribution.
     random_sets: int = 20
+    #: how many of the random sets are generated and judged (the first; null = all: their p is the headline's);
+    #: with ``score_controls`` every set is also measured by the refusal score (one forward pass per prompt).
+    random_sets_generated: int | None = None
+    #: every random set also measured by the refusal score: its p against the headline's mean score, and its
+    #: calibration against the generated sets (Spearman over sets; the score-based p on the generated subset).
+    score_controls: bool = True
     #: matched random feature sets steered on harmless prompts (induction controls).
     induction_random_sets: int = 20
     #: greedy tokens per response in the behaviour checks (null = inference.max_new_tokens).
@@ -125,6 +131,9 @@ class CircuitConfig:
         for name in ("random_controls", "random_sets", "induction_random_sets"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: an integer >= 0")
+        if self.random_sets_generated is not None and self.random_sets_generated < 0:
+            raise ConfigError(f"circuits.random_sets_generated={self.random_sets_generated}; allowed: an integer >= 0, "
+                              "or null (all)")
         for name in ("max_new_tokens", "behaviour_prompts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"circuits.{name}={getattr(self, name)}; allowed: a positive integer or null")

@@ -238,7 +238,8 @@ class DiscoverSteps:
             headline_method=c.headline_method, interventions=c.interventions, positions=c.positions,
             scale_c=c.scale_c, random_sets=c.random_sets, induction_random_sets=c.induction_random_sets,
             max_new_tokens=c.max_new_tokens or self.cfg.inference.max_new_tokens,
-            seed=int(part_rng(c.seed, "behaviour").integers(2**31)), audit=audit, show_progress=self.show)))
+            seed=int(part_rng(c.seed, "behaviour").integers(2**31)), audit=audit, show_progress=self.show,
+            random_sets_generated=c.random_sets_generated, score_tokens=data.tokens if c.score_controls else None)))
         self.done(5)
         return out
 

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary
+from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, scored_controls
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.metrics import kl_divergence
+from refusal_lens.core.stats import spearman
 from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.stages.direction.candidates import Candidates
 from refusal_lens.stages.direction.select import Scored, bypass_estimates, choose, scores_of, shortlist
@@ -157,26 +158,24 @@ def random_orthogonal(r: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 def score_controls(intervener: Intervener, safe: Sequence[EncodedPrompt], tokens: RefusalTokens,
                    headline_edits: Sequence, controls: dict[str, torch.Tensor], n_layers: int,
                    generated: dict[str, list[float]] | None = None, show_progress: bool = True) -> dict:
-    """The controls measured by the refusal score, one forward pass per prompt (no generation): the mean refusal
-    score of the refused safe test prompts with each control ablated, against the headline's under the same
-    measure (the p of a lower score). With ``generated`` (kind -> the generated refusal rates of the first controls
-    of each kind), the calibration on those: the Spearman correlation over controls of the generated rate with the
-    mean score, and the generated and the score-based p of the headline on that subset."""
-    from refusal_lens.stages.direction.select import spearman
-
-    own = float(scores_of(intervener, safe, tokens, headline_edits).mean())
-    values = {kind: [float(scores_of(intervener, safe, tokens, ablation_edits(v, n_layers)).mean())
-                     for v in tqdm(vs, desc=f"false-refusal controls by score ({kind})", disable=not show_progress)]
-              for kind, vs in controls.items()}
-    out: dict = {"headline_mean_score": own, "n_prompts": len(safe),
-                 "controls": {kind: control_summary(own, v, "less") for kind, v in values.items()}}
-    if generated:
-        rates = [r for kind in values for r in generated.get(kind, [])]
-        scores = [v for kind in values for v in values[kind][:len(generated.get(kind, []))]]
-        out["calibration"] = {"n_controls": len(rates), "spearman_rate_vs_score": spearman(rates, scores),
-                              "by_kind": {kind: {"p_score_on_generated": control_summary(
-                                  own, values[kind][:len(g)], "less")["p_value"], "n": len(g)}
-                                  for kind, g in generated.items() if g}}
+    """Every control of each kind measured by the refusal score on the refused safe test prompts
+    (:func:`refusal_lens.core.behaviour.scored_controls`), calibrated on the generated ones (``generated``: kind ->
+    the generated refusal rates of its first controls)."""
+    generated = generated or {}
+    with tqdm(total=sum(len(v) + 1 for v in controls.values()), desc="false-refusal controls by score",
+              disable=not show_progress) as bar:
+        by_kind = {kind: scored_controls(intervener, safe, tokens, headline_edits,
+                                         [ablation_edits(v, n_layers) for v in vs], generated.get(kind, ()), bar)
+                   for kind, vs in controls.items()}
+    first = next(iter(by_kind.values()), {})
+    out: dict = {"headline_mean_score": first.get("headline_mean_score"), "n_prompts": len(safe),
+                 "controls": by_kind}
+    pairs = [(r, v) for kind, c in by_kind.items() for r, v in zip(generated.get(kind, ()), c["values"])]
+    if pairs:
+        out["calibration"] = {"n_controls": len(pairs), "spearman_rate_vs_score": spearman(*zip(*pairs)),
+                              "by_kind": {kind: {"p_score_on_generated": c["calibration"]["p_score_on_generated"],
+                                                 "n": c["calibration"]["n_controls"]}
+                                          for kind, c in by_kind.items() if "calibration" in c}}
     return out
 
 

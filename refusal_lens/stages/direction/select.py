@@ -41,6 +41,7 @@ from refusal_lens.core.hooks import ablation_hooks, hook_name
 from refusal_lens.core.intervene import Edit, Intervener, frozen
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
+from refusal_lens.core.stats import spearman
 
 logger = logging.getLogger(__name__)
 
@@ -202,16 +203,6 @@ def choose(scored: Sequence[Scored], n_layers: int, kl_max: float, induce_min: f
     filters["n_passing"] = len(passing)
     filters["n_measured"] = len(measured)
     return min(passing, key=lambda s: (s.bypass, s.layer, s.j)), filters
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def select_direction(intervener: Intervener, cands: Candidates, harmful: Sequence[EncodedPrompt],
