@@ -200,6 +200,12 @@ def render_run(title: str, s: dict) -> list[str]:
                   f"mean {pct(p_['mean'])} refused (5-95%: {pct(p_['q05'])}-{pct(p_['q95'])}; "
                   f"p = {num(p_['p_value'], '.3f')})" if (p_ := d.get("permuted_ablated")) and p_.get("n") else "")
                  + ".")
+    if cs := d.get("controls_score"):
+        lines.append("  The same controls by the refusal score (one forward pass per prompt, mean over the prompts): " +
+                     "; ".join(f"{k} ({c['n']}): direction {num(c['headline_mean_score'])}, controls mean "
+                               f"{num(c['mean'])}, p = {num(c['p_value'], '.3f')}, Spearman with the generated rate "
+                               f"{num((c.get('calibration') or {}).get('spearman_rate_vs_score'))}"
+                               for k, c in cs.items()) + ".")
     if (b := s.get("circuit_behaviour")):
         lines += circuit_lines(b)
     if (r := s.get("rerun")):

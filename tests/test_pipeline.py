@@ -28,7 +28,7 @@ model: {{name: "{folder}", activation_layers: ["residuals_0", "residuals_1"], in
 inference: {{batch_size: 16, max_new_tokens: 4, activation_model: "model"}}
 data: {{path: "{bench}", split_discovery: 0.4, split_validation: 0.3, split_test: 0.3}}
 direction: {{harmless: "{harmless}", harmless_samples: null, exact_candidates: 2, exact_per_layer: 1,
-             random_directions: 2, bootstrap: 50, emergence_stride: 1, batch_size: 16, max_new_tokens: 4,
+             random_directions: 3, random_directions_generated: 2, bootstrap: 50, emergence_stride: 1, batch_size: 16, max_new_tokens: 4,
              over_refusal: true}}
 sae: {{hooks: ["residuals_0", "residuals_1"], expansion_factor: 2, training_tokens: 4096, train_batch_size_tokens: 128,
        eval_prompts: 4, num_threads: 1, allow_fewer_rows_than_features: true, min_explained_variance: -10.0,
@@ -106,6 +106,9 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert chosen_on == {"validation"} and measured_on == {"test"}  # the headline chosen on validation, measured on test
     analysis = json.loads((run / "analysis" / "summary.json").read_text())
     assert analysis["direction"]["direction"]["hook"].startswith("blocks.")
+    d_score = analysis["direction"]["controls_score"]  # 2 of the 3 random directions generated, all 3 scored
+    assert analysis["direction"]["random_ablated"]["n"] == 2 and d_score["random_ablated"]["n"] == 3
+    assert d_score["random_added"]["calibration"]["n_controls"] == 2
     assert analysis["circuit_behaviour"]["n"] == behaviour["n_prompts"]
     frac = analysis["circuit_behaviour"]["circuit"]
     assert frac["fraction_of_direction"] == behaviour["headline"]["fraction_of_direction"]

@@ -52,10 +52,10 @@ def control_summary(observed: float, controls: Sequence[float], alternative: str
 
 def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], tokens: RefusalTokens,
                     headline: Sequence[Edit], controls: Sequence[Sequence[Edit]], generated: Sequence[float] = (),
-                    bar=None) -> dict:
+                    bar=None, alternative: str = "less") -> dict:
     """Controls measured by the refusal score, one forward pass per prompt (no generation): the mean refusal score
     of ``prompts`` under each control's edits against the mean under ``headline`` (:func:`control_summary`, the p
-    of a lower score). ``generated``: the generated refusal rates of the first controls, for the calibration on
+    of a lower score; ``alternative="greater"`` for an edit meant to raise refusal). ``generated``: the generated refusal rates of the first controls, for the calibration on
     them: the Spearman correlation over controls of the generated rate with the mean score, and the score-based p
     on that subset (to set beside the generated p)."""
     from refusal_lens.core.refusal import refusal_score
@@ -70,11 +70,11 @@ def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], to
     own = mean_score(headline)
     values = [mean_score(edits) for edits in controls]
     out = {"measure": "mean refusal score", "headline_mean_score": own, "n_prompts": len(prompts),
-           **control_summary(own, values, "less")}
+           **control_summary(own, values, alternative)}
     if generated:
         m = len(generated)
         out["calibration"] = {"n_controls": m, "spearman_rate_vs_score": spearman(list(generated), values[:m]),
-                              "p_score_on_generated": control_summary(own, values[:m], "less")["p_value"]}
+                              "p_score_on_generated": control_summary(own, values[:m], alternative)["p_value"]}
     return out
 
 

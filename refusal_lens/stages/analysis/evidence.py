@@ -33,7 +33,7 @@ def evidence(cfg: Config, inp: AnalysisInputs, sims: list[dict]) -> dict:
     data = data_evidence(inp.acts, inp.rates)
     out: dict = {"data": data}
     out["direction"] = {k: d_summary[k] for k in ("direction", "harmful_refused", "harmful", "harmless",
-                                                   "random_ablated", "random_added", "permuted_ablated", "kl_harmless",
+                                                   "random_ablated", "random_added", "permuted_ablated", "controls_score", "kl_harmless",
                                                    "ce_harmless", "emergence", "cross_ablation_verdicts",
                                                    "independence", "over_refusal", "false_refusal") if k in d_summary}
     notes = []

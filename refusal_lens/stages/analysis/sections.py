@@ -69,11 +69,19 @@ def direction_section(r: ReportInputs) -> list[Section]:
                       ["prompts", "condition", "n", "refusal rate", "95% CI", "incoherent"], direction_rows),
                 Table("Random controls", ["control", "n", "mean", "q05", "q95", "p_value"],
                       [{"control": k, **{q: ev.get(k, {}).get(q) for q in ("n", "mean", "q05", "q95", "p_value")}}
-                       for k in ("random_ablated", "random_added")]),
+                       for k in ("random_ablated", "random_added", "permuted_ablated") if ev.get(k)]
+                      + [{"control": f"{k}, by refusal score (direction {c['headline_mean_score']:.2f}; Spearman with "
+                                     f"the generated rate {_num(c.get('calibration', {}).get('spearman_rate_vs_score'))})",
+                          **{q: c.get(q) for q in ("n", "mean", "q05", "q95", "p_value")}}
+                         for k, c in (ev.get("controls_score") or {}).items()]),
                 Table("KL and CE on harmless test prompts under ablation", ["measure", "value"],
                       [{"measure": "KL (first response token)", "value": (ev.get("kl_harmless") or {}).get("mean")},
                        {"measure": "CE clean (nats/token)", "value": (ev.get("ce_harmless") or {}).get("clean")},
                        {"measure": "CE ablated (nats/token)", "value": (ev.get("ce_harmless") or {}).get("ablated")}])])]
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def circuits_section(r: ReportInputs) -> list[Section]:

@@ -48,6 +48,12 @@ class DirectionConfig:
     #: prompts per side on which each random control is measured (the first by prompt-id hash; null = all); the
     #: direction itself is measured on these too, for its p-value.
     random_prompts: int | None = None
+    #: how many of the random and permuted directions are generated and judged (the first of each; null = all:
+    #: their p is the table's); with ``score_controls`` every one is also measured by the refusal score.
+    random_directions_generated: int | None = None
+    #: every random / permuted control also measured by the refusal score (one forward pass per prompt): its p
+    #: against the direction's mean score, calibrated on the generated controls (Spearman; p on that subset).
+    score_controls: bool = True
     #: per-category directions, their cosines and the cross-ablation matrix.
     per_category: bool = True
     #: the earlier over-refusal experiment on its own: the direction refused safe - refused toxic ablated and
@@ -103,6 +109,9 @@ class DirectionConfig:
                 raise ConfigError(f"direction.{name}={getattr(self, name)}; allowed: a positive integer")
         if self.exact_per_layer < 0:
             raise ConfigError(f"direction.exact_per_layer={self.exact_per_layer}; allowed: an integer >= 0")
+        if self.random_directions_generated is not None and self.random_directions_generated < 0:
+            raise ConfigError(f"direction.random_directions_generated={self.random_directions_generated}; allowed: an "
+                              "integer >= 0, or null (all)")
         if self.false_refusal_controls_generated is not None and self.false_refusal_controls_generated < 0:
             raise ConfigError(f"direction.false_refusal_controls_generated={self.false_refusal_controls_generated}; "
                               "allowed: an integer >= 0, or null (all)")

@@ -10,7 +10,10 @@ Greedy generation, judged (:mod:`refusal_lens.core.behaviour`; incoherent counte
   with the empirical p-value of the direction against it; and the **permutation null**
   (``direction.permuted_directions``, :func:`permuted_directions`): the difference in means at the selected site
   of the discovery contrast prompts with their harmful / harmless labels shuffled, each ablated like the
-  direction: a random direction drawn from the activations' own geometry, not from the sphere;
+  direction: a random direction drawn from the activations' own geometry, not from the sphere. The first
+  ``direction.random_directions_generated`` of each kind are generated (all by default); with
+  ``direction.score_controls`` every control is also measured by the refusal score, one forward pass per prompt
+  (``controls_score``: the p of the direction's mean score, calibrated on the generated controls);
 * on harmless prompts with their clean responses teacher-forced: the KL of the next-token distribution at
   the first response position and the cross-entropy (nats per token) of the responses, clean vs ablated.
 """
@@ -24,10 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_lens.core.stats import bootstrap_mean_ci
-from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, summarise
+from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, scored_controls, summarise
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.intervene import Intervener
+from refusal_lens.core.refusal import RefusalTokens
 
 
 def _texts(runs: Runs, plan: Sequence[Condition], audit: ResponseAudit) -> list[list[str]]:
@@ -65,8 +69,10 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
                        harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
                        harmless_responses: Sequence[Sequence[int]], max_new_tokens: int, n_random: int,
                        n_bootstrap: int, seed: int, audit: ResponseAudit, show_progress: bool = True,
-                       random_prompts: int | None = None, permuted: torch.Tensor | None = None) -> dict:
-    """The test table; see the module docstring."""
+                       random_prompts: int | None = None, permuted: torch.Tensor | None = None,
+                       n_generated: int | None = None, score_tokens: RefusalTokens | None = None) -> dict:
+    """The test table; see the module docstring. The first ``n_generated`` controls of each kind (None = all) are
+    generated; with ``score_tokens`` every control is also measured by the refusal score (``controls_score``)."""
     ablate = ablation_edits(direction, n_layers)
     runs = Runs(intervener, max_new_tokens, audit)
     refused_idx = [i for i, r in enumerate(harmful_refused) if r]
@@ -92,13 +98,15 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
     ctrl_s = list(range(len(harmless)))[:random_prompts] if random_prompts else list(range(len(harmless)))
     units = random_units(direction.numel(), n_random, seed)
     plan = []
-    for k in range(n_random):
+    gen = n_random if n_generated is None else min(n_random, n_generated)
+    for k in range(gen):
         if ctrl_h:
             plan.append(Condition("harmful_refused/random_ablated", [harmful[i] for i in ctrl_h],
                                   [harmful_ids[i] for i in ctrl_h], ablation_edits(units[k], n_layers), {"control": k}))
         plan.append(Condition("harmless/random_added", [harmless[i] for i in ctrl_s], [harmless_ids[i] for i in ctrl_s],
                               addition_edits(units[k] * direction.norm(), layer, 1.0), {"control": k}))
-    for k, v in enumerate(permuted if permuted is not None and ctrl_h else []):
+    gen_permuted = [] if permuted is None or not ctrl_h else permuted if n_generated is None else permuted[:n_generated]
+    for k, v in enumerate(gen_permuted):
         plan.append(Condition("harmful_refused/permuted_ablated", [harmful[i] for i in ctrl_h],
                               [harmful_ids[i] for i in ctrl_h], ablation_edits(v, n_layers), {"control": k}))
     with tqdm(total=len(plan), desc="direction random controls", disable=not show_progress or not plan) as bar:
@@ -117,8 +125,37 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
     out["permuted_ablated"] = control_summary(own_ablated, permuted_rates, "less") | {
         "n_prompts": len(ctrl_h), "observed": own_ablated, "abs_cosine_with_direction_mean":
             float(np.mean(np.abs(cosines))) if cosines else None}
-
+    if score_tokens is not None:
+        out["controls_score"] = score_direction_controls(
+            intervener, direction, layer, n_layers, [harmful[i] for i in ctrl_h], [harmless[i] for i in ctrl_s],
+            units, permuted, score_tokens, {"random_ablated": ablated_rates, "random_added": added_rates,
+                                            "permuted_ablated": permuted_rates}, show_progress)
     out.update(harmless_cost(intervener, harmless, harmless_responses, ablate, n_bootstrap, seed))
+    return out
+
+
+def score_direction_controls(intervener: Intervener, direction: torch.Tensor, layer: int, n_layers: int,
+                             refused: Sequence[EncodedPrompt], harmless: Sequence[EncodedPrompt], units: torch.Tensor,
+                             permuted: torch.Tensor | None, tokens: RefusalTokens, generated: dict[str, list[float]],
+                             show_progress: bool = True) -> dict:
+    """The direction's controls by the refusal score (:func:`refusal_lens.core.behaviour.scored_controls`), on the
+    prompts of the generated ones: random directions and permuted differences ablated (the refused harmful
+    prompts; p of a lower mean score than r's ablation), random vectors of ``|r|`` added (the harmless prompts;
+    p of a higher mean score than ActAdd(+r)); calibrated on the generated controls of each kind."""
+    kinds = {"random_ablated": (refused, ablation_edits(direction, n_layers), [ablation_edits(u, n_layers) for u in units],
+                                "less"),
+             "random_added": (harmless, addition_edits(direction, layer, 1.0),
+                              [addition_edits(u * direction.norm(), layer, 1.0) for u in units], "greater")}
+    if permuted is not None:
+        kinds["permuted_ablated"] = (refused, ablation_edits(direction, n_layers),
+                                     [ablation_edits(v, n_layers) for v in permuted], "less")
+    out = {}
+    with tqdm(total=sum(len(k[2]) + 1 for k in kinds.values() if k[0]), desc="direction controls by score",
+              disable=not show_progress) as bar:
+        for name, (prompts, own, edits, alternative) in kinds.items():
+            if prompts:
+                out[name] = scored_controls(intervener, prompts, tokens, own, edits, generated.get(name, ()), bar,
+                                            alternative)
     return out
 
 

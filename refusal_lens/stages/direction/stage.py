@@ -169,7 +169,8 @@ class DirectionSteps:
             harmful_refused=[bool(data.rows[i]["refused"]) for i in tox], harmless=self.enc(harmless),
             harmless_ids=data.ids(harmless), harmless_responses=data.response_ids(self.tok, harmless),
             max_new_tokens=self.max_new, n_random=c.random_directions, n_bootstrap=c.bootstrap, seed=c.seed,
-            audit=audit, show_progress=self.show, random_prompts=c.random_prompts, permuted=permuted)))
+            audit=audit, show_progress=self.show, random_prompts=c.random_prompts, permuted=permuted,
+            n_generated=c.random_directions_generated, score_tokens=data.tokens if c.score_controls else None)))
         self.status.progress(3)
         return out
 

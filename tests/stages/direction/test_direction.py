@@ -108,6 +108,13 @@ def test_selection_finds_the_planted_direction_and_it_works_on_test(planted, sta
     assert s["harmless"]["actadd_plus"]["refusal_rate"] > s["harmless"]["clean"]["refusal_rate"]
     assert s["kl_harmless"]["mean"] <= 0.1 and s["direction"]["scores"]["kl"] <= 0.1
     assert s["random_ablated"]["n"] == 4 and s["random_ablated"]["mean"] == 1.0  # random directions do nothing
+    # by the refusal score too: r's ablation lowers the refused prompts' mean score below all 4 random directions,
+    # and adding r raises the harmless prompts' score above all 4 random vectors of |r|; calibrated on the 4
+    score = s["controls_score"]
+    assert score["random_ablated"]["n"] == 4 and score["random_ablated"]["p_value"] == pytest.approx(1 / 5), score
+    assert score["random_added"]["p_value"] == pytest.approx(1 / 5), score
+    assert score["random_ablated"]["headline_mean_score"] < min(score["random_ablated"]["q05"], 0.0)
+    assert score["random_ablated"]["calibration"]["n_controls"] == 4
     # every candidate screened, the shortlist measured, the files other tools read
     cands = json.loads((run / "direction" / "candidates.json").read_text())
     n_layers, n_post = cands["n_layers"], cands["n_post_instruction"]
