@@ -163,6 +163,17 @@ def test_run_end_to_end_then_skip(tmp_path, capsys):
     assert 0 < sets["prompts"]["fit"]["harmful"]["file"] <= 4 and sets["prompts"]["kl"]["other"] <= 4
     with pytest.raises(SystemExit, match="each NAME once"):
         scheck.main(["--run", str(run), "--harmless", "a=x.csv", "--harmless", "a=y.csv"])
+    # would fewer tokens judge the same? (the run's responses are 4 tokens: a cut at 2 can change them, 9 cannot)
+    lcheck = importlib.import_module("refusal_lens.checks.judge_length")
+    assert lcheck.main(["--run", str(run), "--n", "2", "9", "--min-n", "2"]) == 0
+    length = json.loads((run / "judge_length.json").read_text())
+    assert "collect" in length["sources"] and any(k.startswith("direction/responses/") for k in length["sources"])
+    for src in length["sources"].values():
+        assert "9" not in src and src["longest_response"] <= 8  # 4 new tokens (collect: re-tokenised audits may split)
+        if "2" in src:
+            assert 0 <= src["2"]["refused_flips"] <= 1 - src["2"]["same_judgement"] + 1e-9
+    with pytest.raises(SystemExit):
+        lcheck.main(["--run", str(run), "--n", "0"])
     doc = json.loads((run / "rerun_circuit-test.json").read_text())
     assert doc["same_responses_as_stage"] == {"equal": behaviour["headline"]["n"], "of": behaviour["headline"]["n"]}
     assert doc["circuit"]["refusal_rate"] == behaviour["headline"]["refusal_rate"]
