@@ -12,6 +12,7 @@ stages (``*/responses/*.jsonl`` and ``circuits/validation/responses.jsonl``: tex
 tokenizer, so the first N tokens are those of the re-tokenised text). Written to ``<run>/judge_length.json``.
 
 Usage: .venv/bin/python -m refusal_lens.checks.judge_length --run results/full [--n 8 12 16] [--min-n 20]
+       [--reference 20]   (the reference judged on the first 20 tokens: the interventions' generation length)
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def responses_of(run: RunFolder, tokenizer) -> dict[str, list[tuple[str, list[in
     return out
 
 
-def compare(responses: Sequence[tuple[str, list[int]]], n: int, decode, min_n: int) -> dict:
-    """Judgement on the first ``n`` tokens against the judgement on the whole response, for ``responses``."""
+def compare(responses: Sequence[tuple[str, list[int]]], n: int, decode, min_n: int, reference: int | None = None) -> dict:
+    """Judgement on the first ``n`` tokens against the judgement on the whole response (or on its first
+    ``reference`` tokens: what a generation of that length reports), for ``responses``."""
+    if reference is not None:
+        responses = [(c, ids[:reference]) for c, ids in responses]
     same = flips = longer = 0
     by_condition: dict[str, list[tuple[bool, bool]]] = {}
     for condition, ids in responses:
@@ -63,7 +67,7 @@ def compare(responses: Sequence[tuple[str, list[int]]], n: int, decode, min_n: i
     return {"n_responses": total, "n_longer_than_cut": longer, "same_judgement": same / total if total else None,
             "refused_flips": flips / total if total else None,
             "max_rate_change": shifts[worst] if worst else None, "max_rate_change_condition": worst,
-            "n_conditions": len(shifts)}
+            "n_conditions": len(shifts), "reference_tokens": reference}
 
 
 def main(argv=None) -> int:
@@ -71,12 +75,13 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="a finished run folder (results/<run_name>)")
     ap.add_argument("--n", type=int, nargs="+", default=[8, 12, 16], help="the cuts, in tokens")
     ap.add_argument("--min-n", type=int, default=20, help="responses a condition needs for its rate change")
+    ap.add_argument("--reference", type=int, help="judge the reference on the first this many tokens (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = RunFolder(args.run)
     if not run.paths.activations.responses.is_dir():
         ap.error(f"--run {args.run}: no activations/responses; allowed: a run whose collect stage ran")
-    if any(n < 1 for n in args.n):
+    if any(n < 1 for n in args.n) or (args.reference is not None and args.reference < 1):
         ap.error(f"--n {args.n}: allowed: positive token counts")
     from refusal_lens.models.loading import load_tokenizer, resolve_source
 
@@ -90,7 +95,9 @@ def main(argv=None) -> int:
     for source, rows in sources.items():
         longest = max((len(ids) for _, ids in rows), default=0)
         doc["sources"][source] = {"longest_response": longest,
-                                  **{str(n): compare(rows, n, decode, args.min_n) for n in args.n if n < longest}}
+                                  "reference_tokens": args.reference,
+                                  **{str(n): compare(rows, n, decode, args.min_n, args.reference) for n in args.n
+                                     if n < min(longest, args.reference or longest)}}
         for n, r in ((n, doc["sources"][source].get(str(n))) for n in args.n):
             if r:
                 logger.info("%s, first %d tokens: same judgement %.3f, refused flips %.3f, largest rate change %s (%s)",

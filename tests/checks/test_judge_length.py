@@ -27,3 +27,12 @@ def test_cuts_count_same_judgements_flips_and_the_largest_rate_change_exactly():
     assert cut["same_judgement"] == pytest.approx(3 / 4)
     assert cut["max_rate_change"] == pytest.approx(1 / 3) and cut["max_rate_change_condition"] == "a"
     assert compare(rows, 5, decode, min_n=4)["max_rate_change"] is None  # no condition has 4 responses
+
+
+def test_a_shorter_reference_is_judged_on_its_own_first_tokens():
+    late = [1, 2, 3, 4, 5, 13, 14, 15]  # refused only from its 6th token on
+    rows = [("a", late), ("a", [1, 2, 3])]
+    assert compare(rows, 5, decode, 1)["refused_flips"] == pytest.approx(1 / 2)
+    assert compare(rows, 5, decode, 1, reference=7)["refused_flips"] == pytest.approx(1 / 2)  # "... I can't"
+    assert compare(rows, 5, decode, 1, reference=6)["refused_flips"] == 0.0  # "... how to I": no refusal yet
+    assert compare(rows, 5, decode, 1, reference=5)["refused_flips"] == 0.0  # the same text on both sides
