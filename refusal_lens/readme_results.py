@@ -170,23 +170,39 @@ def timing_lines(t: dict) -> list[str]:
 
 
 def render_run(title: str, s: dict) -> list[str]:
-    d, data = s["direction"], s["data"]
+    """One recorded run's README section: timing, data, the direction, the circuits, the verdicts, over-refusal."""
     lines = [f"### {title}", ""]
     lines += timing_lines(s.get("timing") or {})
+    lines += data_lines(s["data"]) + direction_lines(s["direction"])
+    if (b := s.get("circuit_behaviour")):
+        lines += circuit_lines(b)
+    lines += evidence_lines(s)
+    lines += over_refusal_lines(s)
+    if s.get("underpowered"):
+        lines += ["", "Underpowered here: " + "; ".join(s["underpowered"]) + "."]
+    return lines + [""]
+
+
+def data_lines(data: dict) -> list[str]:
+    """The split's prompt counts, the test refusal rates and the refusal score's AUROC against the judge."""
     counts = data.get("split_counts") or {}
-    lines.append("* **Prompts** (discovery / validation / test): " + " / ".join(
-        str(counts.get(k, {}).get("all", 0)) for k in ("discovery", "validation", "test")) + "; refused on test: " +
-        ", ".join(f"{lab} {fmt_rate(r)}" for lab, r in (data.get("refusal_test") or {}).items()) + ".")
     auroc = (data.get("score_auroc") or {}).get("test") or {}
-    lines.append(f"* **Refusal score vs judge** (test): AUROC {num(auroc.get('auroc'), '.3f')} "
-                 f"({auroc.get('n_refused')} refused, {auroc.get('n_complied')} complied; refusal tokens "
-                 f"{data.get('refusal_tokens')}, {data.get('refusal_tokens_source')}).")
+    return ["* **Prompts** (discovery / validation / test): " + " / ".join(
+                str(counts.get(k, {}).get("all", 0)) for k in ("discovery", "validation", "test")) + "; refused on test: " +
+            ", ".join(f"{lab} {fmt_rate(r)}" for lab, r in (data.get("refusal_test") or {}).items()) + ".",
+            f"* **Refusal score vs judge** (test): AUROC {num(auroc.get('auroc'), '.3f')} "
+            f"({auroc.get('n_refused')} refused, {auroc.get('n_complied')} complied; refusal tokens "
+            f"{data.get('refusal_tokens')}, {data.get('refusal_tokens_source')})."]
+
+
+def direction_lines(d: dict) -> list[str]:
+    """The direction's site and validation scores, its test rates and every control (generated and by score)."""
     dd = d["direction"]
-    lines.append(f"* **Refusal direction**: `{dd['hook']}`, position {dd['position']} (validation: bypass "
-                 f"{num(dd['scores']['bypass'])}, induce {num(dd['scores']['induce'])}, KL {num(dd['scores']['kl'], '.3f')}; "
-                 f"contrast after the filter: discovery {dd['splits']['discovery']['harmful']} harmful / "
-                 f"{dd['splits']['discovery']['harmless']} harmless" + ("; " + "; ".join(dd["filters"]["notes"]) if
-                                                                     dd["filters"]["notes"] else "") + ").")
+    lines = [f"* **Refusal direction**: `{dd['hook']}`, position {dd['position']} (validation: bypass "
+             f"{num(dd['scores']['bypass'])}, induce {num(dd['scores']['induce'])}, KL {num(dd['scores']['kl'], '.3f')}; "
+             f"contrast after the filter: discovery {dd['splits']['discovery']['harmful']} harmful / "
+             f"{dd['splits']['discovery']['harmless']} harmless" + ("; " + "; ".join(dd["filters"]["notes"]) if
+                                                                 dd["filters"]["notes"] else "") + ")."]
     hr = d["harmful_refused"]
     lines.append(f"  Test: refused harmful prompts {fmt_rate(hr['clean'])} -> ablated {fmt_rate(hr['ablated'])} -> "
                  f"ActAdd(-r) {fmt_rate(hr['actadd_minus'])}; harmless {fmt_rate(d['harmless']['clean'])} -> ActAdd(+r) "
@@ -206,8 +222,12 @@ def render_run(title: str, s: dict) -> list[str]:
                                f"{num(c['mean'])}, p = {num(c['p_value'], '.3f')}, Spearman with the generated rate "
                                f"{num((c.get('calibration') or {}).get('spearman_rate_vs_score'))}"
                                for k, c in cs.items()) + ".")
-    if (b := s.get("circuit_behaviour")):
-        lines += circuit_lines(b)
+    return lines
+
+
+def evidence_lines(s: dict) -> list[str]:
+    """The independent re-run, faithfulness, attribution against exact patching, and the similarity verdicts."""
+    lines, d = [], s["direction"]
     if (r := s.get("rerun")):
         st = r["stage"]
         lines.append(f"* **Independent re-run** (`scripts/rerun_circuit.py`, its own hooks on the HF model) on "
@@ -237,18 +257,22 @@ def render_run(title: str, s: dict) -> list[str]:
                      "no pairs") + (f"; pooled safe x toxic: {similarity_of(pooled)}" if pooled else "") +
                  f". Cross-ablation (direction of A ablated, refusal on B): {verdict_counts(d['cross_ablation_verdicts'])}"
                  + independence_of(d.get("independence")) + ".")
+    return lines
+
+
+def over_refusal_lines(s: dict) -> list[str]:
+    """The false-refusal experiment, the over-refusal circuit and each method's best point (or the earlier
+    over-refusal direction of runs recorded before it)."""
+    d = s["direction"]
     if (fr := d.get("false_refusal")) and fr.get("methods"):
-        lines.append(false_refusal_line(fr))
+        lines = [false_refusal_line(fr)]
         if s.get("over_refusal_circuit"):
             lines.append(over_refusal_circuit_line(s["over_refusal_circuit"]))
-        lines.append(best_points_line(fr, s.get("over_refusal_circuit")))
-    elif d.get("over_refusal"):
-        o = d["over_refusal"]
-        lines.append("* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(
-            f"{k}: safe {fmt_rate(v['safe'])}, toxic {fmt_rate(v['toxic'])}" for k, v in o.items()) + ".")
-    if s.get("underpowered"):
-        lines += ["", "Underpowered here: " + "; ".join(s["underpowered"]) + "."]
-    return lines + [""]
+        return lines + [best_points_line(fr, s.get("over_refusal_circuit"))]
+    if d.get("over_refusal"):
+        return ["* **Over-refusal direction** (refused safe - refused toxic), test: " + "; ".join(
+            f"{k}: safe {fmt_rate(v['safe'])}, toxic {fmt_rate(v['toxic'])}" for k, v in d["over_refusal"].items()) + "."]
+    return []
 
 
 def render(results: Path = RESULTS) -> str:

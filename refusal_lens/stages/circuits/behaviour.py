@@ -189,14 +189,24 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
     out = summarise(named, space, rankings, curve_keys, chosen, method, selection, headline_k, alignment,
                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
     if score_tokens is not None and control_sets:
-        edits = [ablate(space, f, chosen.mode, means, chosen.c, chosen.positions) for f in control_sets]
-        with tqdm(total=len(edits) + 1, desc="random sets by score", disable=not show_progress) as score_bar:
-            out["random"]["controls_score"] = scored_controls(
-                intervener, prompts, score_tokens, ablate(space, head_feats, chosen.mode, means, chosen.c,
-                                                          chosen.positions), edits,
-                [s["refusal_rate"] for s in out["random"]["sets"]], score_bar)
+        out["random"]["controls_score"] = score_random_sets(
+            intervener, space, prompts, score_tokens, head_feats, control_sets, chosen, means,
+            [s["refusal_rate"] for s in out["random"]["sets"]], show_progress)
         out["headline"]["random_p_value_score"] = out["random"]["controls_score"]["p_value"]
     return out
+
+
+def score_random_sets(intervener: Intervener, space: NodeSpace, prompts: Sequence[EncodedPrompt],
+                      tokens: RefusalTokens, head_feats, control_sets: list, chosen: Intervention, means: ClassMeans,
+                      generated: Sequence[float], show_progress: bool) -> dict:
+    """Every matched random set, and the headline circuit, ablated as the headline is and measured by the refusal
+    score (:func:`refusal_lens.core.behaviour.scored_controls`), calibrated on the ``generated`` sets' rates."""
+    def edits(feats):
+        return ablate(space, feats, chosen.mode, means, chosen.c, chosen.positions)
+
+    with tqdm(total=len(control_sets) + 1, desc="random sets by score", disable=not show_progress) as bar:
+        return scored_controls(intervener, prompts, tokens, edits(head_feats), [edits(f) for f in control_sets],
+                               generated, bar)
 
 
 def induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless, harmless_ids,

@@ -92,6 +92,23 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
     out: dict = {"conditions": rows, "n_harmful": len(harmful), "n_harmful_refused": len(refused_idx),
                  "n_harmless": len(harmless), "layer": layer, "max_new_tokens": max_new_tokens}
 
+    out.update(direction_controls(intervener, direction, layer, n_layers, harmful, harmful_ids, refused_idx, harmless,
+                                  harmless_ids, texts_of, max_new_tokens, n_random, seed, audit, show_progress,
+                                  random_prompts, permuted, n_generated, score_tokens))
+    out.update(harmless_cost(intervener, harmless, harmless_responses, ablate, n_bootstrap, seed))
+    return out
+
+
+def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: int, n_layers: int,
+                       harmful: Sequence[EncodedPrompt], harmful_ids: Sequence[str], refused_idx: list[int],
+                       harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
+                       texts_of: dict[tuple[str, str], list[str]], max_new_tokens: int, n_random: int, seed: int,
+                       audit: ResponseAudit, show_progress: bool, random_prompts: int | None,
+                       permuted: torch.Tensor | None, n_generated: int | None,
+                       score_tokens: RefusalTokens | None) -> dict:
+    """The direction's controls (module docstring): generated and judged, and by the refusal score; ``texts_of`` holds
+    the direction's own responses (for its rates on the controls' prompts)."""
+    out: dict = {}
     # controls: random directions ablated (refused harmful), random vectors of |r| added (harmless), on up to
     # ``random_prompts`` prompts per side; the direction's own rate on the same prompts gives its p-value
     ctrl_h = refused_idx[:random_prompts] if random_prompts else refused_idx
@@ -130,7 +147,6 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
             intervener, direction, layer, n_layers, [harmful[i] for i in ctrl_h], [harmless[i] for i in ctrl_s],
             units, permuted, score_tokens, {"random_ablated": ablated_rates, "random_added": added_rates,
                                             "permuted_ablated": permuted_rates}, show_progress)
-    out.update(harmless_cost(intervener, harmless, harmless_responses, ablate, n_bootstrap, seed))
     return out
 
 
