@@ -121,7 +121,8 @@ def best_points_line(fr: dict, circuit: dict | None) -> str:
     families: dict[str, list[tuple[str, float, float]]] = {}
     for name, m in fr["methods"].items():
         if m.get("safe_refused") and m.get("toxic_refused"):
-            families.setdefault(name.split("(")[0].strip(), []).append(
+            family = name.split("(")[0].strip() + (" selected keeping toxic" if "toxic kept" in name else "")
+            families.setdefault(family, []).append(
                 (name, m["safe_refused"]["refusal_rate"], m["toxic_refused"]["refusal_rate"]))
     names = {"safe_minus_toxic": "safe-minus-toxic features", "attribution": "the toxic circuit's features"}
     for method, curve in ((circuit or {}).get("curves") or {}).items():

@@ -69,11 +69,17 @@ def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], to
 
     own = mean_score(headline)
     values = [mean_score(edits) for edits in controls]
+    if own != own:  # no score for the headline (e.g. no prompts): nothing to compare
+        return {"measure": "mean refusal score", "headline_mean_score": None, "n_prompts": len(prompts),
+                "scores": values, **control_summary(float("inf"), [], alternative)}
     out = {"measure": "mean refusal score", "headline_mean_score": own, "n_prompts": len(prompts),
+           "scores": values,  # per control, in order (control k), NaN kept; control_summary's values drop NaN
            **control_summary(own, values, alternative)}
     if generated:
         m = len(generated)
-        out["calibration"] = {"n_controls": m, "spearman_rate_vs_score": spearman(list(generated), values[:m]),
+        pairs = [(r, v) for r, v in zip(generated, values[:m]) if v == v]
+        out["calibration"] = {"n_controls": len(pairs),
+                              "spearman_rate_vs_score": spearman(*zip(*pairs)) if pairs else None,
                               "p_score_on_generated": control_summary(own, values[:m], alternative)["p_value"]}
     return out
 

@@ -113,7 +113,7 @@ def _behaviour_evidence(behaviour: dict, fraction_ci: dict | None, without_ci: d
                                           "random_p_value", "random_mean", "smallest_k_reaching_90")}
                    | {"fraction_ci": (fraction_ci or {}).get("ci", [None, None])},
         "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
-        "random_score": ({k: v for k, v in behaviour["random"]["controls_score"].items() if k != "values"}
+        "random_score": ({k: v for k, v in behaviour["random"]["controls_score"].items() if k not in ("values", "scores")}
                          if behaviour["random"].get("controls_score") else None),
         "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],
         "induction": {"clean": _rate_of(behaviour["induction"]["clean"]),

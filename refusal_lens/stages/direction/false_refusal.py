@@ -27,6 +27,7 @@ correct refusal stays.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -92,7 +93,8 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     """The obvious fix when the reference's w' costs correct refusal (not the reference's rule): among the candidates
     of w'(lam), the lowest mean refusal score of the refused safe validation prompts whose ablation keeps the
     refusal score > 0 on at least ``keep_toxic`` of the refused toxic validation prompts that score > 0 clean, with
-    KL <= kl_max on harmless validation prompts and layer < max_layer_fraction L.
+    KL <= kl_max on harmless validation prompts and layer < max_layer_fraction L, and that lowers the safe prompts'
+    mean score below its clean value (a candidate that removes nothing keeps toxic refusal trivially: it is no fix).
 
     The shortlist is the reference's (lowest estimated safe score) plus the candidates with the lowest estimated
     safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on both sides.
@@ -104,6 +106,8 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     base = clean_tox > 0
     if not base.any():
         return {"note": "no refused toxic validation prompt has a refusal score > 0 clean: nothing to keep"}
+    clean_safe = float(scores_of(intervener, safe, tokens).mean())
+    lowers = clean_safe - 1e-4 * max(1.0, abs(clean_safe))  # beyond float32 rounding: a no-op site does not pass
     (est_tox,) = bypass_estimates(intervener, [cands], toxic, tokens, n_layers)
     selective = [Scored(s.layer, s.j, s.position, s.bypass_estimate - float(est_tox[s.layer, s.j]), 0.0, norm=s.norm,
                         degenerate=s.degenerate) for s in scored]
@@ -115,20 +119,21 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     rows = []
     for layer, j in tqdm(sorted(short), desc=f"false-refusal candidates keeping toxic (lambda {lam:g})",
                          disable=not show_progress):
-        s = by_site[(layer, j)]
+        s = replace(by_site[(layer, j)])  # a copy: the reference selection's record keeps what it measured
         edits = ablation_edits(cands.vector(layer, j), n_layers)
         if s.bypass is None:
             s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
             s.kl = float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
         kept = float((scores_of(intervener, toxic, tokens, edits)[base] > 0).mean())
         rows.append((s, kept))
-    passing = [(s, kept) for s, kept in rows if s.kl <= kl_max and kept >= keep_toxic]
+    passing = [(s, kept) for s, kept in rows if s.kl <= kl_max and kept >= keep_toxic and s.bypass < lowers]
     record = {"keep_toxic": keep_toxic, "kl_max": kl_max, "n_measured": len(rows), "n_passing": len(passing),
-              "n_toxic_validation": int(base.sum())}
+              "n_toxic_validation": int(base.sum()), "clean_safe_score": clean_safe}
     if not passing:
-        best = max(rows, key=lambda t: t[1]) if rows else None
-        return {**record, "note": f"no measured candidate keeps >= {keep_toxic:.0%} of the refused toxic validation "
-                                  f"prompts with KL <= {kl_max}" + (f" (best kept {best[1]:.0%})" if best else "")}
+        best = max(rows, key=lambda t: t[1] if t[0].bypass < lowers else -1.0) if rows else None
+        return {**record, "note": f"no measured candidate lowers the refused safe prompts' score and keeps >= "
+                                  f"{keep_toxic:.0%} of the refused toxic validation prompts with KL <= {kl_max}"
+                                  + (f" (best kept {best[1]:.0%})" if best else "")}
     s, kept = min(passing, key=lambda t: (t[0].bypass, t[0].layer, t[0].j))
     vector = cands.vector(s.layer, s.j)
     return {**record, "layer": s.layer, "j": s.j, "position": s.position, "bypass": s.bypass, "kl": s.kl,
@@ -170,7 +175,8 @@ def score_controls(intervener: Intervener, safe: Sequence[EncodedPrompt], tokens
     first = next(iter(by_kind.values()), {})
     out: dict = {"headline_mean_score": first.get("headline_mean_score"), "n_prompts": len(safe),
                  "controls": by_kind}
-    pairs = [(r, v) for kind, c in by_kind.items() for r, v in zip(generated.get(kind, ()), c["values"])]
+    pairs = [(r, v) for kind, c in by_kind.items() for r, v in zip(generated.get(kind, ()), c["scores"])
+             if v == v]  # the raw per-control scores (index k = control k), NaN left out pairwise
     if pairs:
         out["calibration"] = {"n_controls": len(pairs), "spearman_rate_vs_score": spearman(*zip(*pairs)),
                               "by_kind": {kind: {"p_score_on_generated": c["calibration"]["p_score_on_generated"],

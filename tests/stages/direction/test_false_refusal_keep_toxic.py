@@ -93,7 +93,7 @@ def test_no_candidate_keeping_enough_is_said_not_hidden(setting):
                                      lambdas=(0.0,), **kw)
     none = select_keeping_toxic(s["iv"], only_h, s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
                                 s["tokens"], s["n_layers"], keep_toxic=0.9, **kw)
-    assert "vector" not in none and "no measured candidate keeps" in none["note"] and none["n_passing"] == 0, none
+    assert "vector" not in none and "no measured candidate" in none["note"] and none["n_passing"] == 0, none
     assert clean_safe > 0
 
 
@@ -120,3 +120,24 @@ def test_score_controls_rank_the_planted_direction_first_and_are_calibrated_on_n
     p = np.array([empirical_pvalue(values[i], np.delete(values, i), "less") for i in range(len(values))])
     for alpha in (0.1, 0.25, 0.5):
         assert abs((p <= alpha).mean() - alpha) <= 0.05, (alpha, (p <= alpha).mean())
+
+
+def test_a_screen_that_misses_the_selective_candidate_says_so_and_does_not_return_a_no_op(setting):
+    """With one exact measurement per screen the reference's shortlist holds the stronger candidate a only, and the
+    selective screen's first-order estimate (safe minus toxic) has the wrong sign at e_o on this model (measured: it
+    ranks e_o last), so it shortlists an unused site. That site keeps toxic refusal trivially and removes nothing:
+    the rule must say no candidate passes, not return it; and the reference selection's record is left as measured."""
+    s = setting
+    kw = dict(kl_max=0.2, max_layer_fraction=1.0, exact_candidates=1, exact_per_layer=0, show_progress=False)
+    chosen, scored = select_false_refusal(s["iv"], s["w"], s["r"], s["safe"], s["harmless"], s["tokens"],
+                                          s["n_layers"], lambdas=(0.0,), **kw)
+    measured = [(c.layer, c.j) for c in scored[0] if c.bypass is not None]
+    assert measured == [(1, s["n_post"] - 1)], measured  # the reference measured a alone
+    kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
+                                s["tokens"], s["n_layers"], keep_toxic=0.9, **kw)
+    assert "note" in kept and "layer" not in kept, kept
+    assert kept["n_measured"] == 2 and kept["n_passing"] == 0, kept
+    assert [(c.layer, c.j) for c in scored[0] if c.bypass is not None] == measured  # not mutated
+    full = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
+                                s["tokens"], s["n_layers"], keep_toxic=0.9, **{**kw, "exact_candidates": None})
+    assert (full["layer"], full["j"]) == (2, s["n_post"] - 1), full  # measured exactly, e_o is found
