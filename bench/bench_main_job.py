@@ -12,7 +12,9 @@ token positions they pushed through the model (``status.json``, counted by
 :class:`refusal_lens.infra.token_meter.TokenMeter`: forward, forward + backward, and decode steps), and each
 part's seconds divided by the time its passes take at *the floor*: the throughput this machine reaches on one
 large batched forward of each model the run uses, measured here after the run (a forward + backward counted as
-3 forwards, a decode step as one position). Parts far above the floor are the ones to optimise.
+3 forwards, a decode step as one position). Parts far above the floor are the ones to optimise. Beside them, the
+process's resident memory at the end of each part and its peak so far
+(:mod:`refusal_lens.infra.resident_memory`): the part where the peak rises is where memory peaks.
 
 With ``--record NAME`` the run's analysis summary and this timing are copied into ``docs/results/NAME.json``
 and the README's results section is rewritten from them (``refusal_lens.readme_results``): the README's
@@ -174,17 +176,20 @@ def profile_rows(status: dict, floor: dict[str, float]) -> list[dict]:
                 floor_s += n * (AUTOGRAD_FORWARDS if kind == "autograd" else 1.0) / floor[label]
             name = part["part"].split(": ", 1)[-1] or ("whole stage" if len(stage["parts"]) == 1 else "set-up")
             rows.append({"stage": stage["name"], "part": name, "seconds": part["seconds"], **kinds,
-                         "floor_s": floor_s, "x_floor": part["seconds"] / floor_s if floor_s else None})
+                         "floor_s": floor_s, "x_floor": part["seconds"] / floor_s if floor_s else None,
+                         "rss_mb": part.get("rss_mb"), "peak_rss_mb": part.get("peak_rss_mb")})
     return rows
 
 
 def profile_table(rows: list[dict]) -> str:
-    lines = ["| stage | part | seconds | forward positions | autograd positions | decode positions | floor s | x floor |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | part | seconds | forward positions | autograd positions | decode positions | floor s | x floor "
+             "| RSS at end GB | peak RSS so far GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    gb = lambda mb: f"{mb / 1024:.1f}" if mb is not None else "-"  # noqa: E731
     for r in rows:
         ratio = f"{r['x_floor']:.1f}" if r["x_floor"] is not None else "no model passes"
         lines.append(f"| {r['stage']} | {r['part']} | {r['seconds']:.1f} | {r['forward']:,} | {r['autograd']:,} | "
-                     f"{r['decode']:,} | {r['floor_s']:.1f} | {ratio} |")
+                     f"{r['decode']:,} | {r['floor_s']:.1f} | {ratio} | {gb(r.get('rss_mb'))} | "
+                     f"{gb(r.get('peak_rss_mb'))} |")
     return "\n".join(lines)
 
 

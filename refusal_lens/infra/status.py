@@ -9,7 +9,7 @@ or per hook; writes are throttled to one per ``min_interval_s`` (a finished coun
     run, command, pid, host, started_at, updated_at, state (running/done/failed/interrupted),
     stages: [{name, state (pending/running/done/skipped/failed/interrupted), started_at, finished_at,
               elapsed_s, progress: {done, total, unit}, eta_s, summary,
-              parts: [{part, seconds, positions}]}],
+              parts: [{part, seconds, positions, rss_mb, peak_rss_mb}]}],
     current_stage, message, rates, error
 
 A stage's **parts** are the spans between its messages (``set(message=...)``: the stage names what it is doing);
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lens.infra import durable
+from refusal_lens.infra.resident_memory import resident_memory_mb
 from refusal_lens.infra.token_meter import TokenMeter, difference
 from refusal_lens.errors import UserError
 
@@ -244,6 +245,7 @@ class StatusFile:
         entry: dict[str, Any] = {"part": self._part["part"], "seconds": round(now - self._part["t0"], 3)}
         if self.meter is not None:
             entry["positions"] = difference(self.meter.snapshot(), self._part["counts"])
+            entry.update(resident_memory_mb())
         stage.setdefault("parts", []).append(entry)
         self._part = None
 

@@ -56,6 +56,9 @@ def test_status_parts_carry_seconds_and_the_counts_between_messages(tmp_path):
     meter.counts["hf bfloat16 decode"] += 64
     status.finish_stage("direction")
     parts = status.data["stages"][0]["parts"]
+    for part in parts:  # the process's memory at the end of each part: present, positive, the peak never below now
+        rss, peak = part.pop("rss_mb"), part.pop("peak_rss_mb")
+        assert 0 < rss <= peak
     assert parts == [
         {"part": "", "seconds": 2.0, "positions": {"hf float32 forward": 10}},
         {"part": "direction: selection", "seconds": 6.0,
@@ -84,3 +87,17 @@ def test_transformer_lens_passes_are_counted_through_embed_and_unembed(tmp_path)
 
     tl.run_with_hooks(ids[:1], attention_mask=torch.ones_like(ids[:1]), fwd_hooks=[("blocks.0.hook_resid_post", leaf)])
     assert meter.snapshot() == {"tl float32 forward": 12, "tl float32 autograd": 6}
+
+
+def test_resident_memory_is_read_from_proc_status_and_its_peak_rises_with_an_allocation(tmp_path):
+    from refusal_lens.infra.resident_memory import resident_memory_mb
+
+    fake = tmp_path / "status"
+    fake.write_text("Name:\tpython\nVmHWM:\t  2048000 kB\nVmRSS:\t  1024000 kB\n")
+    assert resident_memory_mb(fake) == {"rss_mb": 1000.0, "peak_rss_mb": 2000.0}
+    assert set(resident_memory_mb(tmp_path / "absent")) == {"peak_rss_mb"}  # getrusage: the peak only
+    before = resident_memory_mb()["peak_rss_mb"]
+    block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    after = resident_memory_mb()
+    assert after["peak_rss_mb"] >= before + 250 and after["rss_mb"] >= 250, (before, after)
+    del block
