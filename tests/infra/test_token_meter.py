@@ -96,8 +96,9 @@ def test_resident_memory_is_read_from_proc_status_and_its_peak_rises_with_an_all
     fake.write_text("Name:\tpython\nVmHWM:\t  2048000 kB\nVmRSS:\t  1024000 kB\n")
     assert resident_memory_mb(fake) == {"rss_mb": 1000.0, "peak_rss_mb": 2000.0}
     assert set(resident_memory_mb(tmp_path / "absent")) == {"peak_rss_mb"}  # getrusage: the peak only
-    before = resident_memory_mb()["peak_rss_mb"]
+    before = resident_memory_mb()
     block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
     after = resident_memory_mb()
-    assert after["peak_rss_mb"] >= before + 250 and after["rss_mb"] >= 250, (before, after)
+    # the peak may already be higher (earlier tests): now rises by the block, and the peak is never below now
+    assert after["rss_mb"] >= before["rss_mb"] + 250 and after["peak_rss_mb"] >= after["rss_mb"], (before, after)
     del block
