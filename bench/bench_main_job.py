@@ -97,7 +97,8 @@ def measure(args, config: Path, results: Path) -> int:
     status = json.loads(run.status_file.read_text())
     budget = args.budget_min * 60
     print(f"main job: {config}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; torch threads per config")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), {platform.platform()}; torch threads "
+          "per config")
     print(f"{'stage':<12}{'seconds':>10}{'share of budget':>18}")
     for stage in status["stages"]:
         print(f"{stage['name']:<12}{stage['elapsed_s']:>10.1f}{stage['elapsed_s'] / budget:>18.2f}")
@@ -118,7 +119,7 @@ def measure(args, config: Path, results: Path) -> int:
 
         timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": os.path.relpath(config.resolve(), ROOT),
                   "commit": started_at,
-                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), no GPU",
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}, "profile": rows}
         if (ended_at := head_commit()) != started_at:
             timing["head_at_end"] = ended_at  # commits landed while it ran: said, not hidden
@@ -126,6 +127,19 @@ def measure(args, config: Path, results: Path) -> int:
         readme_results.update()
         print(f"recorded {out}; README results rewritten")
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the matrix extensions that set its bf16 throughput (machines of the same name
+    differ by 2-3.6x in the floor: bench/README.md), from /proc/cpuinfo; ``unknown`` elsewhere."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extensions = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name}; {' '.join(extensions) or 'no bf16 extensions'}"
 
 
 # ------------------------------------------------------------------------------------------- profile
