@@ -84,6 +84,11 @@ def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], to
     return out
 
 
+def without_values(controls: dict) -> dict:
+    """A control summary without its per-control lists (``values``, ``scores``): what a summary quotes."""
+    return {k: v for k, v in controls.items() if k not in ("values", "scores")}
+
+
 def fraction_of(clean: float, condition: float, reference: float) -> float | None:
     """``(clean - condition) / (clean - reference)``; None when the reference moves nothing."""
     den = clean - reference

@@ -4,6 +4,7 @@ notes on what is below the power floor, and the report's one-line-each headline 
 from __future__ import annotations
 
 from refusal_lens.config import Config
+from refusal_lens.core.behaviour import without_values
 from refusal_lens.core.metrics import RATE_KEYS
 from refusal_lens.report.numbers import by_method, fmt_rate, fmt_share, num, share_note
 from refusal_lens.stages.analysis.inputs import AnalysisInputs
@@ -113,7 +114,7 @@ def _behaviour_evidence(behaviour: dict, fraction_ci: dict | None, without_ci: d
                                           "random_p_value", "random_mean", "smallest_k_reaching_90")}
                    | {"fraction_ci": (fraction_ci or {}).get("ci", [None, None])},
         "random": {k: behaviour["random"]["controls"][k] for k in ("n", "mean", "q05", "q95", "p_value")},
-        "random_score": ({k: v for k, v in behaviour["random"]["controls_score"].items() if k not in ("values", "scores")}
+        "random_score": (without_values(behaviour["random"]["controls_score"])
                          if behaviour["random"].get("controls_score") else None),
         "random_fraction_of_direction_mean": behaviour["random"]["fraction_of_direction_mean"],
         "induction": {"clean": _rate_of(behaviour["induction"]["clean"]),

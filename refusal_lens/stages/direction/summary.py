@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from refusal_lens.core.behaviour import without_values
+
 
 def independence_summary(ind: dict | None) -> dict | None:
     """Median and range of the pairs' representational-independence scores (between categories, ``all`` left out)
@@ -65,8 +67,8 @@ def direction_summary(info: dict, evaluation: dict, categories: dict, over: dict
         "permuted_ablated": {k: (evaluation.get("permuted_ablated") or {}).get(k) for k in
                              ("n", "mean", "q05", "q95", "p_value", "abs_cosine_with_direction_mean")},
         "kl_harmless": evaluation["kl_harmless"], "ce_harmless": evaluation["ce_harmless"],
-        "controls_score": ({k: {q: v for q, v in c.items() if q not in ("values", "scores")}
-                            for k, c in evaluation["controls_score"].items()} if evaluation.get("controls_score") else None),
+        "controls_score": ({k: without_values(c) for k, c in evaluation["controls_score"].items()}
+                           if evaluation.get("controls_score") else None),
         "cross_ablation_verdicts": verdicts,
         "independence": independence_summary(categories.get("independence")),
         "over_refusal": {k: {side: {m: v[side][m] for m in ("n", "refusal_rate", "ci")} for side in ("safe", "toxic")}
