@@ -87,8 +87,8 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
 
 def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, lam: float, scored: list[Scored],
                          safe: Sequence[EncodedPrompt], toxic: Sequence[EncodedPrompt], harmless: Sequence[EncodedPrompt],
-                         tokens: RefusalTokens, n_layers: int, *, keep_toxic: float, kl_max: float,
-                         max_layer_fraction: float, exact_candidates: int | None, exact_per_layer: int,
+                         tokens: RefusalTokens, n_layers: int, *, clean_safe_score: float, keep_toxic: float,
+                         kl_max: float, max_layer_fraction: float, exact_candidates: int | None, exact_per_layer: int,
                          show_progress: bool = True) -> dict:
     """The obvious fix when the reference's w' costs correct refusal (not the reference's rule): among the candidates
     of w'(lam), the lowest mean refusal score of the refused safe validation prompts whose ablation keeps the
@@ -98,7 +98,8 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
 
     The shortlist is the reference's (lowest estimated safe score) plus the candidates with the lowest estimated
     safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on both sides.
-    ``scored``: the reference selection's candidates of w'(lam) (:func:`select_false_refusal`; those it measured are reused).
+    ``scored``: the reference selection's candidates of w'(lam) (:func:`select_false_refusal`; those it measured are
+    reused), ``clean_safe_score`` its clean mean score of ``safe``.
     Returns the choice and its numbers, or ``{"note": ...}`` when no candidate passes (then the best kept
     fraction)."""
     cands = orthogonalised(w, r, lam)
@@ -106,7 +107,7 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     base = clean_tox > 0
     if not base.any():
         return {"note": "no refused toxic validation prompt has a refusal score > 0 clean: nothing to keep"}
-    clean_safe = float(scores_of(intervener, safe, tokens).mean())
+    clean_safe = clean_safe_score
     lowers = clean_safe - 1e-4 * max(1.0, abs(clean_safe))  # beyond float32 rounding: a no-op site does not pass
     (est_tox,) = bypass_estimates(intervener, [cands], toxic, tokens, n_layers)
     selective = [Scored(s.layer, s.j, s.position, s.bypass_estimate - float(est_tox[s.layer, s.j]), 0.0, norm=s.norm,
@@ -115,13 +116,15 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     short = {(s.layer, s.j) for s in shortlist(selective, n_layers, max_layer_fraction, exact_candidates,
                                                  exact_per_layer)}
     short |= {key for key, s in by_site.items() if s.bypass is not None}
-    clean = intervener.last_logits(harmless).log_softmax(-1)
+    clean = None  # the harmless prompts' clean log-probabilities, only if a candidate needs its KL measured
     rows = []
     for layer, j in tqdm(sorted(short), desc=f"false-refusal candidates keeping toxic (lambda {lam:g})",
                          disable=not show_progress):
         s = replace(by_site[(layer, j)])  # a copy: the reference selection's record keeps what it measured
         edits = ablation_edits(cands.vector(layer, j), n_layers)
         if s.bypass is None:
+            if clean is None:
+                clean = intervener.last_logits(harmless).log_softmax(-1)
             s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
             s.kl = float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
         kept = float((scores_of(intervener, toxic, tokens, edits)[base] > 0).mean())
@@ -257,7 +260,7 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
     if c.false_refusal_keep_toxic is not None and tox_val:
         kept_choice = select_keeping_toxic(
             fast, w, r_cands, lam0, scored[0], enc(safe_val), enc(tox_val), enc(harmless_val), data.tokens, n_layers,
-            keep_toxic=c.false_refusal_keep_toxic, kl_max=c.false_refusal_kl_max,
+            clean_safe_score=head["clean_safe_score"], keep_toxic=c.false_refusal_keep_toxic, kl_max=c.false_refusal_kl_max,
             max_layer_fraction=c.max_layer_fraction, exact_candidates=c.exact_candidates,
             exact_per_layer=c.exact_per_layer, show_progress=show_progress)
         if "vector" in kept_choice:

@@ -56,7 +56,8 @@ def _select(s, keep_toxic):
     chosen, scored = select_false_refusal(s["iv"], s["w"], s["r"], s["safe"], s["harmless"], s["tokens"],
                                           s["n_layers"], lambdas=(0.0,), **kw)
     kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], keep_toxic=keep_toxic, **kw)
+                                s["tokens"], s["n_layers"], clean_safe_score=chosen[0.0]["clean_safe_score"],
+                                keep_toxic=keep_toxic, **kw)
     return chosen[0.0], kept
 
 
@@ -89,10 +90,11 @@ def test_no_candidate_keeping_enough_is_said_not_hidden(setting):
     # a candidate set in which every site costs correct refusal: e_h everywhere
     only_h = Candidates(s["r"].diff.clone(), s["w"].harmful_mean, s["w"].harmless_mean, 1, 1)
     kw = dict(kl_max=0.2, max_layer_fraction=1.0, exact_candidates=None, exact_per_layer=0, show_progress=False)
-    _, scored = select_false_refusal(s["iv"], only_h, s["r"], s["safe"], s["harmless"], s["tokens"], s["n_layers"],
-                                     lambdas=(0.0,), **kw)
+    chosen, scored = select_false_refusal(s["iv"], only_h, s["r"], s["safe"], s["harmless"], s["tokens"],
+                                          s["n_layers"], lambdas=(0.0,), **kw)
+    assert chosen[0.0]["clean_safe_score"] == pytest.approx(clean_safe)
     none = select_keeping_toxic(s["iv"], only_h, s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], keep_toxic=0.9, **kw)
+                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, **kw)
     assert "vector" not in none and "no measured candidate" in none["note"] and none["n_passing"] == 0, none
     assert clean_safe > 0
 
@@ -133,11 +135,13 @@ def test_a_screen_that_misses_the_selective_candidate_says_so_and_does_not_retur
                                           s["n_layers"], lambdas=(0.0,), **kw)
     measured = [(c.layer, c.j) for c in scored[0] if c.bypass is not None]
     assert measured == [(1, s["n_post"] - 1)], measured  # the reference measured a alone
+    clean_safe = chosen[0.0]["clean_safe_score"]
     kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], keep_toxic=0.9, **kw)
+                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, **kw)
     assert "note" in kept and "layer" not in kept, kept
     assert kept["n_measured"] == 2 and kept["n_passing"] == 0, kept
     assert [(c.layer, c.j) for c in scored[0] if c.bypass is not None] == measured  # not mutated
     full = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], keep_toxic=0.9, **{**kw, "exact_candidates": None})
+                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9,
+                                **{**kw, "exact_candidates": None})
     assert (full["layer"], full["j"]) == (2, s["n_post"] - 1), full  # measured exactly, e_o is found
