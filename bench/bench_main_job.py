@@ -97,8 +97,8 @@ def measure(args, config: Path, results: Path) -> int:
     status = json.loads(run.status_file.read_text())
     budget = args.budget_min * 60
     print(f"main job: {config}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), {platform.platform()}; torch threads "
-          "per config")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()})"
+    print(f"machine: {machine}, {platform.platform()}; torch threads per config")
     print(f"{'stage':<12}{'seconds':>10}{'share of budget':>18}")
     for stage in status["stages"]:
         print(f"{stage['name']:<12}{stage['elapsed_s']:>10.1f}{stage['elapsed_s'] / budget:>18.2f}")
@@ -119,7 +119,7 @@ def measure(args, config: Path, results: Path) -> int:
 
         timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": os.path.relpath(config.resolve(), ROOT),
                   "commit": started_at,
-                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), no GPU",
+                  "machine": f"{machine}, no GPU",
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}, "profile": rows}
         if (ended_at := head_commit()) != started_at:
             timing["head_at_end"] = ended_at  # commits landed while it ran: said, not hidden
@@ -191,19 +191,20 @@ def profile_rows(status: dict, floor: dict[str, float]) -> list[dict]:
             name = part["part"].split(": ", 1)[-1] or ("whole stage" if len(stage["parts"]) == 1 else "set-up")
             rows.append({"stage": stage["name"], "part": name, "seconds": part["seconds"], **kinds,
                          "floor_s": floor_s, "x_floor": part["seconds"] / floor_s if floor_s else None,
-                         "rss_mb": part.get("rss_mb"), "peak_rss_mb": part.get("peak_rss_mb")})
+                         "rss_mb": part.get("rss_mb"), "peak_rss_mb": part.get("peak_rss_mb"),
+                         "part_peak_rss_mb": part.get("part_peak_rss_mb")})
     return rows
 
 
 def profile_table(rows: list[dict]) -> str:
     lines = ["| stage | part | seconds | forward positions | autograd positions | decode positions | floor s | x floor "
-             "| RSS at end GB | peak RSS so far GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| RSS at end GB | peak RSS so far GB | peak RSS in part GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     gb = lambda mb: f"{mb / 1024:.1f}" if mb is not None else "-"  # noqa: E731
     for r in rows:
         ratio = f"{r['x_floor']:.1f}" if r["x_floor"] is not None else "no model passes"
         lines.append(f"| {r['stage']} | {r['part']} | {r['seconds']:.1f} | {r['forward']:,} | {r['autograd']:,} | "
                      f"{r['decode']:,} | {r['floor_s']:.1f} | {ratio} | {gb(r.get('rss_mb'))} | "
-                     f"{gb(r.get('peak_rss_mb'))} |")
+                     f"{gb(r.get('peak_rss_mb'))} | {gb(r.get('part_peak_rss_mb'))} |")
     return "\n".join(lines)
 
 

@@ -9,12 +9,14 @@ or per hook; writes are throttled to one per ``min_interval_s`` (a finished coun
     run, command, pid, host, started_at, updated_at, state (running/done/failed/interrupted),
     stages: [{name, state (pending/running/done/skipped/failed/interrupted), started_at, finished_at,
               elapsed_s, progress: {done, total, unit}, eta_s, summary,
-              parts: [{part, seconds, positions, rss_mb, peak_rss_mb}]}],
+              parts: [{part, seconds, positions, rss_mb, peak_rss_mb, part_peak_rss_mb}]}],
     current_stage, message, rates, error
 
 A stage's **parts** are the spans between its messages (``set(message=...)``: the stage names what it is doing);
 each has its seconds and, with a :class:`refusal_lens.infra.token_meter.TokenMeter`, the token positions it
-pushed through the model by kind of pass (the profile ``bench/bench_main_job.py`` prints). The span before a
+pushed through the model by kind of pass (the profile ``bench/bench_main_job.py`` prints), its resident memory at
+the end and the peak so far, and with a :class:`refusal_lens.infra.resident_memory.PeakSampler` (``memory=``, started
+by :meth:`StatusFile.begin` and stopped by :meth:`StatusFile.finish`) the part's own peak. The span before a
 stage's first message is the part ``""`` (the whole stage when it sets none).
 
 Writing the status is best effort: an unwritable file is logged once and never stops the job.
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lens.infra import durable
-from refusal_lens.infra.resident_memory import resident_memory_mb
+from refusal_lens.infra.resident_memory import PeakSampler, resident_memory_mb
 from refusal_lens.infra.token_meter import TokenMeter, difference
 from refusal_lens.errors import UserError
 
@@ -88,10 +90,13 @@ class StatusFile:
     """
 
     def __init__(self, path: Path | str | None, *, enabled: bool = True, min_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.time, meter: TokenMeter | None = None):
+                 clock: Callable[[], float] = time.time, meter: TokenMeter | None = None,
+                 memory: PeakSampler | None = None):
         self.path = Path(path) if path is not None and enabled else None
         #: counts of the model's passes, snapshotted at every part (None: parts get seconds only)
         self.meter = meter
+        #: each part's own peak of resident memory (None: parts get the memory at their end and the peak so far)
+        self.memory = memory if self.path is not None else None
         self._part: dict[str, Any] | None = None  # the running part: its name, start and the meter's counts then
         self.min_interval_s = min_interval_s
         self._clock = clock
@@ -126,6 +131,8 @@ class StatusFile:
         self._stage_t0.clear()
         self._initial.clear()
         self._write(now)
+        if self.memory is not None:
+            self.memory.start()
         logger.info("status: %s (`refusal-lens status %s`)", self.path, self.path.parent)
 
     def set(self, **fields: Any) -> None:
@@ -155,6 +162,8 @@ class StatusFile:
                 self._end_stage(stage, state, now)
         self._data.update(state=state, error=error, current_stage=None)
         self._write(now)
+        if self.memory is not None:
+            self.memory.stop()
 
     # ------------------------------------------------------------------------------------- stages
 
@@ -238,6 +247,8 @@ class StatusFile:
 
     def _open_part(self, name: str, now: float) -> None:
         self._part = {"part": name, "t0": now, "counts": self.meter.snapshot() if self.meter is not None else {}}
+        if self.memory is not None:
+            self.memory.take()  # the part's peak starts here
 
     def _close_part(self, stage: dict[str, Any], now: float) -> None:
         if self._part is None:
@@ -246,6 +257,8 @@ class StatusFile:
         if self.meter is not None:
             entry["positions"] = difference(self.meter.snapshot(), self._part["counts"])
             entry.update(resident_memory_mb())
+        if self.memory is not None:
+            entry["part_peak_rss_mb"] = self.memory.take()
         stage.setdefault("parts", []).append(entry)
         self._part = None
 

@@ -31,7 +31,8 @@ MEASURED: dict[str, list[str]] = {
     "bench_main_job": [r"^stage\s+seconds\s+share of budget$", rf"^analyze\s+{NUM}\s+{NUM}$", rf"^total\s+{NUM}\s+{NUM}",
                        r"^\| stage \| part \| seconds \| forward positions \|",
                        rf"^\| direction \| evaluation on test \(generation\) \| {NUM} \| [\d,]+ \| [\d,]+ \| [1-9][\d,]* \| "
-                       rf"{NUM} \| {NUM} \| {NUM} \| {NUM} \|$"],  # ... floor s, x floor, RSS at end, peak so far
+                       rf"{NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|$"],  # ... floor s, x floor, RSS at end, peak so far,
+                                                                 # peak in the part
     "bench_sae_training": [rf"^\| in-memory tensor \(baseline\) \| {NUM} \| {NUM} \| 1\.00 \|$",
                            rf"^\| from disk \(Arrow, memory-mapped\) \| {NUM} \| {NUM} \| {NUM} \|$",
                            rf"^\| SAE-Lens LanguageModelSAETrainingRunner \(runs the model\) \| {NUM} \|"],

@@ -102,3 +102,67 @@ def test_resident_memory_is_read_from_proc_status_and_its_peak_rises_with_an_all
     # the peak may already be higher (earlier tests): now rises by the block, and the peak is never below now
     assert after["rss_mb"] >= before["rss_mb"] + 250 and after["peak_rss_mb"] >= after["rss_mb"], (before, after)
     del block
+
+
+def test_the_peak_sampler_gives_each_span_its_own_largest_reading(tmp_path):
+    """take() returns the largest VmRSS read since the previous take, this moment included, and starts anew: a span
+    after a high one reports its own (lower) peak, which VmHWM (never reset) cannot show."""
+    from refusal_lens.infra.resident_memory import PeakSampler
+
+    fake = tmp_path / "status"
+
+    def rss(kb: int) -> None:
+        fake.write_text(f"VmHWM:\t 9999999 kB\nVmRSS:\t {kb} kB\n")
+
+    sampler = PeakSampler(interval_s=10.0, status=fake)  # no thread: samples by hand
+    rss(1024 * 1000)
+    sampler.take()
+    rss(1024 * 3000)
+    sampler.sample()
+    rss(1024 * 2000)
+    assert sampler.take() == 3000.0  # the high reading inside the span, not the value at its end
+    rss(1024 * 1500)
+    sampler.sample()
+    rss(1024 * 1200)
+    assert sampler.take() == 1500.0  # the next span: its own peak, below the previous one
+    assert PeakSampler(status=tmp_path / "absent").take() is None
+    with pytest.raises(ValueError, match="interval_s"):
+        PeakSampler(interval_s=0)
+
+
+def test_the_peak_sampler_thread_sees_an_allocation_freed_before_the_span_ends():
+    import time
+
+    from refusal_lens.infra.resident_memory import PeakSampler, resident_memory_mb
+
+    with PeakSampler(interval_s=0.02) as sampler:
+        sampler.take()
+        base = resident_memory_mb()["rss_mb"]
+        block = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched, then freed inside the span
+        time.sleep(0.3)
+        del block
+        time.sleep(0.05)
+        assert resident_memory_mb()["rss_mb"] < base + 200  # gone by the end of the span
+        assert sampler.take() >= base + 350  # but the span's peak has it
+    assert sampler._thread is None  # stopped
+
+
+def test_the_status_gives_each_part_its_own_peak_with_a_sampler(tmp_path):
+    import time
+
+    from refusal_lens.infra.resident_memory import PeakSampler
+    from refusal_lens.infra.status import StatusFile
+
+    status = StatusFile(tmp_path / "status.json", meter=TokenMeter(), memory=PeakSampler(interval_s=0.02))
+    status.begin("run", ["direction"])
+    status.start_stage("direction")
+    block = torch.ones(400 * 2**20 // 4)
+    time.sleep(0.2)  # ten sampling intervals
+    del block
+    status.set(message="direction: after the block")
+    status.finish_stage("direction")
+    status.finish("done")
+    first, second = status.data["stages"][0]["parts"]
+    assert first["part_peak_rss_mb"] >= second["part_peak_rss_mb"] + 300, (first, second)
+    assert second["part_peak_rss_mb"] <= second["peak_rss_mb"]
+    assert status.memory._thread is None  # finish stops the thread
