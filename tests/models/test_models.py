@@ -99,6 +99,32 @@ def test_bridge_shares_weights_and_leaves_hf_model_intact(tiny_model_dir):
     assert torch.equal(out, ref)
 
 
+def test_the_intervention_dtype_copy_equals_a_deep_copy_converted_whole(tiny_model_dir):
+    """The bfloat16 copy is built tensor by tensor (no second float32 model in between); it must be what
+    ``copy.deepcopy(model).to(dtype)`` gives: the same parameters and buffers, dtypes, config and logits, and no
+    storage shared with the float32 model."""
+    import copy
+
+    from refusal_lens.models.loading import converted_copy
+
+    hf = load_hf_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    ours, whole = converted_copy(hf, torch.bfloat16).eval(), copy.deepcopy(hf).to(torch.bfloat16).eval()
+    for mine, theirs in ((dict(ours.named_parameters()), dict(whole.named_parameters())),
+                         (dict(ours.named_buffers()), dict(whole.named_buffers()))):
+        assert mine.keys() == theirs.keys()
+        for k in mine:
+            assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
+    assert ours.config.to_dict() == whole.config.to_dict()
+    assert not {p.data_ptr() for p in ours.parameters()} & {p.data_ptr() for p in hf.parameters()}
+    assert next(hf.parameters()).dtype == torch.float32  # the original is left as it was
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, whole(ids).logits)
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), backend="bridge", intervention_dtype="bfloat16"))
+    assert next(loaded.gen_model.parameters()).dtype == torch.bfloat16
+    assert next(loaded.hf_model.parameters()).dtype == torch.float32
+
+
 def test_estimate_matches_a_measured_cache(tiny_loaded):
     hooks = resolve_hooks(tiny_loaded.model, ["residuals_all", "mlp_1", "blocks.0.attn.hook_z"])
     widths = measure_hook_widths(tiny_loaded.model, hooks)
