@@ -148,3 +148,5 @@ def test_continuation_logprobs_match_one_unbatched_forward_per_prompt(planted):
         torch.testing.assert_close(f, logp[last], rtol=1e-4, atol=1e-4)
         want = -sum(float(logp[last + j, t]) for j, t in enumerate(c))
         assert n == pytest.approx(want, rel=1e-4, abs=1e-4)
+        # its own [d_vocab] storage: a view would keep the batch row's [keep, d_vocab] log-probs alive
+        assert f.untyped_storage().nbytes() == f.numel() * f.element_size()
