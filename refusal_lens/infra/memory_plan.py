@@ -32,8 +32,10 @@ BLOCK_WIDTH = (4, 3)
 SAE_STEP_FACTOR = {"topk": 7.0, "batchtopk": 8.0, "standard": 6.0, "jumprelu": 7.5}
 #: positions per prompt assumed for ``positions: post_instruction`` (templates have 1-8 such tokens).
 POST_INSTRUCTION_POSITIONS = 8
-#: prompts per forward pass of the SAE stage's splice evaluation (refusal_lens.stages.saes.evaluate).
-SPLICE_BATCH = 8
+#: prompts per forward pass of the SAE stage's splice evaluation (refusal_lens.stages.saes.evaluate): its full
+#: float32 logits and log-softmax over the vocabulary scale with it (8 took the main job's train-saes part to
+#: 1.5 GiB above the resident model; bench/README.md), and a CPU pass of one 288-token chat is already large.
+SPLICE_BATCH = 1
 
 
 @dataclass(frozen=True)

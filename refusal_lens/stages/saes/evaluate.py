@@ -26,6 +26,7 @@ import torch
 from refusal_lens.activations.store import HookActivations
 from refusal_lens.core.chat import left_pad
 from refusal_lens.core.metrics import kl_divergence
+from refusal_lens.infra.memory_plan import SPLICE_BATCH
 
 DENSE_THRESHOLD = 0.1
 
@@ -85,7 +86,7 @@ def splice_metrics(
     hook: str,
     sequences: Sequence[Sequence[int]],
     pad_id: int,
-    batch_size: int = 8,
+    batch_size: int = SPLICE_BATCH,
     splice_from: int = 0,
     skip_token_ids: Sequence[int] = (),
     mean: torch.Tensor | None = None,
@@ -129,16 +130,16 @@ def splice_metrics(
         if len(skip):
             spliced &= ~torch.isin(ids, skip)
         where["mask"] = spliced[..., None]
-        clean = model(ids, attention_mask=mask)
-        ce_clean, lp_clean, tmask = _ce_and_logprobs(clean, ids, mask)
+        # [batch, seq, d_vocab] float32 each: the logits are dropped as soon as their log-softmax exists
+        ce_clean, lp_clean, tmask = _ce_and_logprobs(model(ids, attention_mask=mask), ids, mask)
         totals["ce_clean"] += ce_clean
         for name, fn in runs:
-            logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook, fn)])
-            ce, lp, _ = _ce_and_logprobs(logits, ids, mask)
+            ce, lp, _ = _ce_and_logprobs(model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook, fn)]),
+                                         ids, mask)
             totals[name] += ce
             if name in ("ce_sae", "ce_mean"):
-                kl = kl_divergence(lp_clean, lp)
-                totals["kl_" + name[3:]] += float(kl[tmask].sum())
+                totals["kl_" + name[3:]] += float(kl_divergence(lp_clean, lp)[tmask].sum())
+            del lp
         n_tokens += int(tmask.sum())
     sae.use_error_term = False
     out = {k: v / max(n_tokens, 1) for k, v in totals.items()}

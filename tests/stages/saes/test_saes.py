@@ -311,3 +311,11 @@ def test_splice_touches_only_the_trained_positions(tiny_run):
     specials = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", seqs, pad,
                               skip_token_ids=list(set(seqs[0])))
     assert specials["kl_sae"] == pytest.approx(0, abs=1e-6)
+    # one chat per pass (the stage's SPLICE_BATCH, for memory) measures what batched passes do: sequences of
+    # different lengths, left-padded together, against each run alone
+    mixed = [seqs[0], seqs[0][:-3], seqs[0][:5] + seqs[0]]
+    one = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", mixed, pad, batch_size=1, splice_from=2)
+    batched = splice_metrics(loaded.model, sae, "blocks.1.hook_resid_post", mixed, pad, batch_size=3, splice_from=2)
+    assert one["scored_tokens"] == batched["scored_tokens"]
+    for key in ("ce_clean", "ce_sae", "ce_mean", "kl_sae", "kl_mean", "ce_loss_recovered"):
+        assert one[key] == pytest.approx(batched[key], rel=1e-4, abs=1e-6), key
