@@ -115,11 +115,15 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
+def _tree_copy(module: torch.nn.Module, tensor_for) -> torch.nn.Module:
+    """A deep copy of the module tree in which every parameter and buffer ``t`` is ``tensor_for(t)``."""
+    memo: dict[int, Any] = {id(t): tensor_for(t) for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def _shared_weight_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of the module tree whose parameters and buffers are the original tensors."""
-    memo: dict[int, Any] = {id(t): t for t in module.parameters()}
-    memo.update({id(t): t for t in module.buffers()})
-    return copy.deepcopy(module, memo)
+    return _tree_copy(module, lambda t: t)
 
 
 def converted_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -127,12 +131,10 @@ def converted_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     on its own, so that no full-precision copy of the whole model exists in between (a deep copy first would
     hold a second float32 model at once: measured, the load's memory peak)."""
     def convert(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()
+        out = t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()
+        return torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else out
 
-    memo: dict[int, Any] = {id(p): torch.nn.Parameter(convert(p), requires_grad=p.requires_grad)
-                            for p in module.parameters()}
-    memo.update({id(b): convert(b) for b in module.buffers()})
-    return copy.deepcopy(module, memo)
+    return _tree_copy(module, convert)
 
 
 def _boot_bridge(source: str, hf_model, tokenizer, dtype: torch.dtype, device: torch.device):

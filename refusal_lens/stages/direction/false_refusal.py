@@ -107,8 +107,7 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     base = clean_tox > 0
     if not base.any():
         return {"note": "no refused toxic validation prompt has a refusal score > 0 clean: nothing to keep"}
-    clean_safe = clean_safe_score
-    lowers = clean_safe - 1e-4 * max(1.0, abs(clean_safe))  # beyond float32 rounding: a no-op site does not pass
+    lowers = clean_safe_score - 1e-4 * max(1.0, abs(clean_safe_score))  # beyond float32 rounding: a no-op site does not pass
     (est_tox,) = bypass_estimates(intervener, [cands], toxic, tokens, n_layers)
     selective = [Scored(s.layer, s.j, s.position, s.bypass_estimate - float(est_tox[s.layer, s.j]), 0.0, norm=s.norm,
                         degenerate=s.degenerate) for s in scored]
@@ -131,7 +130,7 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
         rows.append((s, kept))
     passing = [(s, kept) for s, kept in rows if s.kl <= kl_max and kept >= keep_toxic and s.bypass < lowers]
     record = {"keep_toxic": keep_toxic, "kl_max": kl_max, "n_measured": len(rows), "n_passing": len(passing),
-              "n_toxic_validation": int(base.sum()), "clean_safe_score": clean_safe}
+              "n_toxic_validation": int(base.sum()), "clean_safe_score": clean_safe_score}
     if not passing:
         best = max(rows, key=lambda t: t[1] if t[0].bypass < lowers else -1.0) if rows else None
         return {**record, "note": f"no measured candidate lowers the refused safe prompts' score and keeps >= "
