@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from refusal_lens.config import Config
 from refusal_lens.infra.status import StageOutcome, StatusFile
 from refusal_lens.infra.token_meter import TokenMeter
+from refusal_lens.infra.freed_memory import release_freed_memory
 from refusal_lens.infra.resident_memory import PeakSampler
 from refusal_lens.run.folder import RunFolder
 from refusal_lens.run.stage import (
@@ -121,7 +122,8 @@ def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, comman
         if dist.is_main:
             log_memory_plan(cfg)
         models = models if models is not None else LazyModel(cfg, dist)
-        status = StatusFile(run.status_file, enabled=dist.is_main, meter=TokenMeter(), memory=PeakSampler())
+        status = StatusFile(run.status_file, enabled=dist.is_main, meter=TokenMeter(), memory=PeakSampler(),
+                            at_part=release_freed_memory)
         status.begin(command, list(names))
         try:
             for name in names:

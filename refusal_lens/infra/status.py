@@ -16,7 +16,8 @@ A stage's **parts** are the spans between its messages (``set(message=...)``: th
 each has its seconds and, with a :class:`refusal_lens.infra.token_meter.TokenMeter`, the token positions it
 pushed through the model by kind of pass (the profile ``bench/bench_main_job.py`` prints), its resident memory at
 the end and the peak so far, and with a :class:`refusal_lens.infra.resident_memory.PeakSampler` (``memory=``, started
-by :meth:`StatusFile.begin` and stopped by :meth:`StatusFile.finish`) the part's own peak. The span before a
+by :meth:`StatusFile.begin` and stopped by :meth:`StatusFile.finish`) the part's own peak; ``at_part`` runs as each
+part opens (the pipeline gives back the memory the previous part freed). The span before a
 stage's first message is the part ``""`` (the whole stage when it sets none).
 
 Writing the status is best effort: an unwritable file is logged once and never stops the job.
@@ -91,12 +92,15 @@ class StatusFile:
 
     def __init__(self, path: Path | str | None, *, enabled: bool = True, min_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.time, meter: TokenMeter | None = None,
-                 memory: PeakSampler | None = None):
+                 memory: PeakSampler | None = None, at_part: Callable[[], Any] | None = None):
         self.path = Path(path) if path is not None and enabled else None
         #: counts of the model's passes, snapshotted at every part (None: parts get seconds only)
         self.meter = meter
         #: each part's own peak of resident memory (None: parts get the memory at their end and the peak so far)
         self.memory = memory if self.path is not None else None
+        #: called at the start of every part, before its peak starts (the pipeline gives back freed memory there:
+        #: :func:`refusal_lens.infra.freed_memory.release_freed_memory`)
+        self.at_part = at_part if self.path is not None else None
         self._part: dict[str, Any] | None = None  # the running part: its name, start and the meter's counts then
         self.min_interval_s = min_interval_s
         self._clock = clock
@@ -246,6 +250,8 @@ class StatusFile:
         return round((now - self._stage_t0.get(name, now)) / rate_done * (total - done), 3)
 
     def _open_part(self, name: str, now: float) -> None:
+        if self.at_part is not None:
+            self.at_part()
         self._part = {"part": name, "t0": now, "counts": self.meter.snapshot() if self.meter is not None else {}}
         if self.memory is not None:
             self.memory.take()  # the part's peak starts here

@@ -94,8 +94,9 @@ class DirectionConfig:
     generation_batch_size: int = 64
     #: prompts per forward + backward pass of the selection screens (the autograd graph of the float32 model holds
     #: every layer's activations, the main job's memory peak: measured on the main job, the process peaked at
-    #: 9.4 GiB with 16, 6.9 with 8 and 5.7 with 4, each selecting the same candidate; bench/README.md).
-    gradient_batch_size: int = 4
+    #: 9.4 GiB with 16, 6.9 with 8 and 5.7 with 4; the selection part alone at 5.69 GiB with 4 and 5.11 with 2,
+    #: freed memory given back between parts; each selecting the same candidate; bench/README.md).
+    gradient_batch_size: int = 2
     #: seed of every random choice of the stage.
     seed: int = 0
 
