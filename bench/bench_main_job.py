@@ -198,8 +198,8 @@ def profile_rows(status: dict, floor: dict[str, float]) -> list[dict]:
 
 def profile_table(rows: list[dict]) -> str:
     lines = ["| stage | part | seconds | forward positions | autograd positions | decode positions | floor s | x floor "
-             "| RSS at end GB | peak RSS so far GB | peak RSS in part GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    gb = lambda mb: f"{mb / 1024:.1f}" if mb is not None else "-"  # noqa: E731
+             "| RSS at end GiB | peak RSS so far GiB | peak RSS in part GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    gb = lambda mb: f"{mb / 1024:.2f}" if mb is not None else "-"  # noqa: E731  (MiB -> GiB)
     for r in rows:
         ratio = f"{r['x_floor']:.1f}" if r["x_floor"] is not None else "no model passes"
         lines.append(f"| {r['stage']} | {r['part']} | {r['seconds']:.1f} | {r['forward']:,} | {r['autograd']:,} | "

@@ -114,6 +114,25 @@ def test_per_row_edits_that_change_the_opening_give_whole_prompt_results_in_ever
     assert cached.generate(prompts, 5, edits) == whole.generate(prompts, 5, edits)
 
 
+def test_the_openings_cache_computes_the_logits_of_one_position_only(planted):
+    """The opening's cache keeps keys and values only: the unembedding runs on one position per row, not on the
+    whole opening of every row of a per-batch cache (which held [rows, opening, d_vocab])."""
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    from refusal_lens.core.intervene import per_condition
+
+    owner = [i % 2 for i in range(len(prompts))]
+    edits = per_condition([ablation_edits(e_h, loaded.n_layers), addition_edits(3 * e_h, 1)], owner)
+    cached, _ = both(loaded)
+    seen = []
+    hook = loaded.hf_model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        cached._prefix_cache(shared_opening(prompts), edits, list(range(4)))
+    finally:
+        hook.remove()
+    assert seen and all(shape[-2] == 1 for shape in seen), seen
+
+
 def test_an_explicit_template_sets_the_position_classes_from_its_own_text(planted):
     """encode_prompt with a hand-written template (refusal_direction's Qwen one): the opening and the
     post-instruction tokens are those of that template, the user's text sits between them, and a template
