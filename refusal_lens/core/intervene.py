@@ -271,7 +271,7 @@ class Intervener:
         batch = Batch(ids, torch.ones_like(ids), torch.full_like(ids, OPENING), list(rows), [len(prefix)] * n)
         with self.edits(edits, batch):
             # only the cache is kept: the logits of one position, not [rows, len(prefix), d_vocab] (measured: 0.55 GiB
-            # for a per-batch opening of 64 rows of the main job, the peak of the direction's evaluation)
+            # and the time of that unembedding for a per-batch opening of 64 rows of the main job)
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
         return out.past_key_values
 

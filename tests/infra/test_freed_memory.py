@@ -31,9 +31,17 @@ def test_freed_heap_blocks_pinned_by_live_ones_are_given_back():
     assert len(kept) == 256 and all(len(b) == 64 * 1024 for b in kept)  # the live blocks are untouched
 
 
-def test_the_release_reports_what_it_gave_back_or_none():
-    released = release_freed_memory()
-    assert released is None or isinstance(released, float)
+def test_without_malloc_trim_the_release_only_measures(monkeypatch):
+    """Where the C library has no malloc_trim (musl, macOS) the release calls nothing and reports what it read."""
+    from refusal_lens.infra import freed_memory
+
+    monkeypatch.setattr(freed_memory, "_malloc_trim", lambda: None)
+    assert not freed_memory.can_trim()
+    released = freed_memory.release_freed_memory()
+    if resident_memory_mb().get("rss_mb") is None:
+        assert released is None
+    else:
+        assert isinstance(released, float) and abs(released) < 50  # nothing was given back
 
 
 def test_the_status_runs_at_part_as_each_part_opens(tmp_path):
