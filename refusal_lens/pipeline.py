@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from refusal_lens.config import Config
 from refusal_lens.infra.status import StageOutcome, StatusFile
 from refusal_lens.infra.token_meter import TokenMeter
-from refusal_lens.infra.freed_memory import release_freed_memory
+from refusal_lens.infra.freed_memory import keep_freed_memory, release_freed_memory
 from refusal_lens.infra.resident_memory import PeakSampler
 from refusal_lens.run.folder import RunFolder
 from refusal_lens.run.stage import (
@@ -119,6 +119,7 @@ def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, comman
     # one writer per run folder, for the whole command: taken (by rank 0) before torch is imported, so that a
     # second writer is refused at once and before it touches anything, status.json included
     with run_lock(run.root, command, is_main=launch_rank() == 0), distributed() as dist:
+        keep_freed_memory()  # freed activations are reused within a part, not faulted in again (infra.freed_memory)
         if dist.is_main:
             log_memory_plan(cfg)
         models = models if models is not None else LazyModel(cfg, dist)

@@ -20,6 +20,8 @@ NUM = r"-?[\d.]+"
 
 #: per bench, regexes (multiline) of its table: the header or baseline row, and a measured ratio row
 MEASURED: dict[str, list[str]] = {
+    "bench_allocator": [r"^task\s+allocator\s+s\s+x default\s+minor faults$", rf"^forward\s+default\s+{NUM}\s+1\.00\s",
+                        rf"^generate\s+keep\s+{NUM}\s+{NUM}\s+[\d,]+$"],
     "bench_attribution": [r"^method\s+seconds\s+speed-up vs exact \(all nodes\)",
                           rf"^atp\s+{NUM}\s+{NUM}\s", rf"^ig\s+{NUM}\s+{NUM}\s"],
     "bench_collect": [rf"^\| HF forward, sdpa \(baseline\) \| {NUM} \|.* \| 1\.00 \|$",

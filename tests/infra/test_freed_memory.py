@@ -62,3 +62,58 @@ def test_the_status_runs_at_part_as_each_part_opens(tmp_path):
     disabled.start_stage("direction")
     disabled.set(message="direction: selection")
     assert "disabled" not in opened
+
+
+#: a child process (mallopt is process-wide): six 8 MiB blocks filled then freed, ten rounds; prints the minor page
+#: faults of the rounds after two warm-ups, and what keep_freed_memory returned
+ROUNDS = """
+import json, resource, sys
+from refusal_lens.infra.freed_memory import keep_freed_memory
+taken = keep_freed_memory() if sys.argv[1] == "keep" else None
+def one_round():
+    blocks = [b"\\x01" * (8 << 20) for _ in range(6)]  # malloc'd and written: every page touched
+    del blocks
+one_round(); one_round()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    one_round()
+print(json.dumps({"taken": taken, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}))
+"""
+
+
+def _rounds(policy: str) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", ROUNDS, policy], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="mallopt is glibc's")
+def test_kept_freed_memory_is_reused_not_faulted_in_again():
+    """By default glibc trims the freed 48 MiB from its heap's top after each round (or maps and unmaps each block),
+    so every round faults its 12,288 pages in again; with the memory kept, the rounds reuse the same pages."""
+    default, kept = _rounds("default"), _rounds("keep")
+    assert kept["taken"] is True
+    assert default["faults"] > 10 * 12_288 * 0.8, default  # the pattern does fault by default (else the test is void)
+    assert kept["faults"] < default["faults"] * 0.1, (default, kept)
+
+
+def test_without_mallopt_nothing_is_kept(monkeypatch):
+    from refusal_lens.infra import freed_memory
+
+    monkeypatch.setattr(freed_memory, "_mallopt", lambda: None)
+    assert freed_memory.keep_freed_memory() is False
+
+
+def test_a_refused_value_is_reported(monkeypatch):
+    """mallopt returns 0 for a value it refuses (an mmap threshold above 32 MiB): the policy then says so."""
+    from refusal_lens.infra import freed_memory
+
+    calls = []
+    monkeypatch.setattr(freed_memory, "_mallopt", lambda: lambda p, v: calls.append((p, v)) or int(p != -3))
+    assert freed_memory.keep_freed_memory() is False
+    assert dict(calls) == freed_memory.KEPT
