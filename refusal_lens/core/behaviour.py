@@ -31,7 +31,8 @@ from refusal_lens.core.judge import judge
 
 if TYPE_CHECKING:
     from refusal_lens.core.chat import EncodedPrompt
-    from refusal_lens.core.intervene import Edit, Intervener
+    from refusal_lens.core.edit import Edit
+    from refusal_lens.core.intervene import Intervener
     from refusal_lens.core.refusal import RefusalTokens
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from refusal_lens.core.chat import POST
 from refusal_lens.core.hooks import ablation_hooks, hook_name, parse_hook_name
-from refusal_lens.core.intervene import Edit, EditContext
+from refusal_lens.core.edit import Edit, EditContext
 
 
 def ablation_edits(unit: Tensor, n_layers: int, from_layer: int = 0, coefficient: float = 1.0) -> list[Edit]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,33 +30,9 @@ import torch
 from torch import Tensor
 
 from refusal_lens.core.chat import GENERATED, OPENING, PAD, EncodedPrompt, left_pad
+from refusal_lens.core.edit import Edit, EditContext, EditsFor, opening_groups, per_condition
 from refusal_lens.core.hooks import hf_hook_target
 from refusal_lens.core.metrics import kl_divergence
-
-
-@dataclass
-class EditContext:
-    classes: Tensor  # [batch, columns] position classes of the columns of x (PAD for padding)
-    rows: list[int]  # row of each batch member in the caller's list
-
-
-EditFn = Callable[[Tensor, EditContext], Tensor]
-
-
-@dataclass(frozen=True)
-class Edit:
-    hook: str  # TransformerLens hook name (blocks.{i}.hook_resid_pre, ...hook_attn_out, ...)
-    fn: EditFn
-    #: whether the edit may change the template's opening positions (``False``: it leaves them as they are,
-    #: so the opening's keys and values can be computed once and shared; see :class:`Intervener`).
-    opening: bool = True
-    #: whether the edit differs between the rows of a batch (it reads ``ctx.rows``): then an opening it
-    #: changes is computed with each batch's rows.
-    per_row: bool = False
-
-
-#: edits for a batch: a fixed list, or a function of the batch's rows (per-prompt conditions).
-EditsFor = Sequence[Edit] | Callable[[list[int]], Sequence[Edit]]
 
 
 @dataclass
@@ -114,41 +90,15 @@ def frozen(model):
 PER_BATCH = object()  # a prefix cache computed with each batch's rows (see Intervener._plan)
 
 
-def per_condition(edits: Sequence[Sequence[Edit]], owner: Sequence[int]) -> list[Edit]:
-    """One edit per hook that applies condition ``c``'s edits to the rows ``r`` with ``owner[r] == c`` only."""
-    by_hook: dict[str, dict[int, list[EditFn]]] = {}
-    opening: dict[str, bool] = {}
-    for c, es in enumerate(edits):
-        for e in es:
-            by_hook.setdefault(e.hook, {}).setdefault(c, []).append(e.fn)
-            opening[e.hook] = opening.get(e.hook, False) or e.opening
-
-    def dispatch(fns_of: dict[int, list[EditFn]]) -> EditFn:
-        def fn(x: Tensor, ctx: EditContext) -> Tensor:
-            for c, fns in fns_of.items():
-                idx = [b for b, r in enumerate(ctx.rows) if owner[r] == c]
-                if not idx:
-                    continue
-                at = torch.tensor(idx, device=x.device)
-                sub = x.index_select(0, at)
-                sub_ctx = EditContext(ctx.classes.index_select(0, at.to(ctx.classes.device)), [ctx.rows[b] for b in idx])
-                for f in fns:
-                    sub = f(sub, sub_ctx)
-                x = x.index_copy(0, at, sub.to(x.dtype))
-            return x
-
-        return fn
-
-    return [Edit(h, dispatch(fns), opening=opening[h], per_row=True) for h, fns in by_hook.items()]
-
-
 class Intervener:
     """Forward passes and greedy generation of ``loaded.gen_model`` with :class:`Edit` s.
 
     **The shared opening is computed once.** Every prompt starts with the template's opening (e.g. Qwen's
     default system prompt: half the tokens of a short prompt), identical in every prompt. When no edit
     changes it (``Edit.opening`` false for all), its keys and values come from one clean pass, cached; when
-    edits do change it but apply alike to every row, from one pass with those edits per call. Only the rest of
+    edits do change it but apply alike to every row, from one pass with those edits per call; when they differ
+    between rows (the conditions of :meth:`generate_conditions`), from one pass per batch with one row per distinct
+    edit of the opening (``Edit.row_key``, :func:`opening_groups`), expanded to the batch. Only the rest of
     each prompt is run per batch, after the cache (middle padding, explicit positions). ``share_opening=False``
     runs every prompt whole; ``tests/core/test_intervene.py`` checks both give the same logits and tokens.
     """
@@ -281,8 +231,11 @@ class Intervener:
         if not batch.prefix:
             return {"input_ids": batch.ids, "attention_mask": batch.mask}
         n, p = len(batch), len(batch.prefix)
-        if cache is PER_BATCH:
-            mine = self._prefix_cache(batch.prefix, edits, batch.rows)
+        if cache is PER_BATCH:  # one opening per distinct edit of it among the batch's rows, expanded to the rows
+            reps, index = opening_groups(edits, batch.rows)
+            mine = self._prefix_cache(batch.prefix, edits, reps)
+            if len(reps) < n:
+                mine.reorder_cache(torch.tensor(index, device=batch.ids.device))
         else:
             mine = copy.deepcopy(cache)
             mine.batch_repeat_interleave(n)

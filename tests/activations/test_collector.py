@@ -114,7 +114,8 @@ def test_generation_edits_hit_the_bridges_hook_values(family_loaded):
     """An edit at attn_out / mlp_out during HF generation (the Intervener, through hf_hook_target) gives
     the first token the bridge gives with the same edit at its hook point."""
     from refusal_lens.core.chat import EncodedPrompt
-    from refusal_lens.core.intervene import Edit, Intervener
+    from refusal_lens.core.edit import Edit
+    from refusal_lens.core.intervene import Intervener
 
     loaded = family_loaded
     seqs = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15], [1, 20, 21], [1, 30, 31, 32]]

@@ -6,7 +6,8 @@ import torch
 from planted import build_planted_model, load_planted_directions, planted_prompts
 from refusal_lens.core.chat import OPENING, encode_prompt
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits, capture_post_instruction
-from refusal_lens.core.intervene import Edit, Intervener, shared_opening
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener, shared_opening
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,49 @@ def test_conditions_in_shared_batches_give_what_each_gives_alone(planted):
     assert len(together[1]) == 3 and together[1] != together[0][:3]  # the edits did something, on their rows only
 
 
+def test_the_opening_is_computed_once_per_condition_that_changes_it(planted):
+    """In one generation batch of four conditions (clean, two that change the opening, one that spares it) the
+    opening's cache is computed for three rows, not for every row: the clean and the sparing condition share one,
+    each changing condition has its own (and the responses are what each condition gives alone)."""
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+
+    def site_only(x, ctx):
+        return x + 2.0 * e_h * (ctx.classes != OPENING)[..., None]
+
+    conditions = [(prompts, []), (prompts[:3], ablation_edits(e_h, loaded.n_layers)),
+                  (prompts, [Edit("blocks.1.hook_resid_pre", site_only, opening=False)]),
+                  (prompts[1:], addition_edits(3 * e_h, 1))]
+    wide = Intervener(loaded, 2, model=loaded.hf_model, generation_batch_size=64)
+    computed = []
+    original = wide._prefix_cache
+    wide._prefix_cache = lambda prefix, edits, rows=(): computed.append(list(rows)) or original(prefix, edits, rows)
+    together = wide.generate_conditions(conditions, 5)
+    n_rows = sum(len(ps) for ps, _ in conditions)
+    assert [len(rows) for rows in computed] == [3], (computed, n_rows)
+    alone = [Intervener(loaded, 4, model=loaded.hf_model).generate(ps, 5, edits) for ps, edits in conditions]
+    assert together == alone
+
+
+def test_an_edit_that_reads_the_rows_gets_its_own_opening_per_row():
+    """A condition's edit that reads ``ctx.rows`` (per_row) leaves its hook without a row key: every row of the
+    batch then gets its own opening; keyed rows group by their key."""
+    from refusal_lens.core.edit import opening_groups, per_condition
+
+    def noop(x, ctx):
+        return x
+
+    owner = [0, 0, 1, 1, 2]
+    keyed = per_condition([[Edit("blocks.0.hook_resid_pre", noop)], [], [Edit("blocks.0.hook_resid_pre", noop)]],
+                          owner)
+    assert opening_groups(keyed, [0, 1, 2, 3, 4]) == ([0, 2, 4], [0, 0, 1, 1, 2])
+    reading = per_condition([[Edit("blocks.0.hook_resid_pre", noop, per_row=True)], [], []], owner)
+    assert reading[0].row_key is None
+    assert opening_groups(reading, [0, 1, 2, 3, 4]) == ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+    sparing = per_condition([[Edit("blocks.0.hook_resid_pre", noop, opening=False)], []], [0, 1])
+    assert not sparing[0].opening
+
+
 def test_per_row_edits_that_change_the_opening_give_whole_prompt_results_in_every_pass(planted):
     """Per-row edits that change the opening (several conditions in one batch) compute the opening's cache per
     batch: last_logits and continuation_logprobs must give what running every prompt whole gives, as generate
@@ -101,7 +145,7 @@ def test_per_row_edits_that_change_the_opening_give_whole_prompt_results_in_ever
     folder, loaded, prompts = planted
     e_h = load_planted_directions(folder)["harm"]
     owner = [i % 2 for i in range(len(prompts))]
-    from refusal_lens.core.intervene import per_condition
+    from refusal_lens.core.edit import per_condition
 
     edits = per_condition([ablation_edits(e_h, loaded.n_layers), addition_edits(3 * e_h, 1)], owner)
     assert any(e.opening and e.per_row for e in edits)
@@ -119,7 +163,7 @@ def test_the_openings_cache_computes_the_logits_of_one_position_only(planted):
     whole opening of every row of a per-batch cache (which held [rows, opening, d_vocab])."""
     folder, loaded, prompts = planted
     e_h = load_planted_directions(folder)["harm"]
-    from refusal_lens.core.intervene import per_condition
+    from refusal_lens.core.edit import per_condition
 
     owner = [i % 2 for i in range(len(prompts))]
     edits = per_condition([ablation_edits(e_h, loaded.n_layers), addition_edits(3 * e_h, 1)], owner)

@@ -37,7 +37,8 @@ from refusal_lens.stages.circuits.baselines import ClassMeans, gather_class
 from refusal_lens.stages.circuits.edits import feature_edit, patch_edit
 from refusal_lens.stages.circuits.nodes import NOT_A_SITE, NodeSpace, site_classes, split_nodes
 from refusal_lens.core.hooks import final_norm_hook
-from refusal_lens.core.intervene import Batch, Edit, EditContext
+from refusal_lens.core.edit import Edit, EditContext
+from refusal_lens.core.intervene import Batch
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
 
 

@@ -49,10 +49,11 @@ from tqdm.auto import tqdm
 from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, control_summary, fraction_of, scored_controls
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
-from refusal_lens.core.intervene import Edit, Intervener
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.run.folder import CircuitFiles
-from refusal_lens.stages.circuits.alignment import edit_alignment
+from refusal_lens.stages.circuits.alignment import alignment_of, edit_alignment, tallied_edits
 from refusal_lens.stages.circuits.baselines import ClassMeans
 from refusal_lens.stages.circuits.controls import feature_stats, matched_random
 from refusal_lens.stages.circuits.edits import feature_edit, feature_masks, steer_edit
@@ -180,33 +181,44 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
     bar.close()
     named = [(c, results[i]) for i, c in enumerate(plan)]
 
-    def align(feats, iv: Intervention) -> dict:
-        return edit_alignment(intervener, space, feats, iv.mode, means, iv.c, iv.positions, direction, prompts)
-
-    alignment = {"headline": align(head_feats, chosen),
-                 "steering": {iv.label: align(head_feats, iv) for iv in steering},
-                 "random": [align(f, chosen) for f in control_sets[:n_generated]]}
+    generated = [r["refusal_rate"] for c, r in named if c.name == "random"]  # the first n_generated sets
+    scored, aligned = measure_random_sets(intervener, space, prompts, score_tokens, head_feats, control_sets, chosen,
+                                          means, direction, generated, show_progress)
+    alignment = {"headline": aligned[0],
+                 "steering": {iv.label: edit_alignment(intervener, space, head_feats, iv.mode, means, iv.c,
+                                                       iv.positions, direction, prompts) for iv in steering},
+                 "random": aligned[1:]}
     out = summarise(named, space, rankings, curve_keys, chosen, method, selection, headline_k, alignment,
                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
-    if score_tokens is not None and control_sets:
-        out["random"]["controls_score"] = score_random_sets(
-            intervener, space, prompts, score_tokens, head_feats, control_sets, chosen, means,
-            [s["refusal_rate"] for s in out["random"]["sets"]], show_progress)
-        out["headline"]["random_p_value_score"] = out["random"]["controls_score"]["p_value"]
+    if scored is not None:
+        out["random"]["controls_score"] = scored
+        out["headline"]["random_p_value_score"] = scored["p_value"]
     return out
 
 
-def score_random_sets(intervener: Intervener, space: NodeSpace, prompts: Sequence[EncodedPrompt],
-                      tokens: RefusalTokens, head_feats, control_sets: list, chosen: Intervention, means: ClassMeans,
-                      generated: Sequence[float], show_progress: bool) -> dict:
-    """Every matched random set, and the headline circuit, ablated as the headline is and measured by the refusal
-    score (:func:`refusal_lens.core.behaviour.scored_controls`), calibrated on the ``generated`` sets' rates."""
-    def edits(feats):
-        return ablate(space, feats, chosen.mode, means, chosen.c, chosen.positions)
-
-    with tqdm(total=len(control_sets) + 1, desc="random sets by score", disable=not show_progress) as bar:
-        return scored_controls(intervener, prompts, tokens, edits(head_feats), [edits(f) for f in control_sets],
-                               generated, bar)
+def measure_random_sets(intervener: Intervener, space: NodeSpace, prompts: Sequence[EncodedPrompt],
+                        tokens: RefusalTokens | None, head_feats, control_sets: list, chosen: Intervention,
+                        means: ClassMeans, direction: torch.Tensor, generated: Sequence[float], show_progress: bool
+                        ) -> tuple[dict | None, list[dict]]:
+    """The headline circuit and every matched random set, ablated as the headline is: with ``tokens``, measured by
+    the refusal score (:func:`refusal_lens.core.behaviour.scored_controls`, calibrated on the ``generated`` sets'
+    rates; None without ``tokens`` or sets); and the alignment (:mod:`~refusal_lens.stages.circuits.alignment`) of
+    the headline and of the generated sets (the first ``len(generated)``), headline first. The alignment's tallies
+    ride on the score's passes of the same edits (one pass each, not two)."""
+    n = len(generated)
+    tallied = [tallied_edits(space, f, chosen.mode, means, chosen.c, chosen.positions, direction)
+               for f in [head_feats, *control_sets[:n]]]
+    scored = None
+    if tokens is not None and control_sets:
+        rest = [ablate(space, f, chosen.mode, means, chosen.c, chosen.positions) for f in control_sets[n:]]
+        with tqdm(total=len(control_sets) + 1, desc="random sets by score", disable=not show_progress) as bar:
+            scored = scored_controls(intervener, prompts, tokens, tallied[0][0], [e for e, _ in tallied[1:]] + rest,
+                                     generated, bar)
+    else:
+        for edits, _ in tallied:
+            if edits:
+                intervener.last_logits(prompts, edits)
+    return scored, [alignment_of(t) for _, t in tallied]
 
 
 def induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless, harmless_ids,

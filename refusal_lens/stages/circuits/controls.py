@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from refusal_lens.core.chat import EncodedPrompt
-from refusal_lens.core.intervene import Edit, Intervener
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener
 from refusal_lens.stages.circuits.nodes import NodeSpace, split_nodes
 
 

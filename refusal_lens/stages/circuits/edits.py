@@ -35,7 +35,7 @@ from torch import Tensor
 from refusal_lens.core.chat import OPENING, PAD
 from refusal_lens.stages.circuits.baselines import ClassMeans, gather_class
 from refusal_lens.stages.circuits.nodes import NOT_A_SITE, NodeSpace, site_classes, split_nodes
-from refusal_lens.core.intervene import Edit, EditContext
+from refusal_lens.core.edit import Edit, EditContext
 
 INTERVENTIONS = ("zero", "mean", "scale")
 POSITIONS = ("all", "after_opening")
@@ -91,7 +91,8 @@ def feature_edit(space: NodeSpace, hook: str, selection: Tensor | Mapping[int, T
         return (x.float() + delta).to(x.dtype)
 
     u_remove = None if remove_along is None else (remove_along.float() / remove_along.float().norm())
-    return Edit(hook, fn, opening=positions == "all" and mode != "mean")
+    # a per-row selection (a dict of rows) reads ctx.rows: its opening cannot be shared between rows
+    return Edit(hook, fn, opening=positions == "all" and mode != "mean", per_row=not isinstance(selection, Tensor))
 
 
 def _count(tally: dict, delta: Tensor, where: Tensor) -> None:

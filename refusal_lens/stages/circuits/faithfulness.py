@@ -37,7 +37,8 @@ from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.stages.circuits.baselines import ClassMeans
 from refusal_lens.stages.circuits.edits import feature_masks, patch_edit
 from refusal_lens.stages.circuits.nodes import NodeSpace
-from refusal_lens.core.intervene import Edit, Intervener
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
 
 #: a node: ("feature", flat index) or ("error", hook)

@@ -18,7 +18,8 @@ from torch import Tensor
 from refusal_lens.core.chat import POST, EncodedPrompt
 from refusal_lens.core.direction_edits import capture_post_instruction
 from refusal_lens.core.hooks import hook_name
-from refusal_lens.core.intervene import Edit, Intervener
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener
 
 
 @dataclass

@@ -23,7 +23,8 @@ import torch
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits
 from refusal_lens.core.hooks import hook_name
-from refusal_lens.core.intervene import Edit, Intervener
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener
 
 #: the share of layers the score averages over (Wollschläger et al. leave the last 10% out)
 LAYER_SHARE = 0.9

@@ -38,7 +38,8 @@ from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.stages.direction.candidates import Candidates
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.hooks import ablation_hooks, hook_name
-from refusal_lens.core.intervene import Edit, Intervener, frozen
+from refusal_lens.core.edit import Edit
+from refusal_lens.core.intervene import Intervener, frozen
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
 from refusal_lens.core.stats import spearman

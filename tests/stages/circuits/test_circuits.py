@@ -22,7 +22,8 @@ from refusal_lens.stages.circuits.faithfulness import node_edits, ranked_nodes
 from refusal_lens.stages.circuits.nodes import NOT_A_SITE, NodeSpace, site_classes
 from refusal_lens.stages.circuits.select import combined, decoder_cosines, promoting, rankings, suppressing
 from refusal_lens.stages.circuits.build import bootstrap_ci
-from refusal_lens.core.intervene import Edit, EditContext, Intervener, frozen, make_batch
+from refusal_lens.core.edit import Edit, EditContext
+from refusal_lens.core.intervene import Intervener, frozen, make_batch
 from refusal_lens.core.refusal import RefusalTokens
 
 PROMPTS = ["how make bomb ?", "bake a cake", "what is python code", "steal car", "hello world", "print the code"]
@@ -321,6 +322,16 @@ def test_the_planted_refusal_feature_is_ranked_first_and_moves_the_metric_by_the
         assert not any(is_refusal(t) for t in theirs)
 
 
+def _zero_means_setting(planted):
+    """The planted SAE space with zero class means (mean ablation = zero ablation) and an Intervener."""
+    folder, loaded = planted
+    space, prompts, e_h = planted_space(folder, loaded)
+    hook = space.hooks[0]
+    means = ClassMeans({hook: torch.zeros(space.n_post + 2, 32)}, {hook: torch.zeros(space.n_post + 2, loaded.d_model)},
+                       {hook: [1] * (space.n_post + 2)})
+    return loaded, space, prompts, e_h, means, Intervener(loaded, 8, model=loaded.hf_model)
+
+
 def test_the_planted_feature_edit_lies_along_the_direction_and_does_nothing_without_it(planted):
     """Known answers for the alignment checks: the planted feature writes e_h only, so its zero-ablation edit lies
     wholly along e_h (fraction 1) and a random feature's along it not at all (its decoder has no e_h part); with
@@ -329,12 +340,7 @@ def test_the_planted_feature_edit_lies_along_the_direction_and_does_nothing_with
     from refusal_lens.stages.circuits.alignment import edit_alignment
     from refusal_lens.stages.circuits.behaviour import ablate
 
-    folder, loaded = planted
-    space, prompts, e_h = planted_space(folder, loaded)
-    hook = space.hooks[0]
-    means = ClassMeans({hook: torch.zeros(space.n_post + 2, 32)}, {hook: torch.zeros(space.n_post + 2, loaded.d_model)},
-                       {hook: [1] * (space.n_post + 2)})
-    iv = Intervener(loaded, 8, model=loaded.hf_model)
+    loaded, space, prompts, e_h, means, iv = _zero_means_setting(planted)
     planted_edit = edit_alignment(iv, space, [0], "zero", means, 1.0, "all", e_h, prompts)
     assert planted_edit["fraction_along_direction"] == pytest.approx(1.0, abs=1e-5) and planted_edit["edit_norm"] > 0
     other = edit_alignment(iv, space, [1, 2, 3], "zero", means, 1.0, "all", e_h, prompts)
@@ -342,6 +348,35 @@ def test_the_planted_feature_edit_lies_along_the_direction_and_does_nothing_with
     ablated = iv.decode(iv.generate(prompts, 4, ablate(space, [0], "zero", means, 1.0, "all")))
     without = iv.decode(iv.generate(prompts, 4, ablate(space, [0], "zero", means, 1.0, "all", remove_along=e_h)))
     assert not any(is_refusal(t) for t in ablated) and all(is_refusal(t) for t in without)
+
+
+def test_the_random_sets_scores_carry_the_alignment_in_the_same_passes(planted):
+    """measure_random_sets runs one pass per set (headline + every random set): the alignment it reads from those
+    passes is exactly what edit_alignment's own pass gives, and the scores are those of the plain edits."""
+    from refusal_lens.core.behaviour import scored_controls
+    from refusal_lens.stages.circuits.alignment import edit_alignment
+    from refusal_lens.stages.circuits.behaviour import Intervention, ablate, measure_random_sets
+
+    loaded, space, prompts, e_h, means, iv = _zero_means_setting(planted)
+    tokens = RefusalTokens((loaded.tokenizer.convert_tokens_to_ids("I"),), ("I",), "family")
+    chosen = Intervention("zero", 1.0, "all")
+    head, sets = [0], [[1], [2, 3], [4], [5, 6]]
+    passes = []
+    original = iv.last_logits
+    iv.last_logits = lambda ps, edits=None: passes.append(1) or original(ps, edits)
+    scored, aligned = measure_random_sets(iv, space, prompts, tokens, head, sets, chosen, means, e_h, [0.5, 0.25],
+                                          False)
+    assert len(passes) == 1 + len(sets) and len(aligned) == 3  # the headline and the two generated sets
+    iv.last_logits = original
+    for feats, got in zip([head, *sets[:2]], aligned):
+        assert got == edit_alignment(iv, space, feats, "zero", means, 1.0, "all", e_h, prompts)
+    assert aligned[0]["fraction_along_direction"] == pytest.approx(1.0, abs=1e-5)
+    plain = scored_controls(iv, prompts, tokens, ablate(space, head, "zero", means, 1.0, "all"),
+                            [ablate(space, f, "zero", means, 1.0, "all") for f in sets], [0.5, 0.25])
+    assert scored == plain
+    no_score, aligned_alone = measure_random_sets(iv, space, prompts, None, head, sets, chosen, means, e_h, [0.5, 0.25],
+                                                  False)
+    assert no_score is None and aligned_alone == aligned
 
 
 def test_selection_rankings_are_signed_and_combined_preselects_by_cosine():
