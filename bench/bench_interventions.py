@@ -10,10 +10,18 @@ A second table times greedy generation with the ablation edit (bfloat16, shared 
 ``--gen-batches`` on the same prompts: on a CPU one decoding step reads every weight whatever the batch, so larger
 batches should cost little more per step. Ratios against the first batch size.
 
+A third table times greedy generation under several conditions in shared batches (``Intervener.generate_conditions``:
+``--conditions`` random-direction ablations, each on its own ``--condition-prompts`` prompts, bfloat16, shared
+opening): the opening computed once per condition (``Edit.row_key``) against once per row (the same edits with
+their ``row_key`` removed, as before 6a672bb), and whether the responses are identical.
+
+``--tables`` picks the tables (``dtype,batch,conditions``).
+
 ``--smoke``: a tiny random 2-layer model (bench/smoke.py, no download) and its tiny prompts in a temporary
 folder, 8 prompts, 4 new tokens, 1 repeat (seconds).
 
-Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3] [--smoke]
+Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3]
+       [--tables dtype,batch,conditions] [--conditions 8] [--condition-prompts 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +44,7 @@ import torch  # noqa: E402
 from refusal_lens.core.chat import encode_prompt  # noqa: E402
 from refusal_lens.config import ModelConfig  # noqa: E402
 from refusal_lens.core.direction_edits import ablation_edits  # noqa: E402
+from refusal_lens.core.edit import per_condition  # noqa: E402
 from refusal_lens.core.intervene import Intervener  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
 from refusal_lens.data.prompts import read_prompts  # noqa: E402
@@ -48,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--gen-batches", default="16,32,64", help="generation batch sizes to compare")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--conditions", type=int, default=8, help="conditions of the third table")
+    parser.add_argument("--condition-prompts", type=int, default=8, help="prompts per condition of the third table")
+    parser.add_argument("--tables", default="dtype,batch,conditions")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and sizes (checks the bench)")
     args = parser.parse_args(argv)
     if not args.smoke:
@@ -58,6 +71,7 @@ def main(argv=None) -> int:
 
     print(smoke.smoke_note())
     args.prompts, args.new_tokens, args.repeats, args.batch_size, args.gen_batches = 8, 4, 1, 8, "4,8"
+    args.conditions, args.condition_prompts = 3, 4
     with smoke.scratch("bench_interventions") as folder:
         args.model = str(smoke.tiny_model(folder / "model"))
         bench(args, smoke.tiny_prompts(folder / "data"))
@@ -69,6 +83,16 @@ def bench(args, all_prompts) -> None:
     loaded = load_model(ModelConfig(name=args.model, intervention_dtype="bfloat16"))
     prompts = [encode_prompt(loaded.tokenizer, p.prompt, 256) for p in all_prompts[: args.prompts]]
     edit = ablation_edits(torch.randn(loaded.d_model), loaded.n_layers)
+    tables = set(args.tables.split(","))
+    if "dtype" in tables:
+        dtype_table(args, loaded, prompts, edit)
+    if "batch" in tables:
+        batch_table(args, loaded, prompts, edit)
+    if "conditions" in tables:
+        conditions_table(args, loaded, all_prompts)
+
+
+def dtype_table(args, loaded, prompts, edit) -> None:
     variants = {f"{dtype} {'shared' if share else 'whole'}": Intervener(
         loaded, args.batch_size, model=loaded.hf_model if dtype == "float32" else loaded.gen_model, share_opening=share)
         for dtype in ("float32", "bfloat16") for share in (False, True)}
@@ -92,6 +116,9 @@ def bench(args, all_prompts) -> None:
         for v in variants:
             m = statistics.median(times[(t, v)])
             print(f"{t:<22}{v:<18}{m:>8.2f}{m / base:>12.2f}")
+
+
+def batch_table(args, loaded, prompts, edit) -> None:
     sizes = [int(x) for x in args.gen_batches.split(",")]
     gen = {b: [] for b in sizes}
     for _ in range(args.repeats):
@@ -106,6 +133,36 @@ def bench(args, all_prompts) -> None:
     for b in sizes:
         m = statistics.median(gen[b])
         print(f"{b:<18}{m:>8.2f}{m / first:>10.2f}")
+
+
+def conditions_table(args, loaded, all_prompts) -> None:
+    n, k = args.conditions, args.condition_prompts
+    texts = [p.prompt for p in all_prompts]
+    prompts = [encode_prompt(loaded.tokenizer, texts[i % len(texts)], 256) for i in range(n * k)]
+    torch.manual_seed(0)
+    conditions = [(prompts[c * k:(c + 1) * k], ablation_edits(torch.randn(loaded.d_model), loaded.n_layers))
+                  for c in range(n)]
+    owner = [c for c in range(n) for _ in range(k)]
+    per_row = [replace(e, row_key=None) for e in per_condition([e for _, e in conditions], owner)]
+    iv = Intervener(loaded, n * k)
+    variants = {"opening per row (baseline)": lambda: iv.generate(prompts, args.new_tokens, per_row),
+                "opening per condition": lambda: [r for rs in iv.generate_conditions(conditions, args.new_tokens)
+                                                  for r in rs]}
+    times = {v: [] for v in variants}
+    out = {}
+    for _ in range(args.repeats):
+        for v, fn in variants.items():
+            t0 = time.perf_counter()
+            out[v] = fn()
+            times[v].append(time.perf_counter() - t0)
+    same = sum(a == b for a, b in zip(*out.values()))
+    print(f"generation under {n} conditions (random-direction ablations) x {k} prompts in one batch, bfloat16 shared, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}; responses identical {same}/{n * k}")
+    print(f"{'variant':<30}{'s':>8}{'x baseline':>12}")
+    base = statistics.median(times["opening per row (baseline)"])
+    for v in variants:
+        m = statistics.median(times[v])
+        print(f"{v:<30}{m:>8.2f}{m / base:>12.2f}")
 
 
 if __name__ == "__main__":

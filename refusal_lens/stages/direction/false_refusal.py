@@ -8,7 +8,8 @@ correct refusal stays.
   orthogonalisation, the plain ablation of w).
 * **Selection** (validation, per lambda, the reference's rule): each candidate ablated from every residual write at
   every position; the lowest mean refusal score of the refused safe validation prompts among candidates with KL
-  <= ``direction.false_refusal_kl_max`` (0.2) on harmless validation prompts and layer < 0.8 L. Keeping the
+  <= ``direction.false_refusal_kl_max`` (0.2) on harmless validation prompts and layer < 0.8 L (KL measured in
+  order of that score until a candidate passes, :func:`lowest_within_kl`: the same choice). Keeping the
   refusal of toxic prompts is not a filter: the orthogonalisation is what keeps it (the reference's design). The
   screen of :mod:`.select` shortlists the candidates measured exactly.
 * **Selection keeping correct refusal** (:func:`select_keeping_toxic`, ``direction.false_refusal_keep_toxic``; not
@@ -26,7 +27,7 @@ correct refusal stays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -41,7 +42,7 @@ from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.stats import spearman
 from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.stages.direction.candidates import Candidates
-from refusal_lens.stages.direction.select import Scored, bypass_estimates, choose, scores_of, shortlist
+from refusal_lens.stages.direction.select import Scored, bypass_estimates, scores_of, shortlist
 
 
 def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
@@ -51,13 +52,40 @@ def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
     return Candidates(diff, w.harmful_mean, w.harmless_mean, w.n_harmful, w.n_harmless)
 
 
+def _order(s: Scored) -> tuple:
+    return (s.bypass, s.layer, s.j)
+
+
+def lowest_within_kl(candidates: Sequence[Scored], kl_of: Callable[[Scored], float], kl_max: float) -> Scored | None:
+    """The candidate of lowest ``(bypass, layer, j)`` with KL <= ``kl_max``, or None when none has.
+
+    KL is measured lazily (``kl_of``, kept on ``s.kl``; a ``kl`` already set is reused), in that order, until one
+    passes: the same choice as measuring every candidate's KL and then filtering (the first passing candidate in
+    the order is the filtered minimum), at the cost of the KLs up to the choice. When none passes, every KL has
+    been measured."""
+    for s in sorted(candidates, key=_order):
+        if s.kl is None:
+            s.kl = kl_of(s)
+        if s.kl <= kl_max:
+            return s
+    return None
+
+
+def harmless_kl(intervener: Intervener, clean: torch.Tensor, harmless: Sequence[EncodedPrompt], cands: Candidates,
+                s: Scored, n_layers: int) -> float:
+    """Mean KL(clean || ablated) of the harmless prompts' next token, candidate ``s`` of ``cands`` ablated."""
+    edits = ablation_edits(cands.vector(s.layer, s.j), n_layers)
+    return float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
+
+
 def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, safe: Sequence[EncodedPrompt],
                          harmless: Sequence[EncodedPrompt], tokens: RefusalTokens, n_layers: int, *,
                          lambdas: Sequence[float], kl_max: float, max_layer_fraction: float,
                          exact_candidates: int | None, exact_per_layer: int,
                          show_progress: bool = True) -> tuple[dict, list[list[Scored]]]:
     """Per lambda: the chosen site (lowest refused-safe validation score with KL <= kl_max) and its numbers; and each
-    lambda's scored candidates (those measured exactly have ``bypass``)."""
+    lambda's scored candidates (those measured exactly have ``bypass``; ``kl`` only those whose KL the choice needed,
+    :func:`lowest_within_kl`)."""
     sets = [orthogonalised(w, r, lam) for lam in lambdas]
     clean = intervener.last_logits(harmless).log_softmax(-1)
     clean_safe_score = float(scores_of(intervener, safe, tokens).mean())  # the same for every lambda
@@ -69,13 +97,18 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
         scored = [Scored(layer, j, cands.position(j), float(est[layer, j]), 0.0, norm=float(norms[layer, j]),
                          degenerate=bool(norms[layer, j] <= tiny)) for layer, j in cands.flat()]
         short = shortlist(scored, n_layers, max_layer_fraction, exact_candidates, exact_per_layer)
+        if not short:
+            raise ValueError("no candidate was measured below the layer filter")
         for s in tqdm(short, desc=f"false-refusal candidates (lambda {lam:g})", disable=not show_progress):
-            edits = ablation_edits(cands.vector(s.layer, s.j), n_layers)
-            s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
-            s.kl = float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
-            s.induce = 0.0  # not a criterion of the reference's selection
-        best, filters = choose(scored, n_layers, kl_max, float("-inf"), max_layer_fraction)
-        filters.pop("induce_min", None)
+            s.bypass = float(scores_of(intervener, safe, tokens, ablation_edits(cands.vector(s.layer, s.j),
+                                                                                 n_layers)).mean())
+        best = lowest_within_kl(short, lambda s: harmless_kl(intervener, clean, harmless, cands, s, n_layers), kl_max)
+        filters = {"kl_max": kl_max, "max_layer": max_layer_fraction * n_layers, "notes": [],
+                   "n_measured": len(short), "n_kl_measured": sum(s.kl is not None for s in short)}
+        if best is None:  # every KL was measured
+            filters["notes"].append(f"no measured candidate has KL <= {kl_max}: the KL filter was dropped")
+            filters["kl_max"] = None
+            best = min(short, key=_order)
         out[lam] = {"layer": best.layer, "j": best.j, "position": best.position, "bypass": best.bypass, "kl": best.kl,
                     "norm": best.norm, "filters": filters, "vector": cands.vector(best.layer, best.j),
                     "cosine_with_r": float(torch.nn.functional.cosine_similarity(
@@ -97,7 +130,8 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     mean score below its clean value (a candidate that removes nothing keeps toxic refusal trivially: it is no fix).
 
     The shortlist is the reference's (lowest estimated safe score) plus the candidates with the lowest estimated
-    safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on both sides.
+    safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on both sides; KL only
+    for those that lower the safe score and keep toxic refusal, in order of the safe score until one passes.
     ``scored``: the reference selection's candidates of w'(lam) (:func:`select_false_refusal`; those it measured are
     reused), ``clean_safe_score`` its clean mean score of ``safe``.
     Returns the choice and its numbers, or ``{"note": ...}`` when no candidate passes (then the best kept
@@ -115,33 +149,51 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     short = {(s.layer, s.j) for s in shortlist(selective, n_layers, max_layer_fraction, exact_candidates,
                                                  exact_per_layer)}
     short |= {key for key, s in by_site.items() if s.bypass is not None}
-    clean = None  # the harmless prompts' clean log-probabilities, only if a candidate needs its KL measured
-    rows = []
-    for layer, j in tqdm(sorted(short), desc=f"false-refusal candidates keeping toxic (lambda {lam:g})",
-                         disable=not show_progress):
-        s = replace(by_site[(layer, j)])  # a copy: the reference selection's record keeps what it measured
-        edits = ablation_edits(cands.vector(layer, j), n_layers)
-        if s.bypass is None:
-            if clean is None:
-                clean = intervener.last_logits(harmless).log_softmax(-1)
-            s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
-            s.kl = float(kl_divergence(clean, intervener.last_logits(harmless, edits).log_softmax(-1)).mean())
-        kept = float((scores_of(intervener, toxic, tokens, edits)[base] > 0).mean())
-        rows.append((s, kept))
-    passing = [(s, kept) for s, kept in rows if s.kl <= kl_max and kept >= keep_toxic and s.bypass < lowers]
-    record = {"keep_toxic": keep_toxic, "kl_max": kl_max, "n_measured": len(rows), "n_passing": len(passing),
+    bar = tqdm(sorted(short), desc=f"false-refusal candidates keeping toxic (lambda {lam:g})",
+               disable=not show_progress)
+    rows = [_both_sides(intervener, cands, by_site[site], safe, toxic, base, tokens, n_layers) for site in bar]
+    keeping = {(s.layer, s.j): kept for s, kept in rows if kept >= keep_toxic and s.bypass < lowers}
+    eligible = [s for s, _ in rows if (s.layer, s.j) in keeping]
+    chosen = lowest_within_kl(eligible, _kl_with_clean_once(intervener, harmless, cands, n_layers), kl_max)
+    record = {"keep_toxic": keep_toxic, "kl_max": kl_max, "n_measured": len(rows), "n_keeping": len(eligible),
+              "n_kl_measured": sum(s.kl is not None for s in eligible),
               "n_toxic_validation": int(base.sum()), "clean_safe_score": clean_safe_score}
-    if not passing:
+    if chosen is None:
         best = max(rows, key=lambda t: t[1] if t[0].bypass < lowers else -1.0) if rows else None
         return {**record, "note": f"no measured candidate lowers the refused safe prompts' score and keeps >= "
                                   f"{keep_toxic:.0%} of the refused toxic validation prompts with KL <= {kl_max}"
                                   + (f" (best kept {best[1]:.0%})" if best else "")}
-    s, kept = min(passing, key=lambda t: (t[0].bypass, t[0].layer, t[0].j))
+    s, kept = chosen, keeping[(chosen.layer, chosen.j)]
     vector = cands.vector(s.layer, s.j)
     return {**record, "layer": s.layer, "j": s.j, "position": s.position, "bypass": s.bypass, "kl": s.kl,
             "toxic_kept": kept, "norm": s.norm, "vector": vector,
             "cosine_with_r": float(torch.nn.functional.cosine_similarity(w.vector(s.layer, s.j),
                                                                          r.vector(s.layer, s.j), dim=0))}
+
+
+def _both_sides(intervener: Intervener, cands: Candidates, s: Scored, safe: Sequence[EncodedPrompt],
+                toxic: Sequence[EncodedPrompt], base: torch.Tensor, tokens: RefusalTokens, n_layers: int
+                ) -> tuple[Scored, float]:
+    """A copy of ``s`` (the reference selection's record keeps what it measured) with its safe score measured if it
+    was not, and the fraction of the ``base`` toxic prompts whose refusal score stays > 0 under its ablation."""
+    s = replace(s)
+    edits = ablation_edits(cands.vector(s.layer, s.j), n_layers)
+    if s.bypass is None:
+        s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
+    return s, float((scores_of(intervener, toxic, tokens, edits)[base] > 0).mean())
+
+
+def _kl_with_clean_once(intervener: Intervener, harmless: Sequence[EncodedPrompt], cands: Candidates,
+                        n_layers: int) -> Callable[[Scored], float]:
+    """:func:`harmless_kl` of a candidate, the harmless prompts' clean pass run at the first call only."""
+    clean: list[torch.Tensor] = []
+
+    def kl_of(s: Scored) -> float:
+        if not clean:
+            clean.append(intervener.last_logits(harmless).log_softmax(-1))
+        return harmless_kl(intervener, clean[0], harmless, cands, s, n_layers)
+
+    return kl_of
 
 
 def permuted_false_refusal(safe: torch.Tensor, harmless: torch.Tensor, r: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ toxic refusal as it was. The reference's rule (lowest refused-safe score) takes 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -78,7 +80,7 @@ def test_the_toxic_kept_rule_takes_the_selective_candidate_where_the_reference_t
     site = (1, s["n_post"] - 1), (2, s["n_post"] - 1)
     assert (reference["layer"], reference["j"]) == site[0], reference
     assert (kept["layer"], kept["j"]) == site[1], kept
-    assert kept["toxic_kept"] == 1.0 and kept["n_passing"] >= 1 and kept["bypass"] > reference["bypass"]
+    assert kept["toxic_kept"] == 1.0 and kept["n_kl_measured"] >= 1 and kept["bypass"] > reference["bypass"]
     assert torch.nn.functional.cosine_similarity(kept["vector"], s["e_o"], dim=0) > 0.999
 
 
@@ -95,7 +97,7 @@ def test_no_candidate_keeping_enough_is_said_not_hidden(setting):
     assert chosen[0.0]["clean_safe_score"] == pytest.approx(clean_safe)
     none = select_keeping_toxic(s["iv"], only_h, s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
                                 s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, **kw)
-    assert "vector" not in none and "no measured candidate" in none["note"] and none["n_passing"] == 0, none
+    assert "vector" not in none and "no measured candidate" in none["note"] and none["n_keeping"] == 0, none
     assert clean_safe > 0
 
 
@@ -139,9 +141,64 @@ def test_a_screen_that_misses_the_selective_candidate_says_so_and_does_not_retur
     kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
                                 s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, **kw)
     assert "note" in kept and "layer" not in kept, kept
-    assert kept["n_measured"] == 2 and kept["n_passing"] == 0, kept
+    assert kept["n_measured"] == 2 and kept["n_keeping"] == 0, kept
     assert [(c.layer, c.j) for c in scored[0] if c.bypass is not None] == measured  # not mutated
     full = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
                                 s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9,
                                 **{**kw, "exact_candidates": None})
     assert (full["layer"], full["j"]) == (2, s["n_post"] - 1), full  # measured exactly, e_o is found
+
+
+def test_lowest_within_kl_is_the_filtered_minimum_and_measures_kl_only_up_to_it():
+    """The lazy KL of the false-refusal selection against the eager rule (every KL measured, then
+    :func:`~refusal_lens.stages.direction.select.choose`), on random candidates with tied scores: the same choice
+    at every bound, KL measured for the candidates up to the choice in the order of the score only (all of them when
+    none passes, and then the filter is dropped as choose drops it)."""
+    from refusal_lens.stages.direction.false_refusal import lowest_within_kl
+    from refusal_lens.stages.direction.select import Scored, choose
+
+    rng = np.random.default_rng(0)
+    n_lazy = n_eager = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        kls, bypass, layers = rng.uniform(0, 1, n), rng.integers(0, 4, n).astype(float), rng.integers(0, 3, n)
+        kl_max = float(rng.choice([-1.0, 0.3, 0.7, 2.0]))
+
+        def cands(with_kl):
+            return [Scored(int(layers[i]), i, -1, 0.0, 0.0, bypass=float(bypass[i]), induce=0.0,
+                           kl=float(kls[i]) if with_kl else None) for i in range(n)]
+
+        best, filters = choose(cands(True), 10, kl_max, float("-inf"), 1.0)
+        calls: list[int] = []
+        lazy = cands(False)
+        got = lowest_within_kl(lazy, lambda s: calls.append(s.j) or float(kls[s.j]), kl_max)
+        order = sorted(lazy, key=lambda s: (s.bypass, s.layer, s.j))
+        if got is None:
+            assert filters["kl_max"] is None and sorted(calls) == list(range(n))
+            got = order[0]
+        else:
+            assert calls == [s.j for s in order][: order.index(got) + 1]  # in order, up to the choice
+        assert (got.layer, got.j) == (best.layer, best.j)
+        n_lazy, n_eager = n_lazy + len(calls), n_eager + n
+    assert n_lazy < 0.8 * n_eager, (n_lazy, n_eager)
+
+
+def test_the_false_refusal_selection_chooses_what_every_kl_measured_would(setting):
+    """On the planted model: every shortlisted candidate's KL measured eagerly and filtered by choose gives the site
+    select_false_refusal chose, with the same KL; it measured fewer KLs than candidates."""
+    from refusal_lens.stages.direction.false_refusal import harmless_kl
+    from refusal_lens.stages.direction.select import choose
+
+    s = setting
+    chosen, scored = select_false_refusal(s["iv"], s["w"], s["r"], s["safe"], s["harmless"], s["tokens"],
+                                          s["n_layers"], lambdas=(0.0,), kl_max=0.2, max_layer_fraction=1.0,
+                                          exact_candidates=None, exact_per_layer=0, show_progress=False)
+    measured = [c for c in scored[0] if c.bypass is not None]
+    clean = s["iv"].last_logits(s["harmless"]).log_softmax(-1)
+    eager = [replace(c, kl=harmless_kl(s["iv"], clean, s["harmless"], s["w"], c, s["n_layers"]), induce=0.0)
+             for c in measured]
+    best, _ = choose(eager, s["n_layers"], 0.2, float("-inf"), 1.0)
+    got = chosen[0.0]
+    assert (got["layer"], got["j"]) == (best.layer, best.j) and got["kl"] == pytest.approx(best.kl, abs=1e-6)
+    f = got["filters"]
+    assert f["n_measured"] == len(measured) > f["n_kl_measured"] >= 1, f
