@@ -136,6 +136,10 @@ def test_an_edit_that_reads_the_rows_gets_its_own_opening_per_row():
     assert opening_groups(reading, [0, 1, 2, 3, 4]) == ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
     sparing = per_condition([[Edit("blocks.0.hook_resid_pre", noop, opening=False)], []], [0, 1])
     assert not sparing[0].opening
+    # one condition spares the opening, one changes it: the sparing rows share one opening with the edit-less ones
+    mixed = per_condition([[Edit("blocks.0.hook_resid_pre", noop, opening=False)],
+                           [Edit("blocks.0.hook_resid_pre", noop)], []], [0, 0, 1, 1, 2])
+    assert opening_groups(mixed, [0, 1, 2, 3, 4]) == ([0, 2], [0, 0, 1, 1, 0])
 
 
 def test_per_row_edits_that_change_the_opening_give_whole_prompt_results_in_every_pass(planted):

@@ -332,6 +332,23 @@ def _zero_means_setting(planted):
     return loaded, space, prompts, e_h, means, Intervener(loaded, 8, model=loaded.hf_model)
 
 
+def test_a_feature_edit_with_a_mask_per_row_reads_the_rows_and_gets_an_opening_per_row(planted):
+    """A dict selection (random control sets, one mask per prompt row) reads ctx.rows: its edit is per_row, so in
+    several conditions' batches each of its rows gets its own opening; one mask for every row is not per_row."""
+    from refusal_lens.core.edit import opening_groups, per_condition
+
+    loaded, space, prompts, e_h, means, iv = _zero_means_setting(planted)
+    hook = space.hooks[0]
+    one = torch.zeros(space.saes[hook].cfg.d_sae)
+    one[0] = 1
+    per_row = feature_edit(space, hook, {0: one, 1: torch.zeros_like(one)}, "zero", means)
+    shared = feature_edit(space, hook, one, "zero", means)
+    assert per_row.per_row and per_row.opening and not shared.per_row
+    merged = per_condition([[per_row], [shared]], [0, 0, 1, 1])
+    assert opening_groups(merged, [0, 1, 2, 3]) == ([0, 1, 2, 3], [0, 1, 2, 3])
+    assert opening_groups(per_condition([[shared], [shared]], [0, 0, 1, 1]), [0, 1, 2, 3]) == ([0, 2], [0, 0, 1, 1])
+
+
 def test_the_planted_feature_edit_lies_along_the_direction_and_does_nothing_without_it(planted):
     """Known answers for the alignment checks: the planted feature writes e_h only, so its zero-ablation edit lies
     wholly along e_h (fraction 1) and a random feature's along it not at all (its decoder has no e_h part); with

@@ -363,7 +363,7 @@ def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_pa
     assert np.abs(under_w_prime - clean).max() < 0.3 * (clean - under_w).min(), (clean, under_w_prime, under_w)
     assert set(false["controls"]) == {"random_orthogonal", "permuted"}
     kept = false["chosen_keeping_toxic"]  # w' = e_o keeps every refused toxic prompt: it passes the toxic-kept rule
-    assert kept["n_kl_measured"] >= 1 and kept["toxic_kept"] >= 0.9, kept
+    assert kept["kl"] <= 0.2 and 1 <= kept["n_kl_measured"] <= kept["n_keeping"] and kept["toxic_kept"] >= 0.9, kept
     assert rows["w'(lambda=1, toxic kept)"]["toxic_refused"]["refusal_rate"] == 1.0
     score = false["controls_score"]  # every control by the refusal score too: w' = e_o below the 3 random ones
     assert {k: v["n"] for k, v in score["controls"].items()} == {"random_orthogonal": 3, "permuted": 3}, score
