@@ -27,7 +27,7 @@ from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, summaris
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits
 from refusal_lens.core.intervene import Intervener
-from refusal_lens.stages.direction.candidates import site_activations
+from refusal_lens.stages.direction.candidates import SiteCache, site_activations
 from refusal_lens.stages.direction.independence import representational_independence
 from refusal_lens.core.judge import judge
 
@@ -132,15 +132,15 @@ def cross_ablation(intervener: Intervener, directions: dict[str, torch.Tensor], 
 
 
 def per_category(cfg, fast, precise, data, contrast, global_vec, layer, j, n_layers, refused_test, max_new, audit,
-                show_progress) -> dict:
+                show_progress, sites: SiteCache | None = None) -> dict:
     a, c = cfg.analysis, cfg.direction
     harmless = site_activations(precise, data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens,
-                                                      contrast.harmless["discovery"]), layer, j)
+                                                      contrast.harmless["discovery"]), layer, j, sites)
     by_cat: dict[str, list[int]] = {}
     for i in data.split_rows("discovery", "toxic", refused=True):  # the model's refusals of each category
         by_cat.setdefault(data.rows[i]["category"], []).append(i)
-    acts = {cat: site_activations(precise, data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens, rows), layer, j)
-            for cat, rows in sorted(by_cat.items()) if len(rows) >= 2}
+    acts = {cat: site_activations(precise, data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens, rows), layer, j,
+                                  sites) for cat, rows in sorted(by_cat.items()) if len(rows) >= 2}
     all_harmful = torch.cat(list(acts.values())) if acts else torch.zeros(0, harmless.shape[1], dtype=torch.float64)
     vectors = {"all": global_vec.double()}
     vectors.update({cat: x.mean(0) - harmless.mean(0) for cat, x in acts.items()})

@@ -284,7 +284,8 @@ def actadd_edits(r: torch.Tensor, layer: int, strength: float) -> list:
 
 
 def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, contrast, r_cands: Candidates,
-                             saved, n_layers: int, max_new: int, audit: ResponseAudit, show_progress: bool) -> dict:
+                             saved, n_layers: int, max_new: int, audit: ResponseAudit, show_progress: bool,
+                             sites=None) -> dict:
     """The whole experiment (module docstring) on a run's collection; ``saved`` is the selected refusal direction.
     Returns the record (the headline w' under ``"vector"``, for the caller to save)."""
     from refusal_lens.stages.direction.candidates import difference_in_means, site_activations
@@ -296,7 +297,7 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
     if len(safe_disc) < 2 or not safe_val:
         return {**counts, "note": "too few refused safe discovery / validation prompts for a false-refusal vector"}
     harmless_disc, harmless_val = contrast.harmless["discovery"], contrast.harmless["validation"]
-    w = difference_in_means(precise, enc(safe_disc), enc(harmless_disc), n_layers, r_cands.diff.shape[-1])
+    w = difference_in_means(precise, enc(safe_disc), enc(harmless_disc), n_layers, r_cands.diff.shape[-1], sites)
     lambdas = c.false_refusal_lambdas
     chosen, scored = select_false_refusal(
         fast, w, r_cands, enc(safe_val), enc(harmless_val), data.tokens, n_layers, lambdas=lambdas,
@@ -321,10 +322,10 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
     j = int(saved.info["post_instruction_index"])
     tox_disc = data.split_rows("discovery", "toxic", refused=True)
     if len(tox_disc) >= 2:  # the earlier experiment, as a baseline: r_over = refused safe - refused toxic
-        r_over = (site_activations(precise, enc(safe_disc), saved.layer, j).mean(0)
-                  - site_activations(precise, enc(tox_disc), saved.layer, j).mean(0)).float()
+        r_over = (site_activations(precise, enc(safe_disc), saved.layer, j, sites).mean(0)
+                  - site_activations(precise, enc(tox_disc), saved.layer, j, sites).mean(0)).float()
         conditions["r_over ablated"] = ablation_edits(r_over, n_layers)
-    acts = [site_activations(precise, enc(rows), head["layer"], head["j"]) for rows in (safe_disc, harmless_disc)]
+    acts = [site_activations(precise, enc(rows), head["layer"], head["j"], sites) for rows in (safe_disc, harmless_disc)]
     controls = {"random_orthogonal": random_orthogonal(saved.vector, c.false_refusal_controls, c.seed),
                 "permuted": permuted_false_refusal(*acts, r_cands.vector(head["layer"], head["j"]),
                                                    c.false_refusal_controls, c.seed)}

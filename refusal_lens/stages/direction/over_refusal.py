@@ -13,7 +13,7 @@ from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs
 from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.intervene import Intervener
-from refusal_lens.stages.direction.candidates import site_activations
+from refusal_lens.stages.direction.candidates import SiteCache, site_activations
 
 
 def over_refusal(intervener: Intervener, r_over: torch.Tensor, layer: int, n_layers: int,
@@ -34,15 +34,16 @@ def over_refusal(intervener: Intervener, r_over: torch.Tensor, layer: int, n_lay
     return out
 
 
-def over_refusal_experiment(cfg, fast, precise, data, layer, j, n_layers, max_new, audit, show_progress) -> dict:
+def over_refusal_experiment(cfg, fast, precise, data, layer, j, n_layers, max_new, audit, show_progress,
+                            sites: SiteCache | None = None) -> dict:
     enc = lambda rows: data.encoded(fast.tokenizer, cfg.inference.max_prompt_tokens, rows)  # noqa: E731
     safe_ref = data.split_rows("discovery", "safe", refused=True)
     tox_ref = data.split_rows("discovery", "toxic", refused=True)
     if len(safe_ref) < 2 or len(tox_ref) < 2:
         return {"n_refused_safe": len(safe_ref), "n_refused_toxic": len(tox_ref),
                 "note": "too few refused safe or toxic discovery prompts for an over-refusal direction"}
-    r_over = (site_activations(precise, enc(safe_ref), layer, j).mean(0)
-              - site_activations(precise, enc(tox_ref), layer, j).mean(0)).float()
+    r_over = (site_activations(precise, enc(safe_ref), layer, j, sites).mean(0)
+              - site_activations(precise, enc(tox_ref), layer, j, sites).mean(0)).float()
     safe_test, tox_test = data.split_rows("test", "safe"), data.split_rows("test", "toxic")
     rows = over_refusal(fast, r_over, layer, n_layers, enc(safe_test), [data.rows[i]["prompt_id"] for i in safe_test],
                         enc(tox_test), [data.rows[i]["prompt_id"] for i in tox_test], max_new, audit, show_progress)

@@ -37,8 +37,8 @@ from refusal_lens.run.collected import Collected
 from refusal_lens.run.direction_file import SavedDirection, load_direction, save_direction
 from refusal_lens.run.parts import part
 from refusal_lens.run.stage import StageContext, StageResult
-from refusal_lens.stages.direction.candidates import (Candidates, difference_in_means, load_candidates, save_candidates,
-                                                     site_activations)
+from refusal_lens.stages.direction.candidates import (Candidates, SiteCache, difference_in_means, load_candidates,
+                                                     save_candidates, site_activations)
 from refusal_lens.stages.direction.categories import per_category
 from refusal_lens.stages.direction.contrast import Contrast, DirectionError, contrast_sets
 from refusal_lens.stages.direction.emergence import emergence_curve
@@ -101,6 +101,8 @@ class DirectionSteps:
         # every intervention: model.intervention_dtype
         self.fast = Intervener(loaded, self.c.batch_size, generation_batch_size=self.c.generation_batch_size,
                                gradient_batch_size=self.c.gradient_batch_size)
+        # the float32 model's post-instruction sites of every discovery list, read again by later parts
+        self.sites = SiteCache(self.precise, self.n_layers, self.d_model)
 
     def enc(self, rows):
         return self.data.encoded(self.tok, self.cfg.inference.max_prompt_tokens, rows)
@@ -123,7 +125,8 @@ class DirectionSteps:
         else:
             self.status.set(message="direction: difference in means of every candidate (discovery)")
             cands = difference_in_means(self.precise, self.enc(self.contrast.harmful["discovery"]),
-                                        self.enc(self.contrast.harmless["discovery"]), self.n_layers, self.d_model)
+                                        self.enc(self.contrast.harmless["discovery"]), self.n_layers, self.d_model,
+                                        self.sites)
             save_candidates(cands, self.files.candidate_tensors)
         self.status.progress(1)
         return cands
@@ -160,8 +163,10 @@ class DirectionSteps:
         permuted = None
         if c.permuted_directions and not self.files.evaluation.is_file():
             j = int(saved.info["post_instruction_index"])
-            sides = [site_activations(self.precise, self.enc(self.contrast.harmful["discovery"]), saved.layer, j),
-                     site_activations(self.precise, self.enc(self.contrast.harmless["discovery"]), saved.layer, j)]
+            sides = [site_activations(self.precise, self.enc(self.contrast.harmful["discovery"]), saved.layer, j,
+                                      self.sites),
+                     site_activations(self.precise, self.enc(self.contrast.harmless["discovery"]), saved.layer, j,
+                                      self.sites)]
             permuted = permuted_directions(*sides, c.permuted_directions, c.seed)
         self.status.set(message="direction: evaluation on test (generation)")
         out = part(self.files.evaluation, lambda: audited(self.files.audit("evaluation"), lambda audit: evaluate_direction(
@@ -181,7 +186,8 @@ class DirectionSteps:
             refused = self.data.split_rows("test", "toxic", refused=True)
             out = part(self.files.categories, lambda: audited(self.files.audit("categories"), lambda audit: per_category(
                 self.cfg, self.fast, self.precise, self.data, self.contrast, saved.vector, saved.layer,
-                int(saved.info["post_instruction_index"]), self.n_layers, refused, self.max_new, audit, self.show)))
+                int(saved.info["post_instruction_index"]), self.n_layers, refused, self.max_new, audit, self.show,
+                sites=self.sites)))
         self.status.progress(4)
         return out
 
@@ -192,7 +198,7 @@ class DirectionSteps:
             out = part(self.files.over_refusal, lambda: audited(
                 self.files.audit("over_refusal"), lambda audit: over_refusal_experiment(
                     self.cfg, self.fast, self.precise, self.data, saved.layer, int(saved.info["post_instruction_index"]),
-                    self.n_layers, self.max_new, audit, self.show)))
+                    self.n_layers, self.max_new, audit, self.show, sites=self.sites)))
         self.status.progress(5)
         return out
 
@@ -204,7 +210,7 @@ class DirectionSteps:
             def make() -> dict:
                 doc = audited(self.files.audit("false_refusal"), lambda audit: false_refusal_experiment(
                     self.cfg, self.fast, self.precise, self.data, self.contrast, cands, saved, self.n_layers,
-                    self.max_new, audit, self.show))
+                    self.max_new, audit, self.show, sites=self.sites))
                 if (vector := doc.pop("vector", None)) is not None:
                     durable.save_safetensors({"direction": vector.detach().float().contiguous()},
                                              self.files.false_refusal_vector)

@@ -373,3 +373,36 @@ def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_pa
     assert {k: v["n"] for k, v in false["controls"].items()} == {"random_orthogonal": 2, "permuted": 2}
     summary = json.loads((result.folder / "summary.json").read_text())
     assert summary["false_refusal"]["headline"] == "w'(lambda=1)"
+
+
+def test_the_site_cache_reads_what_a_fresh_pass_gives_bit_for_bit(planted):
+    """The stage's SiteCache: the means and site activations it reads are equal (torch.equal) to those a fresh pass
+    of the same prompts gives; one model pass per distinct prompt list, none for a list read again; another
+    intervener, or a list in another order, is not read from it."""
+    from refusal_lens.core.chat import encode_prompt
+    from refusal_lens.stages.direction.candidates import (SiteCache, difference_in_means, post_instruction_means,
+                                                          site_activations)
+
+    folder, loaded = planted
+    harmful = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "toxic"][:7]
+    harmless = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts() if p.label == "harmless"][:5]
+    iv = Intervener(loaded, 3, model=loaded.hf_model)  # batches of 3: the lists span several batches
+    n_layers, d, n_post = loaded.n_layers, loaded.d_model, harmful[0].n_post_instruction
+    sites = SiteCache(iv, n_layers, d)
+    calls = []
+    original = iv.last_logits
+    iv.last_logits = lambda ps, edits=None: calls.append(len(ps)) or original(ps, edits)
+    cached = difference_in_means(iv, harmful, harmless, n_layers, d, sites)
+    assert calls == [7, 5] and sites.passes == 2
+    reads = [site_activations(iv, harmful, layer, j, sites) for layer in (0, n_layers - 1) for j in range(n_post)]
+    again = post_instruction_means(iv, harmless, n_layers, n_post, d, sites)
+    assert calls == [7, 5] and sites.passes == 2  # read, not run
+    iv.last_logits = original
+    fresh = difference_in_means(iv, harmful, harmless, n_layers, d)
+    assert torch.equal(cached.diff, fresh.diff) and torch.equal(again, fresh.harmless_mean)
+    direct = [site_activations(iv, harmful, layer, j) for layer in (0, n_layers - 1) for j in range(n_post)]
+    assert all(torch.equal(a, b) for a, b in zip(reads, direct))
+    other = Intervener(loaded, 3, model=loaded.hf_model)
+    assert not sites.usable(other, harmful) and sites.usable(iv, harmful)
+    site_activations(iv, harmful[::-1], 0, 0, sites)
+    assert sites.passes == 3  # another order is another list (other batches)
