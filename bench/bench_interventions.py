@@ -50,6 +50,9 @@ from refusal_lens.models.loading import load_model  # noqa: E402
 from refusal_lens.data.prompts import read_prompts  # noqa: E402
 
 
+TABLES = ("dtype", "batch", "conditions")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -60,9 +63,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--conditions", type=int, default=8, help="conditions of the third table")
     parser.add_argument("--condition-prompts", type=int, default=8, help="prompts per condition of the third table")
-    parser.add_argument("--tables", default="dtype,batch,conditions")
+    parser.add_argument("--tables", default=",".join(TABLES), help="which tables (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and sizes (checks the bench)")
     args = parser.parse_args(argv)
+    if unknown := set(args.tables.split(",")) - set(TABLES):
+        parser.error(f"--tables {args.tables}: unknown {sorted(unknown)}; allowed: a comma-separated subset of "
+                     f"{','.join(TABLES)}")
     if not args.smoke:
         bench(args, read_prompts(None))
         return 0

@@ -62,7 +62,11 @@ class SiteCache:
     def __init__(self, intervener: Intervener, n_layers: int, d_model: int):
         self.intervener, self.n_layers, self.d_model = intervener, n_layers, d_model
         self._lists: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self.passes = 0  # model passes run (the rest were read)
+
+    @property
+    def passes(self) -> int:
+        """Model passes run: one per distinct list (every other read is from memory)."""
+        return len(self._lists)
 
     def usable(self, intervener: Intervener, prompts: Sequence[EncodedPrompt]) -> bool:
         return (intervener is self.intervener and bool(prompts)
@@ -79,7 +83,6 @@ class SiteCache:
             edits += [Edit(hook_name("resid_pre", layer), _capture_rows(rows, layer, n_post), opening=False)
                       for layer in range(self.n_layers)]
             self.intervener.last_logits(prompts, edits)
-            self.passes += 1
             self._lists[key] = (sums, rows)
         return self._lists[key]
 

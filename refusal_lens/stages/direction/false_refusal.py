@@ -41,8 +41,8 @@ from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.stats import spearman
 from refusal_lens.core.refusal import RefusalTokens
-from refusal_lens.stages.direction.candidates import Candidates
-from refusal_lens.stages.direction.select import Scored, bypass_estimates, scores_of, shortlist
+from refusal_lens.stages.direction.candidates import Candidates, SiteCache
+from refusal_lens.stages.direction.select import Scored, by_bypass, bypass_estimates, scores_of, shortlist
 
 
 def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
@@ -52,18 +52,15 @@ def orthogonalised(w: Candidates, r: Candidates, lam: float) -> Candidates:
     return Candidates(diff, w.harmful_mean, w.harmless_mean, w.n_harmful, w.n_harmless)
 
 
-def _order(s: Scored) -> tuple:
-    return (s.bypass, s.layer, s.j)
-
-
 def lowest_within_kl(candidates: Sequence[Scored], kl_of: Callable[[Scored], float], kl_max: float) -> Scored | None:
-    """The candidate of lowest ``(bypass, layer, j)`` with KL <= ``kl_max``, or None when none has.
+    """The first candidate in :func:`~refusal_lens.stages.direction.select.by_bypass` order with KL <= ``kl_max``, or
+    None when none has.
 
     KL is measured lazily (``kl_of``, kept on ``s.kl``; a ``kl`` already set is reused), in that order, until one
     passes: the same choice as measuring every candidate's KL and then filtering (the first passing candidate in
     the order is the filtered minimum), at the cost of the KLs up to the choice. When none passes, every KL has
     been measured."""
-    for s in sorted(candidates, key=_order):
+    for s in sorted(candidates, key=by_bypass):
         if s.kl is None:
             s.kl = kl_of(s)
         if s.kl <= kl_max:
@@ -108,7 +105,7 @@ def select_false_refusal(intervener: Intervener, w: Candidates, r: Candidates, s
         if best is None:  # every KL was measured
             filters["notes"].append(f"no measured candidate has KL <= {kl_max}: the KL filter was dropped")
             filters["kl_max"] = None
-            best = min(short, key=_order)
+            best = min(short, key=by_bypass)
         out[lam] = {"layer": best.layer, "j": best.j, "position": best.position, "bypass": best.bypass, "kl": best.kl,
                     "norm": best.norm, "filters": filters, "vector": cands.vector(best.layer, best.j),
                     "cosine_with_r": float(torch.nn.functional.cosine_similarity(
@@ -285,7 +282,7 @@ def actadd_edits(r: torch.Tensor, layer: int, strength: float) -> list:
 
 def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, contrast, r_cands: Candidates,
                              saved, n_layers: int, max_new: int, audit: ResponseAudit, show_progress: bool,
-                             sites=None) -> dict:
+                             sites: SiteCache | None = None) -> dict:
     """The whole experiment (module docstring) on a run's collection; ``saved`` is the selected refusal direction.
     Returns the record (the headline w' under ``"vector"``, for the caller to save)."""
     from refusal_lens.stages.direction.candidates import difference_in_means, site_activations

@@ -177,6 +177,11 @@ def shortlist(scored: Sequence[Scored], n_layers: int, max_layer_fraction: float
     return sorted(chosen.values(), key=lambda s: (s.bypass_estimate, s.layer, s.j))
 
 
+def by_bypass(s: Scored) -> tuple:
+    """The order of the choice: the lowest measured bypass first, ties by layer then position."""
+    return (s.bypass, s.layer, s.j)
+
+
 def choose(scored: Sequence[Scored], n_layers: int, kl_max: float, induce_min: float,
            max_layer_fraction: float) -> tuple[Scored, dict]:
     """Filters, then the lowest bypass; drops the induce filter (then the KL filter) when nothing passes."""
@@ -203,7 +208,7 @@ def choose(scored: Sequence[Scored], n_layers: int, kl_max: float, induce_min: f
         passing = measured
     filters["n_passing"] = len(passing)
     filters["n_measured"] = len(measured)
-    return min(passing, key=lambda s: (s.bypass, s.layer, s.j)), filters
+    return min(passing, key=by_bypass), filters
 
 
 def select_direction(intervener: Intervener, cands: Candidates, harmful: Sequence[EncodedPrompt],
