@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from refusal_lens.infra import durable
 from refusal_lens.core.metrics import rate
@@ -53,28 +54,36 @@ def control_summary(observed: float, controls: Sequence[float], alternative: str
 
 def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], tokens: RefusalTokens,
                     headline: Sequence[Edit], controls: Sequence[Sequence[Edit]], generated: Sequence[float] = (),
-                    bar=None, alternative: str = "less") -> dict:
+                    bar=None, alternative: str = "less", known: Sequence[Sequence[float]] = (),
+                    known_headline: Sequence[float] | None = None) -> dict:
     """Controls measured by the refusal score, one forward pass per prompt (no generation): the mean refusal score
     of ``prompts`` under each control's edits against the mean under ``headline`` (:func:`control_summary`, the p
-    of a lower score; ``alternative="greater"`` for an edit meant to raise refusal). ``generated``: the generated refusal rates of the first controls, for the calibration on
-    them: the Spearman correlation over controls of the generated rate with the mean score, and the score-based p
-    on that subset (to set beside the generated p)."""
+    of a lower score; ``alternative="greater"`` for an edit meant to raise refusal). ``generated``: the generated
+    refusal rates of the first controls, for the calibration on them: the Spearman correlation over controls of the
+    generated rate with the mean score, and the score-based p on that subset (to set beside the generated p).
+
+    ``known``: the per-prompt scores of the first controls on ``prompts`` already computed (the first step of their
+    generation, :meth:`Runs.scored`), and ``known_headline`` the headline's: no forward pass is run for those."""
     from refusal_lens.core.refusal import refusal_score
     from refusal_lens.core.stats import spearman
 
-    def mean_score(edits) -> float:
-        value = float(refusal_score(intervener.last_logits(prompts, edits), tokens).mean())
+    def mean_score(edits, given: Sequence[float] | None = None) -> float:
+        if given is not None:
+            value = float(torch.tensor(given, dtype=torch.float32).mean()) if len(given) else float("nan")
+        else:
+            value = float(refusal_score(intervener.last_logits(prompts, edits), tokens).mean())
         if bar is not None:
             bar.update(1)
         return value
 
-    own = mean_score(headline)
-    values = [mean_score(edits) for edits in controls]
+    own = mean_score(headline, known_headline)
+    values = [mean_score(edits, known[k] if k < len(known) else None) for k, edits in enumerate(controls)]
     if own != own:  # no score for the headline (e.g. no prompts): nothing to compare
         return {"measure": "mean refusal score", "headline_mean_score": None, "n_prompts": len(prompts),
                 "scores": values, **control_summary(float("inf"), [], alternative)}
     out = {"measure": "mean refusal score", "headline_mean_score": own, "n_prompts": len(prompts),
            "scores": values,  # per control, in order (control k), NaN kept; control_summary's values drop NaN
+           "from_generation": len(known) + (known_headline is not None),  # scores read from generations' first step
            **control_summary(own, values, alternative)}
     if generated:
         m = len(generated)
@@ -197,16 +206,26 @@ class Runs:
         self.intervener, self.max_new_tokens, self.audit, self.bar = intervener, max_new_tokens, audit, bar
 
     def __call__(self, conditions: Sequence[Condition]) -> list[dict]:
-        out = []
+        return self.scored(conditions)[0]
+
+    def scored(self, conditions: Sequence[Condition], tokens: RefusalTokens | None = None
+               ) -> tuple[list[dict], list[list[float]] | None]:
+        """The summaries, and with ``tokens`` each condition's per-prompt refusal scores at the first response
+        position, read from its generation's first step (:meth:`Intervener.generate_scored`; None without)."""
+        out: list[dict] = []
+        scores: list[list[float]] = []
         for chunk in chunks(conditions, self.intervener.generation_batch_size):
-            responses = self.intervener.generate_conditions([(c.prompts, c.edits) for c in chunk], self.max_new_tokens)
-            for c, ids in zip(chunk, responses):
+            responses, first = self.intervener.generate_conditions_scored([(c.prompts, c.edits) for c in chunk],
+                                                                          self.max_new_tokens, tokens)
+            for i, (c, ids) in enumerate(zip(chunk, responses)):
                 texts = self.intervener.decode(ids)
                 self.audit.add(c.name, c.ids, texts, **c.extra)
                 out.append(summarise(texts))
+                if first is not None:
+                    scores.append(first[i])
             if self.bar is not None:
                 self.bar.update(len(chunk))
-        return out
+        return out, (scores if tokens is not None else None)
 
 
 def audited(path: Path, make):

@@ -25,14 +25,19 @@ import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from refusal_lens.core.chat import GENERATED, OPENING, PAD, EncodedPrompt, left_pad
 from refusal_lens.core.edit import Edit, EditContext, EditsFor, opening_groups, per_condition
 from refusal_lens.core.hooks import hf_hook_target
 from refusal_lens.core.metrics import kl_divergence
+
+if TYPE_CHECKING:
+    from refusal_lens.core.refusal import RefusalTokens
 
 
 @dataclass
@@ -72,6 +77,19 @@ def make_batch(prompts: Sequence[EncodedPrompt], rows: Sequence[int], pad_id: in
         classes[b, ids.shape[1] - len(cls):] = torch.tensor(cls, dtype=torch.long)
     return Batch(ids.to(device), mask.to(device), classes.to(device), list(rows), [len(p.ids) for p in prompts],
                  tuple(prefix))
+
+
+class _FirstScores(LogitsProcessor):
+    """A logits processor that changes nothing and keeps the refusal score of each row at the first generation step
+    (the prompt's last position), the only step whose scores it reads."""
+
+    def __init__(self, tokens: RefusalTokens, score):
+        self.tokens, self.score, self.scores = tokens, score, None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.scores is None:
+            self.scores = self.score(scores, self.tokens).cpu()
+        return scores
 
 
 @contextmanager
@@ -304,8 +322,20 @@ class Intervener:
     def generate(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, edits: EditsFor | None = None
                  ) -> list[list[int]]:
         """Greedy responses (token ids up to, not including, the first end-of-sequence token)."""
+        return self.generate_scored(prompts, max_new_tokens, edits)[0]
+
+    @torch.no_grad()
+    def generate_scored(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, edits: EditsFor | None = None,
+                        tokens: RefusalTokens | None = None) -> tuple[list[list[int]], list[float] | None]:
+        """Greedy responses, and with ``tokens`` the refusal score of each prompt's first response position, read from
+        the logits the generation's first step computes anyway (the float32 scores greedy decoding takes its first
+        token from; no processor changes them: ``do_sample=False`` and no penalty is configured). They are what
+        :meth:`last_logits` gives up to the batch's rounding: the same prompts and edits in other batches (bf16)."""
+        from refusal_lens.core.refusal import refusal_score
+
         prefix, cache = self._plan(prompts, edits)
         out: list[list[int] | None] = [None] * len(prompts)
+        scores: list[float | None] = [None] * len(prompts)
         for batch in self.batches(prompts, prefix=prefix, size=self.generation_batch_size):
             mine = self._edits_for(edits, batch.rows)
             inputs = self._inputs(batch, cache, mine)
@@ -313,15 +343,19 @@ class Intervener:
                 head = torch.tensor([prefix], device=batch.ids.device).expand(len(batch), -1)
                 inputs["input_ids"] = torch.cat([head, batch.ids], 1)
                 inputs.pop("position_ids")
+            first = _FirstScores(tokens, refusal_score) if tokens is not None else None
             with self.edits(mine, batch):
                 new = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=self.tokenizer.pad_token_id)
+                                          pad_token_id=self.tokenizer.pad_token_id,
+                                          **({"logits_processor": LogitsProcessorList([first])} if first else {}))
             width = inputs["input_ids"].shape[1]
             for b, row in enumerate(batch.rows):
                 seq = new[b, width:].tolist()
                 cut = next((i for i, t in enumerate(seq) if t in self.eos), len(seq))
                 out[row] = seq[:cut]
-        return out  # type: ignore[return-value]
+                if first is not None:
+                    scores[row] = float(first.scores[b])
+        return out, (scores if tokens is not None else None)  # type: ignore[return-value]
 
     def generate_conditions(self, conditions: Sequence[tuple[Sequence[EncodedPrompt], Sequence[Edit]]],
                             max_new_tokens: int) -> list[list[list[int]]]:
@@ -330,15 +364,26 @@ class Intervener:
         Decoding one token costs about the same for 15 rows as for 60 on a CPU (reading the weights dominates),
         so the rows of several conditions run together: each edit applies to its own condition's rows only
         (:func:`per_condition`). Returns the responses of each condition, in its prompts' order."""
+        return self.generate_conditions_scored(conditions, max_new_tokens)[0]
+
+    def generate_conditions_scored(self, conditions: Sequence[tuple[Sequence[EncodedPrompt], Sequence[Edit]]],
+                                   max_new_tokens: int, tokens: RefusalTokens | None = None
+                                   ) -> tuple[list[list[list[int]]], list[list[float]] | None]:
+        """:meth:`generate_conditions`, and with ``tokens`` each response's first-position refusal score
+        (:meth:`generate_scored`), per condition in its prompts' order (None without ``tokens``)."""
         prompts, owner = [], []
         for c, (ps, _) in enumerate(conditions):
             prompts += list(ps)
             owner += [c] * len(ps)
-        flat = self.generate(prompts, max_new_tokens, per_condition([e for _, e in conditions], owner))
+        flat, flat_scores = self.generate_scored(prompts, max_new_tokens,
+                                                 per_condition([e for _, e in conditions], owner), tokens)
         out: list[list[list[int]]] = [[] for _ in conditions]
+        by: list[list[float]] = [[] for _ in conditions]
         for row, c in enumerate(owner):
             out[c].append(flat[row])
-        return out
+            if flat_scores is not None:
+                by[c].append(flat_scores[row])
+        return out, (by if flat_scores is not None else None)
 
     def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
         return self.tokenizer.batch_decode(responses, skip_special_tokens=True)

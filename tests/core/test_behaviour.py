@@ -117,6 +117,23 @@ def test_scored_controls_exact_on_a_fake_model_and_calibrated_on_null_scores():
     assert out["p_value"] == pytest.approx(2 / 5)  # (1 + one control <= -1) / (1 + 4)
     assert out["calibration"]["spearman_rate_vs_score"] == pytest.approx(1.0)  # rates rank as the scores do
     assert out["calibration"]["p_score_on_generated"] == pytest.approx(2 / 4)
+    # scores already read from generations: the same record, and no pass for the known ones (a Fake that counts)
+    calls = []
+
+    class Counting(Fake):
+        def last_logits(self, prompts, edits):
+            calls.append(edits)
+            return super().last_logits(prompts, edits)
+
+    known = scored_controls(Counting(), prompts, tokens, [-2.0], [[0.5], [-3.0], [1.5], [2.0]],
+                            generated=[0.6, 0.1, 0.8], known=[[0.5, 1.5, 2.5], [-3.0, -2.0, -1.0]],
+                            known_headline=[-2.0, -1.0, 0.0])
+    assert calls == [[1.5], [2.0]]  # only the two controls without known scores ran
+    assert known["from_generation"] == 3 and out["from_generation"] == 0
+    assert {k: v for k, v in known.items() if k != "from_generation"} == \
+        {k: v for k, v in out.items() if k != "from_generation"}
+    wrong = scored_controls(Fake(), prompts, tokens, [-2.0], [[0.5]], known=[[9.0, 9.0, 9.0]])
+    assert wrong["values"] == pytest.approx([9.0])  # the known scores are what is used, not recomputed
     rng = np.random.default_rng(0)
     hits = {0.05: 0, 0.2: 0}
     trials = 400

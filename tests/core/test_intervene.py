@@ -95,6 +95,32 @@ def test_conditions_in_shared_batches_give_what_each_gives_alone(planted):
     assert len(together[1]) == 3 and together[1] != together[0][:3]  # the edits did something, on their rows only
 
 
+def test_scores_read_from_the_first_generation_step_are_the_last_logits_scores(planted):
+    """generate_scored's refusal scores (the logits greedy decoding takes its first token from) equal the refusal
+    score of last_logits on the same prompts and edits, and its responses are generate's; in shared batches of
+    several conditions (generate_conditions_scored) each condition gets its own rows' scores."""
+    from refusal_lens.core.refusal import RefusalTokens, refusal_score
+
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    tokens = RefusalTokens((21,), ("I",), "learned")
+    iv = Intervener(loaded, 16, model=loaded.hf_model)
+    conditions = [(prompts, []), (prompts[:3], ablation_edits(e_h, loaded.n_layers)),
+                  (prompts[1:], addition_edits(3 * e_h, 1))]
+    for ps, edits in conditions:
+        responses, scores = iv.generate_scored(ps, 5, edits, tokens)
+        assert responses == iv.generate(ps, 5, edits)
+        torch.testing.assert_close(torch.tensor(scores), refusal_score(iv.last_logits(ps, edits), tokens),
+                                   rtol=1e-4, atol=1e-4)
+    assert iv.generate_scored(prompts, 5)[1] is None  # no tokens, no scores
+    together, scores = iv.generate_conditions_scored(conditions, 5, tokens)
+    assert together == iv.generate_conditions(conditions, 5)
+    for (ps, edits), got in zip(conditions, scores):
+        torch.testing.assert_close(torch.tensor(got), refusal_score(iv.last_logits(ps, edits), tokens),
+                                   rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(torch.tensor(scores[0][:3]), torch.tensor(scores[1]), atol=1e-3)  # edits matter
+
+
 def test_the_opening_is_computed_once_per_condition_that_changes_it(planted):
     """In one generation batch of four conditions (clean, two that change the opening, one that spares it) the
     opening's cache is computed for three rows, not for every row: the clean and the sparing condition share one,

@@ -34,15 +34,17 @@ from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.refusal import RefusalTokens
 
 
-def _texts(runs: Runs, plan: Sequence[Condition], audit: ResponseAudit) -> list[list[str]]:
-    """Run ``plan`` and return each condition's judged texts (from the audit, in order)."""
+def _texts(runs: Runs, plan: Sequence[Condition], audit: ResponseAudit, tokens: RefusalTokens | None = None
+           ) -> tuple[list[list[str]], list[list[float]] | None]:
+    """Run ``plan`` and return each condition's judged texts (from the audit, in order), and with ``tokens`` its
+    per-prompt first-position refusal scores (:meth:`Runs.scored`)."""
     start = len(audit.rows)
-    runs(plan)
+    _, scores = runs.scored(plan, tokens)
     out, at = [], start
     for c in plan:
         out.append([r["response"] for r in audit.rows[at : at + len(c.prompts)]])
         at += len(c.prompts)
-    return out
+    return out, scores
 
 
 def permuted_directions(harmful: torch.Tensor, harmless: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -81,9 +83,13 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
                   ("harmless", "clean", []), ("harmless", "actadd_plus", addition_edits(direction, layer, 1.0))]
     sides = {"harmful": (harmful, harmful_ids), "harmless": (harmless, harmless_ids)}
     texts_of: dict[tuple[str, str], list[str]] = {}
+    scores_of: dict[tuple[str, str], list[float]] = {}
     plan = [Condition(f"{side}/{name}", *sides[side], edits, {}) for side, name, edits in conditions]
-    for (side, name, _), texts in zip(conditions, _texts(runs, plan, audit)):
-        texts_of[(side, name)] = texts
+    texts, scores = _texts(runs, plan, audit, score_tokens)
+    for k, (side, name, _) in enumerate(conditions):
+        texts_of[(side, name)] = texts[k]
+        if scores is not None:
+            scores_of[(side, name)] = scores[k]
     rows: dict[str, dict] = {}
     for (side, name), texts in texts_of.items():
         rows[f"{side}/{name}"] = summarise(texts)
@@ -94,7 +100,7 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
 
     out.update(direction_controls(intervener, direction, layer, n_layers, harmful, harmful_ids, refused_idx, harmless,
                                   harmless_ids, texts_of, max_new_tokens, n_random, seed, audit, show_progress,
-                                  random_prompts, permuted, n_generated, score_tokens))
+                                  random_prompts, permuted, n_generated, score_tokens, scores_of))
     out.update(harmless_cost(intervener, harmless, harmless_responses, ablate, n_bootstrap, seed))
     return out
 
@@ -105,9 +111,12 @@ def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: i
                        texts_of: dict[tuple[str, str], list[str]], max_new_tokens: int, n_random: int, seed: int,
                        audit: ResponseAudit, show_progress: bool, random_prompts: int | None,
                        permuted: torch.Tensor | None, n_generated: int | None,
-                       score_tokens: RefusalTokens | None) -> dict:
+                       score_tokens: RefusalTokens | None, scores_of: dict[tuple[str, str], list[float]] | None = None
+                       ) -> dict:
     """The direction's controls (module docstring): generated and judged, and by the refusal score; ``texts_of`` holds
-    the direction's own responses (for its rates on the controls' prompts)."""
+    the direction's own responses (for its rates on the controls' prompts), ``scores_of`` their first-position
+    refusal scores when they were read from the generation (the score passes of those and of the generated controls
+    are then not run again)."""
     out: dict = {}
     # controls: random directions ablated (refused harmful), random vectors of |r| added (harmless), on up to
     # ``random_prompts`` prompts per side; the direction's own rate on the same prompts gives its p-value
@@ -127,7 +136,7 @@ def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: i
         plan.append(Condition("harmful_refused/permuted_ablated", [harmful[i] for i in ctrl_h],
                               [harmful_ids[i] for i in ctrl_h], ablation_edits(v, n_layers), {"control": k}))
     with tqdm(total=len(plan), desc="direction random controls", disable=not show_progress or not plan) as bar:
-        summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
+        summaries, first = Runs(intervener, max_new_tokens, audit, bar).scored(plan, score_tokens)
     ablated_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_ablated")]
     added_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_added")]
     permuted_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("permuted_ablated")]
@@ -143,21 +152,31 @@ def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: i
         "n_prompts": len(ctrl_h), "observed": own_ablated, "abs_cosine_with_direction_mean":
             float(np.mean(np.abs(cosines))) if cosines else None}
     if score_tokens is not None:
+        known = {kind: [f for c, f in zip(plan, first or []) if c.name.endswith(kind)]
+                 for kind in ("random_ablated", "random_added", "permuted_ablated")}
+        scores_of = scores_of or {}
+        own = {"random_ablated": ("harmful", "ablated", ctrl_h), "random_added": ("harmless", "actadd_plus", ctrl_s),
+               "permuted_ablated": ("harmful", "ablated", ctrl_h)}
+        known_own = {kind: [scores_of[(side, name)][i] for i in idx] for kind, (side, name, idx) in own.items()
+                     if (side, name) in scores_of}
         out["controls_score"] = score_direction_controls(
             intervener, direction, layer, n_layers, [harmful[i] for i in ctrl_h], [harmless[i] for i in ctrl_s],
             units, permuted, score_tokens, {"random_ablated": ablated_rates, "random_added": added_rates,
-                                            "permuted_ablated": permuted_rates}, show_progress)
+                                            "permuted_ablated": permuted_rates}, show_progress, known, known_own)
     return out
 
 
 def score_direction_controls(intervener: Intervener, direction: torch.Tensor, layer: int, n_layers: int,
                              refused: Sequence[EncodedPrompt], harmless: Sequence[EncodedPrompt], units: torch.Tensor,
                              permuted: torch.Tensor | None, tokens: RefusalTokens, generated: dict[str, list[float]],
-                             show_progress: bool = True) -> dict:
+                             show_progress: bool = True, known: dict[str, list[list[float]]] | None = None,
+                             known_own: dict[str, list[float]] | None = None) -> dict:
     """The direction's controls by the refusal score (:func:`refusal_lens.core.behaviour.scored_controls`), on the
     prompts of the generated ones: random directions and permuted differences ablated (the refused harmful
     prompts; p of a lower mean score than r's ablation), random vectors of ``|r|`` added (the harmless prompts;
-    p of a higher mean score than ActAdd(+r)); calibrated on the generated controls of each kind."""
+    p of a higher mean score than ActAdd(+r)); calibrated on the generated controls of each kind. ``known`` /
+    ``known_own``: per kind, the per-prompt scores of its first controls and of the direction already read from their
+    generations (not computed again)."""
     kinds = {"random_ablated": (refused, ablation_edits(direction, n_layers), [ablation_edits(u, n_layers) for u in units],
                                 "less"),
              "random_added": (harmless, addition_edits(direction, layer, 1.0),
@@ -171,7 +190,7 @@ def score_direction_controls(intervener: Intervener, direction: torch.Tensor, la
         for name, (prompts, own, edits, alternative) in kinds.items():
             if prompts:
                 out[name] = scored_controls(intervener, prompts, tokens, own, edits, generated.get(name, ()), bar,
-                                            alternative)
+                                            alternative, (known or {}).get(name, ()), (known_own or {}).get(name))
     return out
 
 

@@ -213,15 +213,18 @@ def random_orthogonal(r: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def score_controls(intervener: Intervener, safe: Sequence[EncodedPrompt], tokens: RefusalTokens,
                    headline_edits: Sequence, controls: dict[str, torch.Tensor], n_layers: int,
-                   generated: dict[str, list[float]] | None = None, show_progress: bool = True) -> dict:
+                   generated: dict[str, list[float]] | None = None, show_progress: bool = True,
+                   known: dict[str, list[list[float]]] | None = None, known_headline: list[float] | None = None) -> dict:
     """Every control of each kind measured by the refusal score on the refused safe test prompts
     (:func:`refusal_lens.core.behaviour.scored_controls`), calibrated on the generated ones (``generated``: kind ->
-    the generated refusal rates of its first controls)."""
-    generated = generated or {}
+    the generated refusal rates of its first controls). ``known`` (kind -> per control) and ``known_headline``: the
+    per-prompt scores already read from the generations' first step (not computed again)."""
+    generated, known = generated or {}, known or {}
     with tqdm(total=sum(len(v) + 1 for v in controls.values()), desc="false-refusal controls by score",
               disable=not show_progress) as bar:
         by_kind = {kind: scored_controls(intervener, safe, tokens, headline_edits,
-                                         [ablation_edits(v, n_layers) for v in vs], generated.get(kind, ()), bar)
+                                         [ablation_edits(v, n_layers) for v in vs], generated.get(kind, ()), bar,
+                                         known=known.get(kind, ()), known_headline=known_headline)
                    for kind, vs in controls.items()}
     first = next(iter(by_kind.values()), {})
     out: dict = {"headline_mean_score": first.get("headline_mean_score"), "n_prompts": len(safe),
@@ -254,20 +257,26 @@ def false_refusal_test(intervener: Intervener, conditions: dict[str, list], refu
                        {"control": k}) for kind, vs in controls.items() for k, v in enumerate(vs)
              if safe and (generated_controls is None or k < generated_controls)]
     with tqdm(total=len(plan), desc="false refusal (generation)", disable=not show_progress) as bar:
-        summaries = Runs(intervener, max_new_tokens, audit, bar)(plan)
+        summaries, first = Runs(intervener, max_new_tokens, audit, bar).scored(plan, tokens if safe else None)
     rows: dict[str, dict] = {}
     ctrl: dict[str, list[float]] = {}
-    for c, s in zip(plan, summaries):
+    known: dict[str, list[list[float]]] = {}  # kind -> the generated controls' first-position scores
+    known_headline = None
+    for i, (c, s) in enumerate(zip(plan, summaries)):
         _, name, side = c.name.split("/")
         if name.startswith("control_"):
             ctrl.setdefault(name[len("control_"):], []).append(s["refusal_rate"])
+            if first is not None:
+                known.setdefault(name[len("control_"):], []).append(first[i])
         else:
             rows.setdefault(name, {})[side] = s
+            if first is not None and name == headline and side == "safe_refused":
+                known_headline = first[i]
     own = rows.get(headline, {}).get("safe_refused", {}).get("refusal_rate", float("nan"))
     out = {"conditions": rows, "controls": {k: control_summary(own, v, "less") for k, v in ctrl.items()}}
     if tokens is not None and safe:
         out["controls_score"] = score_controls(intervener, safe, tokens, conditions[headline], controls, n_layers,
-                                               ctrl, show_progress)
+                                               ctrl, show_progress, known, known_headline)
     if harmless:
         clean = intervener.last_logits(harmless).log_softmax(-1)
         kl = kl_divergence(clean, intervener.last_logits(harmless, conditions[headline]).log_softmax(-1)).numpy()
