@@ -91,9 +91,14 @@ def splice_metrics(
     skip_token_ids: Sequence[int] = (),
     mean: torch.Tensor | None = None,
     check_error_term: bool = False,
+    clean: dict | None = None,
 ) -> dict:
     """CE loss recovered and KL with ``sae`` spliced at ``hook``; see the module docstring. ``mean`` is the
     mean-ablation reference (default: zero, which only a test should use).
+
+    ``clean``: a dict the caller shares between calls on the same model and sequences (every hook of one split): the
+    clean pass of a batch (its CE, log-probs and target mask, which no hook changes) is kept there the first time and
+    read the next, so it runs once per split instead of once per hook; the same batch, the same numbers.
 
     The SAE (and the mean ablation) replace the activation only at the positions it was trained on:
     from position ``splice_from`` of each sequence on (after the template's fixed opening), and not at
@@ -131,7 +136,13 @@ def splice_metrics(
             spliced &= ~torch.isin(ids, skip)
         where["mask"] = spliced[..., None]
         # [batch, seq, d_vocab] float32 each: the logits are dropped as soon as their log-softmax exists
-        ce_clean, lp_clean, tmask = _ce_and_logprobs(model(ids, attention_mask=mask), ids, mask)
+        key = (batch_size, start, tuple(map(tuple, sequences[start : start + batch_size])))
+        if clean is not None and key in clean:
+            ce_clean, lp_clean, tmask = clean[key]
+        else:
+            ce_clean, lp_clean, tmask = _ce_and_logprobs(model(ids, attention_mask=mask), ids, mask)
+            if clean is not None:
+                clean[key] = (ce_clean, lp_clean, tmask)
         totals["ce_clean"] += ce_clean
         for name, fn in runs:
             ce, lp, _ = _ce_and_logprobs(model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook, fn)]),

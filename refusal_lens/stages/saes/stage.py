@@ -171,8 +171,9 @@ def _train_one(hook: str, cfg: Config, acts: HookActivations, tmp: Path, show_pr
 
 
 def _evaluate_one(hook: str, cfg: Config, acts: HookActivations, folder: Path, loaded, sequences: dict[str, list],
-                  sites: Sites, splice_from: int, special: Sequence[int]) -> dict:
-    """Reconstruction and splice metrics on the validation split (the bar) and the test split (reported)."""
+                  sites: Sites, splice_from: int, special: Sequence[int], clean: dict[str, dict] | None = None) -> dict:
+    """Reconstruction and splice metrics on the validation split (the bar) and the test split (reported); ``clean``
+    (split -> memo, shared by the hooks) keeps each split's clean passes (:func:`splice_metrics`)."""
     sae = load_sae(folder, cfg.sae.device)
     if sae.cfg.d_in != acts.width:
         raise SAEStageError(f"{folder}: SAE d_in={sae.cfg.d_in} does not match the activations of {hook} ({acts.width})")
@@ -185,7 +186,8 @@ def _evaluate_one(hook: str, cfg: Config, acts: HookActivations, folder: Path, l
         metrics = reconstruction_metrics(sae, acts, rows[split])
         if sequences[split]:
             metrics.update(splice_metrics(loaded.model, sae, hook, sequences[split], loaded.tokenizer.pad_token_id,
-                                          splice_from=splice_from, skip_token_ids=special, mean=mean))
+                                          splice_from=splice_from, skip_token_ids=special, mean=mean,
+                                          clean=None if clean is None else clean.setdefault(split, {})))
         out[split] = metrics
     return {**out["test"], "validation": out["validation"]}
 
@@ -238,13 +240,16 @@ class TrainSAEsStage:
             ctx.status.set(message=f"train-saes progress counts rank 0's share: {len(mine)} of {len(self.hooks)} hooks")
         ctx.status.progress(0, len(mine), "hook")
         trained, skipped = [], []
+        # the splice's clean passes, one per split for every hook (a [1, seq, d_vocab] float32 log-softmax per chat:
+        # ~0.2 GiB per split of 4 chats of ~100 tokens in the main job)
+        clean: dict[str, dict] = {}
         for hook in mine:
             if _hook_done(files.hook(hook)):
                 skipped.append(hook)
                 logger.info("%s: SAE already trained and evaluated (--force retrains)", hook)
                 ctx.status.progress(len(trained) + len(skipped), initial=len(skipped))
                 continue
-            metrics = self._one(ctx, hook, data, sequences, sites, prefix)
+            metrics = self._one(ctx, hook, data, sequences, sites, prefix, clean)
             trained.append(hook)
             ctx.status.progress(len(trained) + len(skipped))
             logger.info("%s: test explained variance %.3f, CE loss recovered (vs mean ablation) %.3f, CE increase "
@@ -263,8 +268,10 @@ class TrainSAEsStage:
         return ({"quality": quality, "trained": trained, "skipped": skipped},
                 {"hooks": self.hooks, "architecture": cfg.sae.architecture})
 
-    def _one(self, ctx: StageContext, hook: str, data: Collected, sequences: dict, sites: Sites, prefix: int) -> dict:
-        """Train (or copy) one hook's SAE under a temporary name, evaluate it, commit it."""
+    def _one(self, ctx: StageContext, hook: str, data: Collected, sequences: dict, sites: Sites, prefix: int,
+             clean: dict[str, dict] | None = None) -> dict:
+        """Train (or copy) one hook's SAE under a temporary name, evaluate it, commit it; ``clean``: the splice's
+        clean passes shared by the hooks (:func:`_evaluate_one`)."""
         cfg, files = ctx.cfg, ctx.run.paths.saes
         tmp = files.partial(hook)
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted hook restarts cleanly
@@ -279,7 +286,8 @@ class TrainSAEsStage:
             info = {"source": str(src)}
         else:
             info = _train_one(hook, cfg, acts, tmp, ctx.show_progress, sites)
-        metrics = {**info, **_evaluate_one(hook, cfg, acts, tmp, ctx.loaded, sequences, sites, prefix, sites.exclude)}
+        metrics = {**info, **_evaluate_one(hook, cfg, acts, tmp, ctx.loaded, sequences, sites, prefix, sites.exclude,
+                                                     clean)}
         durable.write_json(SAEFiles.metrics(tmp), metrics)
         ledger = SAEFiles.ledger(tmp)
         durable.Ledger(ledger).add(*sorted(p for p in tmp.iterdir() if p.name != ledger.name))

@@ -319,3 +319,40 @@ def test_splice_touches_only_the_trained_positions(tiny_run):
     assert one["scored_tokens"] == batched["scored_tokens"]
     for key in ("ce_clean", "ce_sae", "ce_mean", "kl_sae", "kl_mean", "ce_loss_recovered"):
         assert one[key] == pytest.approx(batched[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_splice_clean_pass_is_shared_between_hooks_and_gives_the_same_numbers(tiny_run, monkeypatch):
+    """splice_metrics with a memo shared between two hooks' SAEs (as the stage does per split): the second call
+    reads the clean passes the first one ran (one forward fewer per batch) and every number equals a call without
+    the memo, exactly."""
+    from sae_lens import SAE
+
+    from refusal_lens.stages.saes import evaluate
+    from refusal_lens.stages.saes.evaluate import splice_metrics
+
+    cfg, loaded, root = tiny_run
+    folder = train_saes(with_sae(cfg, training_tokens=64 * 10), loaded, sibling_run(root, "memo")).folder
+    saes = {h: SAE.load_from_disk(str(folder / h)) for h in ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")}
+    seqs = [loaded.tokenizer("<|im_start|> user hello world <|im_end|>", add_special_tokens=False)["input_ids"]] * 3
+    seqs[1] = seqs[1][:-2]
+    pad = loaded.tokenizer.pad_token_id
+    calls = []
+    real = evaluate._ce_and_logprobs  # every pass's logits go through it once
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(evaluate, "_ce_and_logprobs", counted)
+    memo: dict = {}
+    shared, alone = {}, {}
+    for hook, sae in saes.items():
+        before = len(calls)
+        shared[hook] = splice_metrics(loaded.model, sae, hook, seqs, pad, batch_size=2, splice_from=2, clean=memo)
+        shared[hook]["passes"] = len(calls) - before
+        alone[hook] = splice_metrics(loaded.model, sae, hook, seqs, pad, batch_size=2, splice_from=2)
+    first, second = saes
+    assert shared[first]["passes"] == 2 * 3 and shared[second]["passes"] == 2 * 2  # 2 batches: clean, SAE, mean
+    for hook in saes:
+        assert {k: v for k, v in shared[hook].items() if k != "passes"} == alone[hook], hook
+    assert shared[first]["ce_sae"] != shared[second]["ce_sae"]  # two SAEs, two splices: the memo holds only clean
