@@ -103,7 +103,8 @@ def false_refusal_line(fr: dict) -> str:
     score = ""
     if sc := fr.get("controls_score"):
         cal = sc.get("calibration") or {}
-        score = (" By the refusal score (one forward pass, mean over the refused safe prompts; headline "
+        score = (" By the refusal score (at the first response position, mean over the refused safe prompts, read from the "
+                 "generation's first step where generated; headline "
                  f"{num(sc['headline_mean_score'])}): " + "; ".join(
                      f"{k} ({v['n']}): mean {num(v['mean'])}, p = {num(v['p_value'], '.3f')}"
                      for k, v in sc["controls"].items()) +
@@ -218,7 +219,8 @@ def direction_lines(d: dict) -> list[str]:
                   f"p = {num(p_['p_value'], '.3f')})" if (p_ := d.get("permuted_ablated")) and p_.get("n") else "")
                  + ".")
     if cs := d.get("controls_score"):
-        lines.append("  The same controls by the refusal score (one forward pass per prompt, mean over the prompts): " +
+        lines.append("  The same controls by the refusal score (at the first response position, mean over the prompts; read from the "
+                     "generation's first step for the generated controls): " +
                      "; ".join(f"{k} ({c['n']}): direction {num(c['headline_mean_score'])}, controls mean "
                                f"{num(c['mean'])}, p = {num(c['p_value'], '.3f')}, Spearman with the generated rate "
                                f"{num((c.get('calibration') or {}).get('spearman_rate_vs_score'))}"

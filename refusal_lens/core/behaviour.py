@@ -56,11 +56,12 @@ def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], to
                     headline: Sequence[Edit], controls: Sequence[Sequence[Edit]], generated: Sequence[float] = (),
                     bar=None, alternative: str = "less", known: Sequence[Sequence[float]] = (),
                     known_headline: Sequence[float] | None = None) -> dict:
-    """Controls measured by the refusal score, one forward pass per prompt (no generation): the mean refusal score
-    of ``prompts`` under each control's edits against the mean under ``headline`` (:func:`control_summary`, the p
-    of a lower score; ``alternative="greater"`` for an edit meant to raise refusal). ``generated``: the generated
-    refusal rates of the first controls, for the calibration on them: the Spearman correlation over controls of the
-    generated rate with the mean score, and the score-based p on that subset (to set beside the generated p).
+    """Controls measured by the refusal score, one forward pass per prompt (or read from a generation: ``known``): the
+    mean refusal score of ``prompts`` under each control's edits against the mean under ``headline``
+    (:func:`control_summary`, the p of a lower score; ``alternative="greater"`` for an edit meant to raise refusal).
+    ``generated``: the generated refusal rates of the first controls, for the calibration on them: the Spearman
+    correlation over controls of the generated rate with the mean score, and the score-based p on that subset (to
+    set beside the generated p).
 
     ``known``: the per-prompt scores of the first controls on ``prompts`` already computed (the first step of their
     generation, :meth:`Runs.scored`), and ``known_headline`` the headline's: no forward pass is run for those."""

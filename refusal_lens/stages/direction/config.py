@@ -51,8 +51,9 @@ class DirectionConfig:
     #: how many of the random and permuted directions are generated and judged (the first of each; null = all:
     #: their p is the table's); with ``score_controls`` every one is also measured by the refusal score.
     random_directions_generated: int | None = None
-    #: every random / permuted control also measured by the refusal score (one forward pass per prompt): its p
-    #: against the direction's mean score, calibrated on the generated controls (Spearman; p on that subset).
+    #: every random / permuted control also measured by the refusal score (one forward pass per prompt; for a
+    #: generated one read from its generation's first step): its p against the direction's mean score, calibrated on
+    #: the generated controls (Spearman; p on that subset).
     score_controls: bool = True
     #: per-category directions, their cosines and the cross-ablation matrix.
     per_category: bool = True
@@ -78,8 +79,9 @@ class DirectionConfig:
     #: how many of each kind of control are generated and judged (the first; null = all, their p is the table's);
     #: the rest are measured by the refusal score only (below).
     false_refusal_controls_generated: int | None = None
-    #: every control also measured by the refusal score (one forward pass per prompt): its p against the headline's
-    #: score, and its calibration against the generated controls (Spearman over controls; both p on that subset).
+    #: every control also measured by the refusal score (one forward pass per prompt; for a generated one read from
+    #: its generation's first step): its p against the headline's score, and its calibration against the generated
+    #: controls (Spearman over controls; both p on that subset).
     false_refusal_score_controls: bool = True
     #: emergence by intervention: the direction ablated from layer l on, for every ``emergence_stride``-th layer.
     emergence_stride: int = 1

@@ -12,7 +12,8 @@ Greedy generation, judged (:mod:`refusal_lens.core.behaviour`; incoherent counte
   of the discovery contrast prompts with their harmful / harmless labels shuffled, each ablated like the
   direction: a random direction drawn from the activations' own geometry, not from the sphere. The first
   ``direction.random_directions_generated`` of each kind are generated (all by default); with
-  ``direction.score_controls`` every control is also measured by the refusal score, one forward pass per prompt
+  ``direction.score_controls`` every control is also measured by the refusal score, one forward pass per prompt,
+  or for a generated control (and the direction's own conditions) read from its generation's first step
   (``controls_score``: the p of the direction's mean score, calibrated on the generated controls);
 * on harmless prompts with their clean responses teacher-forced: the KL of the next-token distribution at
   the first response position and the cross-entropy (nats per token) of the responses, clean vs ablated.
