@@ -25,7 +25,6 @@ import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,9 +34,7 @@ from refusal_lens.core.chat import GENERATED, OPENING, PAD, EncodedPrompt, left_
 from refusal_lens.core.edit import Edit, EditContext, EditsFor, opening_groups, per_condition
 from refusal_lens.core.hooks import hf_hook_target
 from refusal_lens.core.metrics import kl_divergence
-
-if TYPE_CHECKING:
-    from refusal_lens.core.refusal import RefusalTokens
+from refusal_lens.core.refusal import RefusalTokens, refusal_score
 
 
 @dataclass
@@ -83,12 +80,12 @@ class _FirstScores(LogitsProcessor):
     """A logits processor that changes nothing and keeps the refusal score of each row at the first generation step
     (the prompt's last position), the only step whose scores it reads."""
 
-    def __init__(self, tokens: RefusalTokens, score):
-        self.tokens, self.score, self.scores = tokens, score, None
+    def __init__(self, tokens: RefusalTokens):
+        self.tokens, self.scores = tokens, None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.scores is None:
-            self.scores = self.score(scores, self.tokens).cpu()
+            self.scores = refusal_score(scores, self.tokens).cpu()
         return scores
 
 
@@ -331,8 +328,6 @@ class Intervener:
         the logits the generation's first step computes anyway (the float32 scores greedy decoding takes its first
         token from; no processor changes them: ``do_sample=False`` and no penalty is configured). They are what
         :meth:`last_logits` gives up to the batch's rounding: the same prompts and edits in other batches (bf16)."""
-        from refusal_lens.core.refusal import refusal_score
-
         prefix, cache = self._plan(prompts, edits)
         out: list[list[int] | None] = [None] * len(prompts)
         scores: list[float | None] = [None] * len(prompts)
@@ -343,7 +338,7 @@ class Intervener:
                 head = torch.tensor([prefix], device=batch.ids.device).expand(len(batch), -1)
                 inputs["input_ids"] = torch.cat([head, batch.ids], 1)
                 inputs.pop("position_ids")
-            first = _FirstScores(tokens, refusal_score) if tokens is not None else None
+            first = _FirstScores(tokens) if tokens is not None else None
             with self.edits(mine, batch):
                 new = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                           pad_token_id=self.tokenizer.pad_token_id,

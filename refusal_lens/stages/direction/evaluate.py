@@ -106,6 +106,24 @@ def evaluate_direction(intervener: Intervener, direction: torch.Tensor, layer: i
     return out
 
 
+#: the direction's generated control kinds (``<side>/<kind>`` condition names)
+CONTROL_KINDS = ("random_ablated", "random_added", "permuted_ablated")
+
+
+def _by_kind(plan: Sequence[Condition], summaries: Sequence[dict], first: list[list[float]] | None
+             ) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+    """Per control kind, in order: the generated refusal rates, and the first-step refusal scores of each control's
+    prompts (empty without scores)."""
+    rates: dict[str, list[float]] = {kind: [] for kind in CONTROL_KINDS}
+    known: dict[str, list[list[float]]] = {kind: [] for kind in CONTROL_KINDS}
+    for i, (c, s) in enumerate(zip(plan, summaries)):
+        kind = c.name.split("/")[1]
+        rates[kind].append(s["refusal_rate"])
+        if first is not None:
+            known[kind].append(first[i])
+    return rates, known
+
+
 def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: int, n_layers: int,
                        harmful: Sequence[EncodedPrompt], harmful_ids: Sequence[str], refused_idx: list[int],
                        harmless: Sequence[EncodedPrompt], harmless_ids: Sequence[str],
@@ -138,9 +156,8 @@ def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: i
                               [harmful_ids[i] for i in ctrl_h], ablation_edits(v, n_layers), {"control": k}))
     with tqdm(total=len(plan), desc="direction random controls", disable=not show_progress or not plan) as bar:
         summaries, first = Runs(intervener, max_new_tokens, audit, bar).scored(plan, score_tokens)
-    ablated_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_ablated")]
-    added_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("random_added")]
-    permuted_rates = [s["refusal_rate"] for c, s in zip(plan, summaries) if c.name.endswith("permuted_ablated")]
+    rates, known = _by_kind(plan, summaries, first)
+    ablated_rates, added_rates, permuted_rates = (rates[kind] for kind in CONTROL_KINDS)
     own_ablated = summarise([texts_of[("harmful", "ablated")][i] for i in ctrl_h])["refusal_rate"] if ctrl_h else float("nan")
     own_added = summarise([texts_of[("harmless", "actadd_plus")][i] for i in ctrl_s])["refusal_rate"]
     out["random_ablated"] = control_summary(own_ablated, ablated_rates, "less") | {"n_prompts": len(ctrl_h),
@@ -153,8 +170,6 @@ def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: i
         "n_prompts": len(ctrl_h), "observed": own_ablated, "abs_cosine_with_direction_mean":
             float(np.mean(np.abs(cosines))) if cosines else None}
     if score_tokens is not None:
-        known = {kind: [f for c, f in zip(plan, first or []) if c.name.endswith(kind)]
-                 for kind in ("random_ablated", "random_added", "permuted_ablated")}
         scores_of = scores_of or {}
         own = {"random_ablated": ("harmful", "ablated", ctrl_h), "random_added": ("harmless", "actadd_plus", ctrl_s),
                "permuted_ablated": ("harmful", "ablated", ctrl_h)}
@@ -162,8 +177,7 @@ def direction_controls(intervener: Intervener, direction: torch.Tensor, layer: i
                      if (side, name) in scores_of}
         out["controls_score"] = score_direction_controls(
             intervener, direction, layer, n_layers, [harmful[i] for i in ctrl_h], [harmless[i] for i in ctrl_s],
-            units, permuted, score_tokens, {"random_ablated": ablated_rates, "random_added": added_rates,
-                                            "permuted_ablated": permuted_rates}, show_progress, known, known_own)
+            units, permuted, score_tokens, rates, show_progress, known, known_own)
     return out
 
 

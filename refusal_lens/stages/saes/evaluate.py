@@ -136,7 +136,7 @@ def splice_metrics(
             spliced &= ~torch.isin(ids, skip)
         where["mask"] = spliced[..., None]
         # [batch, seq, d_vocab] float32 each: the logits are dropped as soon as their log-softmax exists
-        key = (batch_size, start, tuple(map(tuple, sequences[start : start + batch_size])))
+        key = tuple(map(tuple, sequences[start : start + batch_size]))  # the batch's own tokens: its clean pass
         if clean is not None and key in clean:
             ce_clean, lp_clean, tmask = clean[key]
         else:
