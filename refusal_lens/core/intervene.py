@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from refusal_lens.core.chat import GENERATED, OPENING, PAD, EncodedPrompt, left_pad
 from refusal_lens.core.edit import Edit, EditContext, EditsFor, opening_groups, per_condition
+from refusal_lens.core.greedy import greedy
 from refusal_lens.core.hooks import hf_hook_target
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
@@ -74,19 +74,6 @@ def make_batch(prompts: Sequence[EncodedPrompt], rows: Sequence[int], pad_id: in
         classes[b, ids.shape[1] - len(cls):] = torch.tensor(cls, dtype=torch.long)
     return Batch(ids.to(device), mask.to(device), classes.to(device), list(rows), [len(p.ids) for p in prompts],
                  tuple(prefix))
-
-
-class _FirstScores(LogitsProcessor):
-    """A logits processor that changes nothing and keeps the refusal score of each row at the first generation step
-    (the prompt's last position), the only step whose scores it reads."""
-
-    def __init__(self, tokens: RefusalTokens):
-        self.tokens, self.scores = tokens, None
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.scores is None:
-            self.scores = refusal_score(scores, self.tokens).cpu()
-        return scores
 
 
 @contextmanager
@@ -143,8 +130,11 @@ class Intervener:
     # ---------------------------------------------------------------- hooks
 
     @contextmanager
-    def edits(self, edits: Sequence[Edit], batch: Batch):
-        """Attach ``edits`` for the passes over ``batch`` (prefill columns, then one generated column per step)."""
+    def edits(self, edits: Sequence[Edit], batch: Batch, alive: list[int] | None = None):
+        """Attach ``edits`` for the passes over ``batch`` (prefill columns, then one generated column per step).
+
+        ``alive``: the batch members (indices into ``batch.rows``) a generated column belongs to, kept up to date
+        by the caller as rows finish (:meth:`generate_scored` drops them); all of them when None."""
         handles = []
         width = batch.ids.shape[1]
         gen_classes = torch.full((len(batch.rows), 1), GENERATED, dtype=torch.long, device=batch.ids.device)
@@ -153,7 +143,9 @@ class Intervener:
             if x.shape[1] == width:
                 return EditContext(batch.classes, batch.rows)
             if x.shape[1] == 1:
-                return EditContext(gen_classes, batch.rows)
+                if alive is None or len(alive) == len(batch.rows):
+                    return EditContext(gen_classes, batch.rows)
+                return EditContext(gen_classes[: len(alive)], [batch.rows[i] for i in alive])
             raise ValueError(f"edit got {x.shape[1]} columns; expected the prompt width {width} or 1 (a new token)")
 
         def post(fn):
@@ -325,39 +317,32 @@ class Intervener:
     def generate_scored(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, edits: EditsFor | None = None,
                         tokens: RefusalTokens | None = None) -> tuple[list[list[int]], list[float] | None]:
         """Greedy responses, and with ``tokens`` the refusal score of each prompt's first response position, read from
-        the logits the generation's first step computes anyway (the float32 scores greedy decoding takes its first
-        token from; no processor changes them: ``do_sample=False`` and no penalty is configured). They are what
-        :meth:`last_logits` gives up to the batch's rounding: the same prompts and edits in other batches (bf16)."""
+        the logits the generation's first step computes anyway (the float32 logits greedy decoding takes its first
+        token from). They are what :meth:`last_logits` gives up to the batch's rounding: the same prompts and edits in
+        other batches (bf16)."""
         prefix, cache = self._plan(prompts, edits)
         out: list[list[int] | None] = [None] * len(prompts)
         scores: list[float | None] = [None] * len(prompts)
         for batch in self.batches(prompts, prefix=prefix, size=self.generation_batch_size):
             mine = self._edits_for(edits, batch.rows)
             inputs = self._inputs(batch, cache, mine)
-            if prefix:  # generate takes the whole sequence and runs only what the cache does not hold
-                head = torch.tensor([prefix], device=batch.ids.device).expand(len(batch), -1)
-                inputs["input_ids"] = torch.cat([head, batch.ids], 1)
-                inputs.pop("position_ids")
-            first = _FirstScores(tokens) if tokens is not None else None
-            with self.edits(mine, batch):
-                new = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=self.tokenizer.pad_token_id,
-                                          **({"logits_processor": LogitsProcessorList([first])} if first else {}))
-            width = inputs["input_ids"].shape[1]
+            alive = list(range(len(batch)))  # the rows still decoding: the edits' generated columns are theirs
+            with self.edits(mine, batch, alive):
+                responses, first = greedy(self.model, inputs, batch.ids.shape[1], self.eos, max_new_tokens,
+                                          self._cache_kw, alive)
+            batch_scores = refusal_score(first, tokens).cpu().tolist() if tokens is not None else None
             for b, row in enumerate(batch.rows):
-                seq = new[b, width:].tolist()
-                cut = next((i for i, t in enumerate(seq) if t in self.eos), len(seq))
-                out[row] = seq[:cut]
-                if first is not None:
-                    scores[row] = float(first.scores[b])
+                out[row] = responses[b]
+                if batch_scores is not None:
+                    scores[row] = float(batch_scores[b])
         return out, (scores if tokens is not None else None)  # type: ignore[return-value]
 
     def generate_conditions(self, conditions: Sequence[tuple[Sequence[EncodedPrompt], Sequence[Edit]]],
                             max_new_tokens: int) -> list[list[list[int]]]:
         """Greedy responses of several conditions (each: prompts and its own edits) in shared batches.
 
-        Decoding one token costs about the same for 15 rows as for 60 on a CPU (reading the weights dominates),
-        so the rows of several conditions run together: each edit applies to its own condition's rows only
+        A CPU decoding step has a fixed cost, reading every weight (measured on the main job's model: ~85 ms a
+        step, then ~2.7 ms a row; 16 rows 157 ms, 64 rows 260 ms), so the rows of several conditions run together: each edit applies to its own condition's rows only
         (:func:`per_condition`). Returns the responses of each condition, in its prompts' order."""
         return self.generate_conditions_scored(conditions, max_new_tokens)[0]
 

@@ -13,7 +13,8 @@ Measured pitfalls handled here (transformer-lens 3.9, transformers 5.24):
 * Booting the bridge rewires the HF model's modules in place, and with transformers >= 5.2x its cached
   generation is wrong (the decoder passes the KV cache as ``cache=``, which the bridge's attention
   ignores). We boot the bridge on a *structural copy* that shares the weight tensors (no extra
-  memory) and generate with the untouched HF model, which is plain ``transformers.generate``.
+  memory) and generate with the untouched HF model and its own KV cache (greedy decoding of
+  :mod:`refusal_lens.core.greedy`, checked against ``transformers.generate``).
 * TransformerLens re-loads the tokenizer and prepends BOS; chat templates already start with their
   own BOS. We tokenize with our own tokenizer (``add_special_tokens=False``, left padding) and pass
   token ids plus an explicit ``attention_mask``.

@@ -243,3 +243,52 @@ def test_continuation_logprobs_match_one_unbatched_forward_per_prompt(planted):
         assert n == pytest.approx(want, rel=1e-4, abs=1e-4)
         # its own [d_vocab] storage: a view would keep the batch row's [keep, d_vocab] log-probs alive
         assert f.untyped_storage().nbytes() == f.numel() * f.element_size()
+
+
+def test_rows_that_end_leave_the_batch_and_every_row_gets_generates_tokens(planted):
+    """Greedy decoding drops a row from the batch (and its keys and values from the cache) once it produces an end
+    token: each row's tokens are those of ``transformers``' ``generate`` on the whole batch, with the shared opening
+    and without, clean and edited, and in shared batches of conditions whose edits read the rows (after rows have
+    left, each generated column's edit must still go to its own rows)."""
+    from refusal_lens.core.intervene import make_batch
+
+    folder, loaded, prompts = planted
+    e_h = load_planted_directions(folder)["harm"]
+    model, pad = loaded.hf_model, loaded.tokenizer.pad_token_id
+    free = Intervener(loaded, 16, model=model)
+    free.eos = set()
+    end = free.generate(prompts, 8)[0][2]  # a token row 0 produces third: an end that some rows reach early
+
+    def reference(edits):
+        batch = make_batch(prompts, list(range(len(prompts))), pad)
+        positions = (batch.mask.cumsum(-1) - 1).masked_fill(batch.mask == 0, 1)
+        with free.edits(edits, batch):
+            new = model.generate(input_ids=batch.ids, attention_mask=batch.mask, position_ids=positions,
+                                 max_new_tokens=8, do_sample=False, pad_token_id=pad, eos_token_id=[end])
+        seqs = new[:, batch.ids.shape[1]:].tolist()
+        return [s[: s.index(end)] if end in s else s for s in seqs]
+
+    cases = {"clean": [], "ablation": ablation_edits(e_h, loaded.n_layers), "addition": addition_edits(3 * e_h, 1)}
+    for name, edits in cases.items():
+        expected = reference(edits)
+        for share in (True, False):
+            iv = Intervener(loaded, 16, model=model, share_opening=share)
+            iv.eos = {end}
+            assert iv.generate(prompts, 8, edits) == expected, (name, share)
+    lengths = [len(s) for s in reference([])]
+    assert min(lengths) < 8 and len(set(lengths)) > 1  # rows ended at different steps: some left the batch early
+    fed: list[int] = []  # rows of each one-token step: a row is fed each token it made before its end
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: fed.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
+    try:
+        iv.generate(prompts, 8)
+    finally:
+        handle.remove()
+    assert sum(fed) == sum(min(n, 7) for n in lengths) < 7 * len(prompts)
+
+    iv = Intervener(loaded, 16, model=model)
+    iv.eos = {end}
+    conditions = [(prompts, []), (prompts, addition_edits(3 * e_h, 1)), (prompts[2:], ablation_edits(e_h, 2))]
+    alone = [iv.generate(ps, 8, edits) for ps, edits in conditions]
+    assert alone[0] != alone[1]  # the edit changes the tokens, so a row given another's edit would show
+    assert iv.generate_conditions(conditions, 8) == alone
