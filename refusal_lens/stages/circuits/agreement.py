@@ -88,10 +88,13 @@ def validate_agreement(runner: Runner, inputs: Inputs, rows: Sequence[int], toke
     est = {m: [] for m in c.agreement_methods}
     cleans = []
     for b in batches:
-        m, values = runner.clean(b)
+        if "atp" in c.agreement_methods:  # AtP's gradients come with the clean values
+            m, values, grads = runner.clean_and_gradients(b)
+        else:
+            (m, values), grads = runner.clean(b), None
         cleans.append(m)
         for name in c.agreement_methods:
-            e = runner.atp(b, values) if name == "atp" else runner.ig(b, values, c.ig_steps)
+            e = runner.atp(b, values, grads) if name == "atp" else runner.ig(b, values, c.ig_steps)
             est[name].append(e)
     atp_feats = torch.cat([e.features for e in est[c.agreement_methods[0]]]).sum(1)  # [n, F]
     fired = np.flatnonzero((atp_feats != 0).any(0).numpy())

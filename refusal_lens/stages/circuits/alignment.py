@@ -1,7 +1,8 @@
 """How big a feature intervention's edit is, and how much of it lies along the refusal direction.
 
-For a set of features and an intervention, one forward pass over the prompts records, at every position the
-edit runs on and summed over the hooks, the change it adds to the residual stream ``delta = decode(f') -
+For a set of features and an intervention, any pass that runs its edits over the prompts (a score pass, or the
+prefill of its generation) records, at every prompt position the edit runs on (the template's opening and
+generated tokens left out) and summed over the hooks, the change it adds to the residual stream ``delta = decode(f') -
 decode(f)``: ``fraction_along_direction = sum (delta . r_hat)^2 / sum |delta|^2`` (1: the edit is the direction's
 own edit, 0: orthogonal to it; a random edit in a d-wide stream has about 1/d) and ``edit_norm`` (mean ``|delta|``
 per position and hook). The matched random controls get the same numbers, so a reader sees whether the circuit

@@ -96,20 +96,35 @@ class Runner:
             return fn
 
         m = self.forward(batch, [Edit(h, grab(h)) for h in self.space.hooks])
+        return m, self._values(batch, xs)
+
+    def clean_and_gradients(self, batch: Batch) -> tuple[Tensor, Values, dict[str, Tensor]]:
+        """:meth:`clean` and :meth:`gradients` from one forward and backward pass: the gradient pass adds a zero
+        leaf at each hook, so the activations it sees there (and its metric) are the clean pass's."""
+        xs: dict[str, Tensor] = {}
+        m, grads = self.gradients(batch, seen=xs)
+        return m, self._values(batch, xs), grads
+
+    def _values(self, batch: Batch, xs: dict[str, Tensor]) -> Values:
         f, err = {}, {}
-        for h in self.space.hooks:
-            f[h], err[h] = split_nodes(self.space.saes[h], xs[h])
-        return m, Values(xs, f, err, site_classes(batch.classes, self.space.n_post))
+        with torch.no_grad():
+            for h in self.space.hooks:
+                f[h], err[h] = split_nodes(self.space.saes[h], xs[h])
+        return Values(xs, f, err, site_classes(batch.classes, self.space.n_post))
 
     # ---------------------------------------------------------------- gradients
 
-    def gradients(self, batch: Batch, shift: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def gradients(self, batch: Batch, shift: dict[str, Tensor] | None = None, seen: dict[str, Tensor] | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(metric, hook -> dm/dx [batch, pos, d_in])`` in one forward and backward pass, with
-        ``x + shift[hook]`` at the shifted hooks (IG's interpolation points)."""
+        ``x + shift[hook]`` at the shifted hooks (IG's interpolation points); ``seen`` gets each hook's incoming
+        activation (detached)."""
         zs: dict[str, Tensor] = {}
 
         def leaf(name):
             def fn(x, ctx):  # noqa: ARG001
+                if seen is not None:
+                    seen[name] = x.detach()
                 z = torch.zeros_like(x, requires_grad=True)
                 zs[name] = z
                 if shift and name in shift:
@@ -148,9 +163,11 @@ class Runner:
             errs.append(((b_err - values.err[h]) * g).sum(-1).mul(onehot.sum(-1)).sum(-1))
         return Effects(torch.cat(feats, -1), torch.stack(errs, -1))
 
-    def atp(self, batch: Batch, values: Values) -> Effects:
-        """Linear attribution patching from one backward pass."""
-        _, grads = self.gradients(batch)
+    def atp(self, batch: Batch, values: Values, grads: dict[str, Tensor] | None = None) -> Effects:
+        """Linear attribution patching from one backward pass (``grads``: that pass's, when it has run already:
+        :meth:`clean_and_gradients`)."""
+        if grads is None:
+            _, grads = self.gradients(batch)
         return self._effects(values, grads)
 
     def hook_shift(self, values: Values, hook: str) -> Tensor:

@@ -17,8 +17,10 @@ greedy generation (``loaded.gen_model``, judged; incoherent responses counted ap
   firing frequency and edit size; for ``combined``, from its pre-selected pool), ablated the same way; each set
   is one refusal rate, the distribution gives the circuit's empirical p-value; the first
   ``circuits.random_sets_generated`` are generated (all by default) and, with ``circuits.score_controls``, every set
-  is also measured by the refusal score, one forward pass per prompt (``random.controls_score``, calibrated on the
-  generated ones: :func:`refusal_lens.core.behaviour.scored_controls`).
+  is also measured by the refusal score (``random.controls_score``, calibrated on the generated ones:
+  :func:`refusal_lens.core.behaviour.scored_controls`): the generated sets' and the headline's scores are read from
+  their generations' first step, the other sets get one forward pass per prompt. The alignment of the headline,
+  its steering rows and the generated sets is tallied while they are generated.
 
 **The headline is an ablation chosen on validation** (:func:`choose_on_validation`): every method
 (``headline_method: auto``) x ablation candidate (``zero`` / ``mean`` x positions) at the headline K on the refused
@@ -53,7 +55,7 @@ from refusal_lens.core.edit import Edit
 from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.run.folder import CircuitFiles
-from refusal_lens.stages.circuits.alignment import alignment_of, edit_alignment, tallied_edits
+from refusal_lens.stages.circuits.alignment import alignment_of, tallied_edits
 from refusal_lens.stages.circuits.baselines import ClassMeans
 from refusal_lens.stages.circuits.controls import feature_stats, matched_random
 from refusal_lens.stages.circuits.edits import feature_edit, feature_masks, steer_edit
@@ -162,32 +164,40 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
     plan += [Condition(f"direction_steered(c={iv.c:g})", prompts, ids,
                        ablation_edits(direction, n_layers, coefficient=1 + iv.c), {"c": iv.c}) for iv in steering]
     curve_keys = []
+    tallies: dict[str, dict] = {}  # the headline circuit's interventions (chosen, steering): the alignment's tallies
     for m, ranking in rankings.items():
         for k in ks:
-            variants = [chosen] + ([iv for iv in candidates if iv != chosen] if (k, m) == (headline_k, method) else [])
+            head = (k, m) == (headline_k, method)
+            variants = [chosen] + ([iv for iv in candidates if iv != chosen] if head else [])
             for iv in variants:
                 feats = ranking.top(k)
-                plan.append(Condition(curve_condition(m, iv.label, k), prompts, ids,
-                                      ablate(space, feats, iv.mode, means, iv.c, iv.positions),
+                if head and (iv == chosen or iv.kind == "steering"):
+                    edits, tallies[iv.label] = tallied_edits(space, feats, iv.mode, means, iv.c, iv.positions, direction)
+                else:
+                    edits = ablate(space, feats, iv.mode, means, iv.c, iv.positions)
+                plan.append(Condition(curve_condition(m, iv.label, k), prompts, ids, edits,
                                       {"method": m, "k": k, "intervention": iv.label, "kind": iv.kind}))
                 curve_keys.append((m, k, iv, feats))
     plan.append(Condition("headline_without_direction", prompts, ids,
                           ablate(space, head_feats, chosen.mode, means, chosen.c, chosen.positions, direction), {}))
-    plan += [Condition("random", prompts, ids, ablate(space, f, chosen.mode, means, chosen.c, chosen.positions),
-                       {"control": r}) for r, f in enumerate(control_sets[:n_generated])]
+    random_tallied = [tallied_edits(space, f, chosen.mode, means, chosen.c, chosen.positions, direction)
+                      for f in control_sets[:n_generated]]
+    plan += [Condition("random", prompts, ids, edits, {"control": r}) for r, (edits, _) in enumerate(random_tallied)]
     plan += induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless,
                            harmless_ids, headline_k, induction_random_sets, rng)
-    results = dict(zip(range(len(plan)), runs(plan)))
+    summaries, first = runs.scored(plan, score_tokens)  # with score_tokens, each row's first-step score
     bar.close()
-    named = [(c, results[i]) for i, c in enumerate(plan)]
+    named = list(zip(plan, summaries))
 
     generated = [r["refusal_rate"] for c, r in named if c.name == "random"]  # the first n_generated sets
-    scored, aligned = measure_random_sets(intervener, space, prompts, score_tokens, head_feats, control_sets, chosen,
-                                          means, direction, generated, show_progress)
-    alignment = {"headline": aligned[0],
-                 "steering": {iv.label: edit_alignment(intervener, space, head_feats, iv.mode, means, iv.c,
-                                                       iv.positions, direction, prompts) for iv in steering},
-                 "random": aligned[1:]}
+    head_name = curve_condition(method, chosen.label, headline_k)
+    known = None if first is None else ([sc for c, sc in zip(plan, first) if c.name == "random"],
+                                        next(sc for c, sc in zip(plan, first) if c.name == head_name))
+    scored = measure_random_sets(intervener, prompts, score_tokens, control_sets, chosen, space, means, generated,
+                                 known, show_progress)
+    alignment = {"headline": alignment_of(tallies[chosen.label]),
+                 "steering": {iv.label: alignment_of(tallies[iv.label]) for iv in steering},
+                 "random": [alignment_of(t) for _, t in random_tallied]}
     out = summarise(named, space, rankings, curve_keys, chosen, method, selection, headline_k, alignment,
                     n_prompts=len(prompts), n_harmless=len(harmless), max_new_tokens=max_new_tokens)
     if scored is not None:
@@ -196,29 +206,19 @@ def behaviour(intervener: Intervener, space: NodeSpace, rankings: dict[str, Rank
     return out
 
 
-def measure_random_sets(intervener: Intervener, space: NodeSpace, prompts: Sequence[EncodedPrompt],
-                        tokens: RefusalTokens | None, head_feats, control_sets: list, chosen: Intervention,
-                        means: ClassMeans, direction: torch.Tensor, generated: Sequence[float], show_progress: bool
-                        ) -> tuple[dict | None, list[dict]]:
-    """The headline circuit and every matched random set, ablated as the headline is: with ``tokens``, measured by
-    the refusal score (:func:`refusal_lens.core.behaviour.scored_controls`, calibrated on the ``generated`` sets'
-    rates; None without ``tokens`` or sets); and the alignment (:mod:`~refusal_lens.stages.circuits.alignment`) of
-    the headline and of the generated sets (the first ``len(generated)``), headline first. The alignment's tallies
-    ride on the score's passes of the same edits (one pass each, not two)."""
-    n = len(generated)
-    tallied = [tallied_edits(space, f, chosen.mode, means, chosen.c, chosen.positions, direction)
-               for f in [head_feats, *control_sets[:n]]]
-    scored = None
-    if tokens is not None and control_sets:
-        rest = [ablate(space, f, chosen.mode, means, chosen.c, chosen.positions) for f in control_sets[n:]]
-        with tqdm(total=len(control_sets) + 1, desc="random sets by score", disable=not show_progress) as bar:
-            scored = scored_controls(intervener, prompts, tokens, tallied[0][0], [e for e, _ in tallied[1:]] + rest,
-                                     generated, bar)
-    else:
-        for edits, _ in tallied:
-            if edits:
-                intervener.last_logits(prompts, edits)
-    return scored, [alignment_of(t) for _, t in tallied]
+def measure_random_sets(intervener: Intervener, prompts: Sequence[EncodedPrompt], tokens: RefusalTokens | None,
+                        control_sets: list, chosen: Intervention, space: NodeSpace, means: ClassMeans,
+                        generated: Sequence[float], known: tuple[list, list] | None, show_progress: bool) -> dict | None:
+    """Every matched random set against the headline circuit, ablated as the headline is, by the refusal score
+    (:func:`refusal_lens.core.behaviour.scored_controls`, calibrated on the ``generated`` sets' rates); None without
+    ``tokens`` or sets. ``known``: the first-step scores of the generated sets and of the headline (their
+    generations', :meth:`Runs.scored`): only the sets not generated get a forward pass."""
+    if tokens is None or not control_sets or known is None:
+        return None
+    rest = [ablate(space, f, chosen.mode, means, chosen.c, chosen.positions) for f in control_sets[len(generated):]]
+    with tqdm(total=len(control_sets) + 1, desc="random sets by score", disable=not show_progress) as bar:
+        return scored_controls(intervener, prompts, tokens, [], [[] for _ in generated] + rest, generated, bar,
+                               known=known[0], known_headline=known[1])
 
 
 def induction_plan(space, rankings, refused_means, direction, direction_layer, head_feats, harmless, harmless_ids,

@@ -65,7 +65,8 @@ class CircuitConfig:
     #: matched random feature sets (same count per hook) against the headline circuit: the control distribution.
     random_sets: int = 20
     #: how many of the random sets are generated and judged (the first; null = all: their p is the headline's);
-    #: with ``score_controls`` every set is also measured by the refusal score (one forward pass per prompt).
+    #: with ``score_controls`` every set is also measured by the refusal score (one forward pass per prompt; for a
+    #: generated set read from its generation's first step).
     random_sets_generated: int | None = None
     #: every random set also measured by the refusal score: its p against the headline's mean score, and its
     #: calibration against the generated sets (Spearman over sets; the score-based p on the generated subset).

@@ -25,8 +25,8 @@ def circuit_edges(runner: Runner, inputs: Inputs, circuit: dict, rows: Sequence[
     for s in tqdm(range(0, len(chosen), c.batch_size), desc="edges", disable=not show_progress):
         b = make_batch(enc[s : s + c.batch_size], chosen[s : s + c.batch_size], tokenizer.pad_token_id,
                        device=runner.device)
-        _, values = runner.clean(b)
-        for u, d, w in runner.edges(b, values, feats):
+        _, values, grads = runner.clean_and_gradients(b)
+        for u, d, w in runner.edges(b, values, feats, grads):
             total[(u, d)] = total.get((u, d), 0.0) + w * len(b)
     weights = {k: v / max(len(chosen), 1) for k, v in total.items()}
     # the bar is relative to the largest edge between two features: edges between error nodes (whole

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from refusal_lens.core.chat import OPENING, PAD
+from refusal_lens.core.chat import GENERATED, OPENING, PAD
 from refusal_lens.stages.circuits.baselines import ClassMeans, gather_class
 from refusal_lens.stages.circuits.nodes import NOT_A_SITE, NodeSpace, site_classes, split_nodes
 from refusal_lens.core.edit import Edit, EditContext
@@ -61,7 +61,7 @@ def feature_edit(space: NodeSpace, hook: str, selection: Tensor | Mapping[int, T
 
     ``remove_along``: a direction whose component is taken out of the edit, ``delta <- delta - (delta . u) u``
     (``u`` its unit vector): what the features change *beyond* that direction. ``tally``: a dict that gets, summed
-    over the non-padding positions the edit runs on, ``along`` (``(delta . u)^2``, with ``u`` = ``tally["unit"]``),
+    over the prompt positions the edit runs on (not padding, the opening or generated tokens), ``along`` (``(delta . u)^2``, with ``u`` = ``tally["unit"]``),
     ``total`` (``|delta|^2``), ``norm`` (``|delta|``) and ``positions`` (how many): the edit's size and alignment."""
     if mode not in INTERVENTIONS:
         raise ValueError(f"circuits intervention {mode!r}; allowed: {', '.join(INTERVENTIONS)}")
@@ -86,8 +86,9 @@ def feature_edit(space: NodeSpace, hook: str, selection: Tensor | Mapping[int, T
         delta = sae.decode(new.to(sae.dtype)).float() - sae.decode(f.to(sae.dtype)).float()
         if remove_along is not None:
             delta = delta - (delta @ u_remove.to(x.device))[..., None] * u_remove.to(x.device)
-        if tally is not None:
-            _count(tally, delta, ctx.classes != PAD)
+        if tally is not None:  # the prompts' own positions: not the opening (computed once per pass or batch,
+            # not per prompt), not generated tokens (the same tally whether a score pass or a generation runs it)
+            _count(tally, delta, (ctx.classes != PAD) & (ctx.classes != OPENING) & (ctx.classes != GENERATED))
         return (x.float() + delta).to(x.dtype)
 
     u_remove = None if remove_along is None else (remove_along.float() / remove_along.float().norm())

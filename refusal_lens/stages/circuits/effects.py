@@ -62,8 +62,12 @@ def attribute(runner: Runner, data: Collected, rows: Sequence[int], tokenizer, c
                 done_rows += batch_rows
                 continue
         batch = make_batch([encoded[i] for i in chunk], batch_rows, tokenizer.pad_token_id, device=runner.device)
-        m, values = runner.clean(batch)
-        eff = runner.atp(batch, values) if c.method == "atp" else runner.ig(batch, values, c.ig_steps)
+        if c.method == "atp":  # the clean values and the gradients from one pass
+            m, values, grads = runner.clean_and_gradients(batch)
+            eff = runner.atp(batch, values, grads)
+        else:
+            m, values = runner.clean(batch)
+            eff = runner.ig(batch, values, c.ig_steps)
         errors = runner.exact_errors(batch, m) if c.error_nodes == "exact" else eff.errors
         t = {"features": eff.features.detach().float().cpu().contiguous(),
              "errors": errors.detach().float().cpu().contiguous(), "metric": m.float().cpu(),

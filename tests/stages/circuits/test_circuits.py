@@ -135,6 +135,26 @@ def test_atp_is_the_derivative_per_site_class_and_inactive_features_get_zero(tin
     assert checked >= 12
 
 
+def test_clean_values_and_gradients_from_one_pass_are_those_of_two(tiny):
+    """clean_and_gradients (the clean values read at the gradient pass's zero leaves) gives clean()'s metric and
+    values and gradients()'s gradients, bit for bit, in one forward pass instead of two."""
+    space, batch, runner = setup(tiny, HOOKS)
+    m, values = runner.clean(batch)
+    _, grads = runner.gradients(batch)
+    passes = []
+    handle = runner.model.embed.register_forward_hook(lambda *a: passes.append(1))
+    try:
+        m1, values1, grads1 = runner.clean_and_gradients(batch)
+    finally:
+        handle.remove()
+    assert len(passes) == 1
+    assert torch.equal(m, m1) and torch.equal(values.cls, values1.cls)
+    for h in space.hooks:
+        assert torch.equal(values.x[h], values1.x[h]) and torch.equal(values.f[h], values1.f[h])
+        assert torch.equal(values.err[h], values1.err[h]) and torch.equal(grads[h], grads1[h])
+    assert torch.equal(runner.atp(batch, values1, grads1).features, runner.atp(batch, values).features)
+
+
 def test_ig_sums_to_the_exact_whole_hook_patch(tiny):
     """Completeness of integrated gradients: a hook's node effects sum to patching the whole hook, up to the
     midpoint rule's error, which falls with the steps (block 0's large move needs the most)."""
@@ -367,33 +387,45 @@ def test_the_planted_feature_edit_lies_along_the_direction_and_does_nothing_with
     assert not any(is_refusal(t) for t in ablated) and all(is_refusal(t) for t in without)
 
 
-def test_the_random_sets_scores_carry_the_alignment_in_the_same_passes(planted):
-    """measure_random_sets runs one pass per set (headline + every random set): the alignment it reads from those
-    passes is exactly what edit_alignment's own pass gives, and the scores are those of the plain edits."""
-    from refusal_lens.core.behaviour import scored_controls
-    from refusal_lens.stages.circuits.alignment import edit_alignment
+def test_the_alignment_rides_on_the_generation_and_only_sets_not_generated_get_a_score_pass(planted, tmp_path):
+    """The alignment tallied while a condition is generated (in shared batches of conditions) is what
+    edit_alignment's own score pass gives: the prompts' own positions, the opening and generated tokens left out
+    (a known count); measure_random_sets then runs a pass only for the sets that were not generated, with the
+    scores of the plain edits."""
+    from refusal_lens.core.behaviour import Condition, ResponseAudit, Runs, scored_controls
+    from refusal_lens.stages.circuits.alignment import alignment_of, edit_alignment, tallied_edits
     from refusal_lens.stages.circuits.behaviour import Intervention, ablate, measure_random_sets
 
     loaded, space, prompts, e_h, means, iv = _zero_means_setting(planted)
     tokens = RefusalTokens((loaded.tokenizer.convert_tokens_to_ids("I"),), ("I",), "family")
     chosen = Intervention("zero", 1.0, "all")
     head, sets = [0], [[1], [2, 3], [4], [5, 6]]
+    tallied = [tallied_edits(space, f, "zero", means, 1.0, "all", e_h) for f in [head, *sets[:2]]]
+    plan = [Condition("head", prompts, [str(i) for i in range(len(prompts))], tallied[0][0], {})]
+    plan += [Condition("random", prompts[1:], [str(i) for i in range(1, len(prompts))], e, {}) for e, _ in tallied[1:]]
+    summaries, first = Runs(iv, 4, ResponseAudit(tmp_path / "r.jsonl")).scored(plan, tokens)
+    for feats, (_, tally), c in zip([head, *sets[:2]], tallied, plan):
+        got, own = alignment_of(tally), edit_alignment(iv, space, feats, "zero", means, 1.0, "all", e_h, c.prompts)
+        assert got["positions"] == own["positions"] == sum(len(p.ids) - p.n_opening for p in c.prompts)
+        assert got["edit_norm"] == pytest.approx(own["edit_norm"], rel=1e-4)
+        assert got["fraction_along_direction"] == pytest.approx(own["fraction_along_direction"], abs=1e-5)
+    assert alignment_of(tallied[0][1])["fraction_along_direction"] == pytest.approx(1.0, abs=1e-5)
+
+    head_plan = [Condition("head", prompts, [], tallied[0][0], {})]
+    random_plan = [Condition("random", prompts, [], e, {}) for e, _ in tallied[1:]]
+    _, first = Runs(iv, 4, ResponseAudit(tmp_path / "s.jsonl")).scored(head_plan + random_plan, tokens)
     passes = []
     original = iv.last_logits
     iv.last_logits = lambda ps, edits=None: passes.append(1) or original(ps, edits)
-    scored, aligned = measure_random_sets(iv, space, prompts, tokens, head, sets, chosen, means, e_h, [0.5, 0.25],
-                                          False)
-    assert len(passes) == 1 + len(sets) and len(aligned) == 3  # the headline and the two generated sets
+    scored = measure_random_sets(iv, prompts, tokens, sets, chosen, space, means, [0.5, 0.25], (first[1:], first[0]),
+                                 False)
     iv.last_logits = original
-    for feats, got in zip([head, *sets[:2]], aligned):
-        assert got == edit_alignment(iv, space, feats, "zero", means, 1.0, "all", e_h, prompts)
-    assert aligned[0]["fraction_along_direction"] == pytest.approx(1.0, abs=1e-5)
+    assert len(passes) == len(sets) - 2 and scored["from_generation"] == 3  # the two generated sets and the headline
     plain = scored_controls(iv, prompts, tokens, ablate(space, head, "zero", means, 1.0, "all"),
                             [ablate(space, f, "zero", means, 1.0, "all") for f in sets], [0.5, 0.25])
-    assert scored == plain
-    no_score, aligned_alone = measure_random_sets(iv, space, prompts, None, head, sets, chosen, means, e_h, [0.5, 0.25],
-                                                  False)
-    assert no_score is None and aligned_alone == aligned
+    assert scored["headline_mean_score"] == pytest.approx(plain["headline_mean_score"], abs=1e-4)
+    assert scored["scores"] == pytest.approx(plain["scores"], abs=1e-4) and scored["p_value"] == plain["p_value"]
+    assert measure_random_sets(iv, prompts, None, sets, chosen, space, means, [0.5, 0.25], None, False) is None
 
 
 def test_selection_rankings_are_signed_and_combined_preselects_by_cosine():
