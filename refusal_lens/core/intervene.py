@@ -342,8 +342,9 @@ class Intervener:
         """Greedy responses of several conditions (each: prompts and its own edits) in shared batches.
 
         A CPU decoding step has a fixed cost, reading every weight (measured on the main job's model: ~85 ms a
-        step, then ~2.7 ms a row; 16 rows 157 ms, 64 rows 260 ms), so the rows of several conditions run together: each edit applies to its own condition's rows only
-        (:func:`per_condition`). Returns the responses of each condition, in its prompts' order."""
+        step, then ~2.7 ms a row; 16 rows 157 ms, 64 rows 260 ms), so the rows of several conditions run together:
+        each edit applies to its own condition's rows only (:func:`per_condition`). Returns the responses of each
+        condition, in its prompts' order."""
         return self.generate_conditions_scored(conditions, max_new_tokens)[0]
 
     def generate_conditions_scored(self, conditions: Sequence[tuple[Sequence[EncodedPrompt], Sequence[Edit]]],

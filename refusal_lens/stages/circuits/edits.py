@@ -61,8 +61,9 @@ def feature_edit(space: NodeSpace, hook: str, selection: Tensor | Mapping[int, T
 
     ``remove_along``: a direction whose component is taken out of the edit, ``delta <- delta - (delta . u) u``
     (``u`` its unit vector): what the features change *beyond* that direction. ``tally``: a dict that gets, summed
-    over the prompt positions the edit runs on (not padding, the opening or generated tokens), ``along`` (``(delta . u)^2``, with ``u`` = ``tally["unit"]``),
-    ``total`` (``|delta|^2``), ``norm`` (``|delta|``) and ``positions`` (how many): the edit's size and alignment."""
+    over the prompt positions the edit runs on (not padding, the opening or generated tokens), ``along``
+    (``(delta . u)^2``, with ``u`` = ``tally["unit"]``), ``total`` (``|delta|^2``), ``norm`` (``|delta|``) and
+    ``positions`` (how many): the edit's size and alignment."""
     if mode not in INTERVENTIONS:
         raise ValueError(f"circuits intervention {mode!r}; allowed: {', '.join(INTERVENTIONS)}")
     if positions not in POSITIONS:
