@@ -11,6 +11,24 @@ from refusal_lens.infra.token_meter import TokenMeter, difference
 from test_status import FakeClock
 
 
+class FreshPages:
+    """``mib`` MiB of anonymous memory of its own (``mmap``), every page written: the resident set grows by that
+    much, whatever the C allocator holds free already (the pipeline's ``keep_freed_memory`` keeps up to 1 GiB of
+    freed heap resident in this process once an earlier test has run it, and a ``torch.ones`` block served from
+    there adds nothing to the resident set); :meth:`free` unmaps it, so the resident set falls by as much."""
+
+    def __init__(self, mib: int):
+        import mmap
+
+        self._map = mmap.mmap(-1, mib << 20)
+        block = torch.frombuffer(self._map, dtype=torch.uint8)
+        block.fill_(1)
+        del block  # the map's only export: closing it needs none left
+
+    def free(self) -> None:
+        self._map.close()
+
+
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     from transformers import AutoModelForCausalLM
@@ -97,11 +115,11 @@ def test_resident_memory_is_read_from_proc_status_and_its_peak_rises_with_an_all
     assert resident_memory_mb(fake) == {"rss_mb": 1000.0, "peak_rss_mb": 2000.0}
     assert set(resident_memory_mb(tmp_path / "absent")) == {"peak_rss_mb"}  # getrusage: the peak only
     before = resident_memory_mb()
-    block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    block = FreshPages(300)
     after = resident_memory_mb()
     # the peak may already be higher (earlier tests): now rises by the block, and the peak is never below now
     assert after["rss_mb"] >= before["rss_mb"] + 250 and after["peak_rss_mb"] >= after["rss_mb"], (before, after)
-    del block
+    block.free()
 
 
 def test_the_peak_sampler_gives_each_span_its_own_largest_reading(tmp_path):
@@ -138,9 +156,9 @@ def test_the_peak_sampler_thread_sees_an_allocation_freed_before_the_span_ends()
     with PeakSampler(interval_s=0.02) as sampler:
         sampler.take()
         base = resident_memory_mb()["rss_mb"]
-        block = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched, then freed inside the span
+        block = FreshPages(400)  # touched, then freed inside the span
         time.sleep(0.3)
-        del block
+        block.free()
         time.sleep(0.05)
         assert resident_memory_mb()["rss_mb"] < base + 200  # gone by the end of the span
         assert sampler.take() >= base + 350  # but the span's peak has it
@@ -156,9 +174,9 @@ def test_the_status_gives_each_part_its_own_peak_with_a_sampler(tmp_path):
     status = StatusFile(tmp_path / "status.json", meter=TokenMeter(), memory=PeakSampler(interval_s=0.02))
     status.begin("run", ["direction"])
     status.start_stage("direction")
-    block = torch.ones(400 * 2**20 // 4)
+    block = FreshPages(400)
     time.sleep(0.2)  # ten sampling intervals
-    del block
+    block.free()
     status.set(message="direction: after the block")
     status.finish_stage("direction")
     status.finish("done")
