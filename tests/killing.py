@@ -1,5 +1,7 @@
 """A harness for real kills: run a CLI stage as a subprocess, SIGKILL it at points taken from the stage's
-own progress, rerun it to completion, and compare its output tree with an uninterrupted run's.
+own progress, rerun it to completion, and compare its output tree with an uninterrupted run's. The killed and
+resumed commands are started by a :class:`ForkServer` (each a child of a process that has imported the CLI's
+libraries once, seconds sooner than a fresh interpreter).
 
 Stage-agnostic: a kill point is a predicate on the run folder (a file that appears, a number of
 committed shards, the status file's progress), a tamper step damages a committed file between runs,
@@ -88,19 +90,73 @@ def cli(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "refusal_lens", *args]
 
 
-def run_killed_at(args: Sequence[str], run: Path, point: KillPoint, *, timeout: float = 240.0,
+class Launched:
+    """A command started by a :class:`ForkServer`: ``pid`` (its own process group), :meth:`poll` and :meth:`wait` as
+    ``Popen``'s (``returncode`` negative for a signal), and :meth:`stderr` (its whole stderr, from a file: a
+    pipe nobody reads while the command runs could fill and stop it)."""
+
+    def __init__(self, pid: int, stderr_path: Path, poll: Callable[[], int | None]):
+        self.pid, self._stderr_path, self._poll = pid, stderr_path, poll
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._poll()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        t0 = time.perf_counter()
+        while self.poll() is None:
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"PID {self.pid} still running after {timeout} s")
+            time.sleep(0.002)
+        return self.returncode
+
+    def stderr(self) -> str:
+        return self._stderr_path.read_text(errors="replace")
+
+
+class ForkServer:
+    """Each command a child of tests/forkserver.py, which has imported the CLI and its libraries once (see its
+    doc: the same program in the same state as a fresh interpreter after those imports, seconds sooner)."""
+
+    def __init__(self, scratch: Path):
+        self._scratch, self._n = scratch, 0
+        self._server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py"))], env=ENV,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self._server.stdout.readline()
+        assert ready, f"the fork server ended (rc {self._server.wait()}) before it was ready"
+        assert json.loads(ready)["ready"] == self._server.pid
+
+    def launch(self, args: Sequence[str]) -> Launched:
+        self._n += 1
+        stderr_path = self._scratch / f"command-{self._n:03d}.stderr"
+        code_path = self._scratch / f"command-{self._n:03d}.returncode"
+        self._server.stdin.write(json.dumps({"args": list(args), "stderr": str(stderr_path),
+                                             "returncode": str(code_path)}) + "\n")
+        self._server.stdin.flush()
+        answer = self._server.stdout.readline()
+        assert answer, f"the fork server ended (rc {self._server.wait()})"
+        return Launched(json.loads(answer)["pid"], stderr_path,
+                        lambda: int(code_path.read_text()) if code_path.exists() else None)
+
+    def close(self) -> None:
+        self._server.stdin.close()
+        self._server.wait(timeout=60)
+
+
+def run_killed_at(launcher, args: Sequence[str], run: Path, point: KillPoint, *, timeout: float = 240.0,
                   describe: Callable[[Path], dict] | None = None) -> RunLog:
     """Start the command, SIGKILL its process group once ``point`` is reached; fails if the command ends
     first or the point was already reached before it started (kill points must follow the progress)."""
     assert not point.reached(run), f"kill point {point.name!r} already holds before the run: reorder the points"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cli(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = launcher.launch(args)
     try:
         while not point.reached(run):
             if proc.poll() is not None:
                 raise AssertionError(f"the command ended (rc {proc.returncode}) before {point.name!r}:\n"
-                                     + proc.stderr.read()[-3000:])
+                                     + proc.stderr()[-3000:])
             if time.perf_counter() - t0 > timeout:
                 raise AssertionError(f"{point.name!r} not reached within {timeout} s")
             time.sleep(0.002)
@@ -111,31 +167,36 @@ def run_killed_at(args: Sequence[str], run: Path, point: KillPoint, *, timeout: 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    stderr = proc.stderr.read()
-    proc.stderr.close()
+    stderr = proc.stderr()
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, stderr[-3000:])
     return RunLog(point.name, proc.returncode, stderr, time.perf_counter() - t0, state)
 
 
-def run_to_completion(args: Sequence[str], *, timeout: float = 300.0) -> RunLog:
+def run_to_completion(launcher, args: Sequence[str], *, timeout: float = 300.0) -> RunLog:
     t0 = time.perf_counter()
-    proc = subprocess.run(cli(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return RunLog("to completion", 0, proc.stderr, time.perf_counter() - t0)
+    proc = launcher.launch(args)
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr()[-3000:]
+    return RunLog("to completion", 0, proc.stderr(), time.perf_counter() - t0)
 
 
-def kill_and_resume(args: Sequence[str], run: Path, steps: Iterable[KillPoint | Tamper], *,
+def kill_and_resume(launcher, args: Sequence[str], run: Path, steps: Iterable[KillPoint | Tamper], *,
                     describe: Callable[[Path], dict] | None = None) -> list[RunLog]:
-    """Run ``args`` killed at each kill point in turn (tampering where asked), then once to completion."""
+    """Run ``args`` (each time started by ``launcher``, a :class:`ForkServer`) killed at each kill point in turn
+    (tampering where asked), then once to completion."""
     logs = []
     for step in steps:
         if isinstance(step, Tamper):
             step.apply(run)
             logs.append(RunLog(step.name, None, "", 0.0))
         else:
-            logs.append(run_killed_at(args, run, step, describe=describe))
-    logs.append(run_to_completion(args))
+            logs.append(run_killed_at(launcher, args, run, step, describe=describe))
+    logs.append(run_to_completion(launcher, args))
     return logs
 
 

@@ -4,7 +4,11 @@ Also: a second `refusal-lens run` on the folder of a running one is refused and 
 
 One uninterrupted `run` (the reference) is made once in <tmp>/results/tiny and moved aside; each test
 copies the earlier stages' folders from it back to the same path (outputs name their run folder), so
-that only the stage under test is killed, resumed and compared."""
+that only the stage under test is killed, resumed and compared.
+
+The reference and the two concurrent `run` commands are fresh interpreters (`python -m refusal_lens`); the
+killed and resumed stage commands are children of a fork server that has imported the CLI's libraries once
+(tests/forkserver.py: the same program in the same state, 3-7 s sooner each)."""
 
 import json
 import os
@@ -15,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from killing import ENV, appears, cli, committed_shards, compare_trees, kill_and_resume, truncate
+from killing import ENV, ForkServer, appears, cli, committed_shards, compare_trees, kill_and_resume, truncate
 from test_pipeline import write_config as pipeline_config
 
 #: the folder each stage writes, in pipeline order
@@ -127,6 +131,13 @@ def test_a_second_run_is_refused_at_once_and_the_first_finishes(world):
     assert (world["reference"] / "analysis" / "report.html").stat().st_size > 10_000
 
 
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("commands"))
+    yield server
+    server.close()
+
+
 def prepare(world, stage: str) -> Path:
     """The run folder holding the reference's folders of the stages before ``stage``."""
     run = world["run"]
@@ -144,12 +155,12 @@ def describe(run: Path) -> dict:
             "progress": stage.get("progress")}
 
 
-def check(world, stage: str, steps, damaged_message: str | None = None) -> None:
+def check(world, launcher, stage: str, steps, damaged_message: str | None = None) -> None:
     """Kill ``stage`` at ``steps`` (tampering where asked), finish it, compare with the reference; a run
     after the tamper step must log ``damaged_message``."""
     run = prepare(world, stage)
     args = [stage, "--config", str(world["config"])]
-    logs = kill_and_resume(args, run, steps, describe=describe)
+    logs = kill_and_resume(launcher, args, run, steps, describe=describe)
     for log in logs:
         print(f"{stage}: {log.step}: rc {log.returncode}, {log.seconds:.1f} s, {log.state}")
     if damaged_message is not None:
@@ -159,31 +170,31 @@ def check(world, stage: str, steps, damaged_message: str | None = None) -> None:
     print(f"{stage}: {n} files equal to the uninterrupted run's")
 
 
-def test_collect_killed_twice_and_a_shard_truncated(world):
-    check(world, "collect", [
+def test_collect_killed_twice_and_a_shard_truncated(world, launcher):
+    check(world, launcher, "collect", [
         committed_shards(5),
         appears("activations/prompts/state.json"),  # every shard committed, finalizing the datasets
         truncate(f"activations/{FIRST_HOOK}/shard-000-00003.arrow"),
     ], "collect: rank 0 shard 3 is damaged")
 
 
-def test_train_saes_killed_twice_and_weights_truncated(world):
-    check(world, "train-saes", [
+def test_train_saes_killed_twice_and_weights_truncated(world, launcher):
+    check(world, launcher, "train-saes", [
         appears(f"saes/.{FIRST_HOOK}.partial"),  # training the first hook
         appears(f"saes/{FIRST_HOOK}/files.json"),  # first hook committed, the second training
         truncate(f"saes/{FIRST_HOOK}/sae_weights.safetensors"),
     ], f"saes/{FIRST_HOOK}: not trusted (sae_weights.safetensors:")
 
 
-def test_direction_killed_twice(world):
-    check(world, "direction", [
+def test_direction_killed_twice(world, launcher):
+    check(world, launcher, "direction", [
         appears("direction/candidates.safetensors"),  # the candidates written, the selection running
         appears("direction/evaluation.json"),  # evaluated on test; the categories running
     ])
 
 
-def test_discover_killed_twice_and_an_effects_shard_truncated(world):
-    check(world, "discover", [
+def test_discover_killed_twice_and_an_effects_shard_truncated(world, launcher):
+    check(world, launcher, "discover", [
         appears("circuits/effects/ledger.json"),  # during the attribution pass
         truncate("circuits/effects/discovery-batch-0000.safetensors"),
         # after agreement and faithfulness: the resumed run skips them (its random draws must not depend on that)
@@ -191,5 +202,5 @@ def test_discover_killed_twice_and_an_effects_shard_truncated(world):
     ], "discovery-batch-0000.safetensors is not trusted")
 
 
-def test_analyze_killed_twice(world):
-    check(world, "analyze", [appears("analysis/similarity.json"), appears("analysis/report.html")])
+def test_analyze_killed_twice(world, launcher):
+    check(world, launcher, "analyze", [appears("analysis/similarity.json"), appears("analysis/report.html")])
