@@ -15,13 +15,18 @@ A third table times greedy generation under several conditions in shared batches
 opening): the opening computed once per condition (``Edit.row_key``) against once per row (the same edits with
 their ``row_key`` removed, as before 6a672bb), and whether the responses are identical.
 
-``--tables`` picks the tables (``dtype,batch,conditions``).
+A fourth table times forward passes from a clean stem (:mod:`refusal_lens.core.stem`): ``--stem-passes`` passes of
+an activation addition at one layer (a quarter, half and three quarters of the way up), bfloat16 shared, each
+batch run whole (the baseline) against from the clean residual entering that layer (computed by the first pass,
+reused by the rest), and whether the logits are identical bit for bit.
+
+``--tables`` picks the tables (``dtype,batch,conditions,stems``).
 
 ``--smoke``: a tiny random 2-layer model (bench/smoke.py, no download) and its tiny prompts in a temporary
 folder, 8 prompts, 4 new tokens, 1 repeat (seconds).
 
 Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3]
-       [--tables dtype,batch,conditions] [--conditions 8] [--condition-prompts 8] [--smoke]
+       [--tables dtype,batch,conditions,stems] [--conditions 8] [--condition-prompts 8] [--stem-passes 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -43,14 +48,15 @@ import torch  # noqa: E402
 
 from refusal_lens.core.chat import encode_prompt  # noqa: E402
 from refusal_lens.config import ModelConfig  # noqa: E402
-from refusal_lens.core.direction_edits import ablation_edits  # noqa: E402
+from refusal_lens.core.direction_edits import ablation_edits, addition_edits  # noqa: E402
 from refusal_lens.core.edit import per_condition  # noqa: E402
 from refusal_lens.core.intervene import Intervener  # noqa: E402
+from refusal_lens.core.stem import Stems  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
 from refusal_lens.data.prompts import read_prompts  # noqa: E402
 
 
-TABLES = ("dtype", "batch", "conditions")
+TABLES = ("dtype", "batch", "conditions", "stems")
 
 
 def main(argv=None) -> int:
@@ -63,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--conditions", type=int, default=8, help="conditions of the third table")
     parser.add_argument("--condition-prompts", type=int, default=8, help="prompts per condition of the third table")
+    parser.add_argument("--stem-passes", type=int, default=5, help="passes per edit layer of the fourth table")
     parser.add_argument("--tables", default=",".join(TABLES), help="which tables (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and sizes (checks the bench)")
     args = parser.parse_args(argv)
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
 
     print(smoke.smoke_note())
     args.prompts, args.new_tokens, args.repeats, args.batch_size, args.gen_batches = 8, 4, 1, 8, "4,8"
-    args.conditions, args.condition_prompts = 3, 4
+    args.conditions, args.condition_prompts, args.stem_passes = 3, 4, 2
     with smoke.scratch("bench_interventions") as folder:
         args.model = str(smoke.tiny_model(folder / "model"))
         bench(args, smoke.tiny_prompts(folder / "data"))
@@ -96,6 +103,8 @@ def bench(args, all_prompts) -> None:
         batch_table(args, loaded, prompts, edit)
     if "conditions" in tables:
         conditions_table(args, loaded, all_prompts)
+    if "stems" in tables:
+        stems_table(args, loaded, prompts)
 
 
 def dtype_table(args, loaded, prompts, edit) -> None:
@@ -169,6 +178,33 @@ def conditions_table(args, loaded, all_prompts) -> None:
     for v in variants:
         m = statistics.median(times[v])
         print(f"{v:<30}{m:>8.2f}{m / base:>12.2f}")
+
+
+def stems_table(args, loaded, prompts) -> None:
+    L = loaded.n_layers
+    iv = Intervener(loaded, args.batch_size)
+    iv.last_logits(prompts)  # the clean opening cached before anything is timed
+    torch.manual_seed(0)
+    layers = sorted({max(1, L // 4), max(1, L // 2), max(1, 3 * L // 4)})
+    edits = {layer: [addition_edits(torch.randn(loaded.d_model) * (k + 1), layer) for k in range(args.stem_passes)]
+             for layer in layers}
+    print(f"{args.stem_passes} forward passes of an activation addition at one layer of {L}, {len(prompts)} prompts, "
+          f"batch {args.batch_size}, bfloat16 shared, median of {args.repeats}")
+    print(f"{'edits from layer':<18}{'variant':<26}{'s':>8}{'x whole':>9}  logits identical")
+    for layer in layers:
+        times = {"whole (baseline)": [], "from the clean stem": []}
+        out = {}
+        for _ in range(args.repeats):
+            for variant in times:
+                stems = Stems() if variant != "whole (baseline)" else None
+                t0 = time.perf_counter()
+                out[variant] = [iv.last_logits(prompts, e, stems=stems) for e in edits[layer]]
+                times[variant].append(time.perf_counter() - t0)
+        same = sum(torch.equal(a, b) for a, b in zip(*out.values()))
+        base = statistics.median(times["whole (baseline)"])
+        for variant, ts in times.items():
+            m = statistics.median(ts)
+            print(f"{layer:<18}{variant:<26}{m:>8.2f}{m / base:>9.2f}  {same}/{len(edits[layer])}")
 
 
 if __name__ == "__main__":

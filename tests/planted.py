@@ -149,6 +149,18 @@ def planted_prompts():
     return out
 
 
+def loaded_planted(folder: Path, every: int = 3):
+    """The planted model built in ``folder``, loaded, and every ``every``-th planted prompt encoded:
+    ``(model folder, loaded model, prompts)``."""
+    from refusal_lens.config import ModelConfig
+    from refusal_lens.core.chat import encode_prompt
+    from refusal_lens.models.loading import load_model
+
+    model = build_planted_model(folder)
+    loaded = load_model(ModelConfig(name=str(model)))
+    return model, loaded, [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[::every]]
+
+
 def write_planted_data(folder: Path) -> tuple[Path, Path]:
     """The planted prompts as an OR-Bench folder (toxic, safe) and a harmless CSV, for configs."""
     import csv

@@ -67,12 +67,15 @@ def scored_controls(intervener: Intervener, prompts: Sequence[EncodedPrompt], to
     generation, :meth:`Runs.scored`), and ``known_headline`` the headline's: no forward pass is run for those."""
     from refusal_lens.core.refusal import refusal_score
     from refusal_lens.core.stats import spearman
+    from refusal_lens.core.stem import Stems
+
+    stems = Stems()  # every pass runs on ``prompts``: one whose edits start at layer l > 0 starts there
 
     def mean_score(edits, given: Sequence[float] | None = None) -> float:
         if given is not None:
             value = float(torch.tensor(given, dtype=torch.float32).mean()) if len(given) else float("nan")
         else:
-            value = float(refusal_score(intervener.last_logits(prompts, edits), tokens).mean())
+            value = float(refusal_score(intervener.last_logits(prompts, edits, stems=stems), tokens).mean())
         if bar is not None:
             bar.update(1)
         return value

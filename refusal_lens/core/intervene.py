@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ from refusal_lens.core.greedy import greedy
 from refusal_lens.core.hooks import hf_hook_target
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
+from refusal_lens.core.stem import Stems, clean_stem, first_edited_layer, layers_window, windowed
 
 
 @dataclass
@@ -259,18 +260,46 @@ class Intervener:
             return self.model(input_ids=batch.ids, attention_mask=batch.mask, logits_to_keep=1).logits[:, -1].float()
 
     @torch.no_grad()
-    def last_logits(self, prompts: Sequence[EncodedPrompt], edits: EditsFor | None = None) -> Tensor:
-        """``[n, d_vocab]`` float32 logits at each prompt's last position (the first response token)."""
+    def last_logits(self, prompts: Sequence[EncodedPrompt], edits: EditsFor | None = None,
+                    stems: Stems | None = None) -> Tensor:
+        """``[n, d_vocab]`` float32 logits at each prompt's last position (the first response token).
+
+        ``stems``: the caller's clean stems (:mod:`refusal_lens.core.stem`): a batch whose edits all act in layers
+        ``>= l > 0`` runs from the clean residual entering layer ``l``, computed once per batch and layer and kept
+        there for the caller's next passes over the same prompts; the same logits bit for bit."""
         prefix, cache = self._plan(prompts, edits)
+        # a per-row edited opening is computed with the batch's rows: its layers below the edits need not be the
+        # clean opening's bits, so those passes run whole
+        stems = stems if cache is not PER_BATCH and windowed(self.model) else None
         out: list[Tensor | None] = [None] * len(prompts)
         for batch in self.batches(prompts, prefix=prefix):
             mine = self._edits_for(edits, batch.rows)
             inputs = self._inputs(batch, cache, mine)  # before the batch's edits attach (a per-batch opening cache)
-            with self.edits(mine, batch):
+            start = first_edited_layer(mine) if stems is not None and mine else 0
+            if start:
+                del inputs["input_ids"]
+                inputs["inputs_embeds"] = self._stem(batch, start, stems)
+            with self.edits(mine, batch), layers_window(self.model, start) if start else nullcontext():
                 logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
             for b, row in enumerate(batch.rows):
                 out[row] = logits[b]
         return torch.stack(out)  # type: ignore[arg-type]
+
+    def _stem(self, batch: Batch, layer: int, stems: Stems) -> Tensor:
+        """The clean residual entering ``layer`` for ``batch`` (from ``stems``, or computed and kept there): a clean
+        pass with the clean opening, whose layers below any edit are those of every opening the batch can get."""
+        key = Stems.batch_key(batch.ids, batch.mask, batch.prefix)
+        stem = stems.get(key, layer)
+        if stem is None:
+            clean = None
+            if batch.prefix:
+                if batch.prefix not in self._clean_prefix:
+                    self._clean_prefix[batch.prefix] = self._prefix_cache(batch.prefix, [])
+                clean = self._clean_prefix[batch.prefix]
+            start, below = stems.below(key, layer)
+            stem = clean_stem(self.model, self._inputs(batch, clean), layer, start, below)
+            stems.put(key, layer, stem)
+        return stem
 
     @torch.no_grad()
     def continuation_logprobs(self, prompts: Sequence[EncodedPrompt], continuations: Sequence[Sequence[int]],

@@ -2,7 +2,8 @@
 
 A :class:`TokenMeter` watches the models of a loaded model (the HF model, its intervention copy, the
 TransformerLens model) with forward hooks and adds up, per module role and dtype, the positions of every call
-(batch x sequence length, padding included: what the CPU computes):
+(batch x sequence length, padding included: what the CPU computes; a pass that runs only a window of the decoder
+layers counts that share of its positions):
 
 * ``forward`` — a pass without an autograd graph (a prompt's forward, or the prefill of a greedy generation);
 * ``autograd`` — a pass whose output requires grad (attribution, the direction's selection screens): its
@@ -37,6 +38,18 @@ def _positions(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     if x is None or x.dim() == 0:
         return None
     return (1, int(x.shape[0])) if x.dim() == 1 else (int(x.shape[0]), int(x.shape[1]))
+
+
+def _layer_share(module: Any) -> float | int:
+    """The share of its decoder layers a Hugging Face causal LM runs in this call: 1, or ``run / all`` while a pass
+    runs a window of them (:func:`refusal_lens.core.stem.layers_window`: a pass from a clean stem, or the stem's
+    own pass), so that the counts stay what the CPU computes."""
+    inner = getattr(module, "model", None)
+    layers = getattr(inner, "layers", None)
+    total = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    if layers is None or not total or len(layers) == total:
+        return 1
+    return len(layers) / total
 
 
 def _requires_grad(output: Any) -> bool:
@@ -78,7 +91,7 @@ class TokenMeter:
                 kind = "decode"
             else:
                 kind = "forward"
-            self.counts[f"{label} {kind}"] += batch * new
+            self.counts[f"{label} {kind}"] += batch * new * _layer_share(_module)
 
         module.register_forward_hook(count, with_kwargs=True)
 
@@ -118,8 +131,9 @@ class TokenMeter:
         self.watch_tl(loaded.model)
 
     def snapshot(self) -> dict[str, int]:
+        """The counts so far (a pass over a window of the layers adds its share of its positions: rounded here)."""
         self._flush()
-        return dict(self.counts)
+        return {k: round(v) for k, v in self.counts.items()}
 
 
 def difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

@@ -31,7 +31,9 @@ MEASURED: dict[str, list[str]] = {
     "bench_gpu": [r"^\| part \| variant \| ms \| ratio \| note \|$", rf"^\| sae \| TopK .*fp32 \| {NUM} \| 1\.00 \|"],
     "bench_interventions": [r"^task\s+variant\s+s\s+x baseline$", rf"^forward \(ablation\)\s+bfloat16 shared\s+{NUM}\s+{NUM}$",
                             r"responses identical 12/12$", rf"^opening per row \(baseline\)\s+{NUM}\s+1\.00$",
-                            rf"^opening per condition\s+{NUM}\s+{NUM}$"],
+                            rf"^opening per condition\s+{NUM}\s+{NUM}$",
+                            rf"^1\s+whole \(baseline\)\s+{NUM}\s+1\.00  2/2$",
+                            rf"^1\s+from the clean stem\s+{NUM}\s+{NUM}  2/2$"],
     "bench_main_job": [r"^stage\s+seconds\s+share of budget$", rf"^analyze\s+{NUM}\s+{NUM}$", rf"^total\s+{NUM}\s+{NUM}",
                        r"^\| stage \| part \| seconds \| forward positions \|",
                        rf"^\| direction \| evaluation on test \(generation\) \| {NUM} \| [\d,]+ \| [\d,]+ \| [1-9][\d,]* \| "

@@ -104,7 +104,7 @@ def test_scored_controls_exact_on_a_fake_model_and_calibrated_on_null_scores():
     from refusal_lens.core.refusal import RefusalTokens
 
     class Fake:  # logits [n_prompts, 2]: token 0 is the refusal token; an edit is (offset,), its score = offset + prompt
-        def last_logits(self, prompts, edits):
+        def last_logits(self, prompts, edits, stems=None):
             offset = edits[0] if edits else 0.0
             return torch.stack([torch.tensor([offset + p, 0.0]) for p in prompts])
 
@@ -121,7 +121,7 @@ def test_scored_controls_exact_on_a_fake_model_and_calibrated_on_null_scores():
     calls = []
 
     class Counting(Fake):
-        def last_logits(self, prompts, edits):
+        def last_logits(self, prompts, edits, stems=None):
             calls.append(edits)
             return super().last_logits(prompts, edits)
 

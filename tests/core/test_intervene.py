@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from planted import build_planted_model, load_planted_directions, planted_prompts
-from refusal_lens.core.chat import OPENING, encode_prompt
+from planted import load_planted_directions, loaded_planted
+from refusal_lens.core.chat import OPENING
 from refusal_lens.core.direction_edits import ablation_edits, addition_edits, capture_post_instruction
 from refusal_lens.core.edit import Edit
 from refusal_lens.core.intervene import Intervener, shared_opening
@@ -12,13 +12,7 @@ from refusal_lens.core.intervene import Intervener, shared_opening
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    from refusal_lens.config import ModelConfig
-    from refusal_lens.models.loading import load_model
-
-    folder = build_planted_model(tmp_path_factory.mktemp("planted-iv") / "model")
-    loaded = load_model(ModelConfig(name=str(folder)))
-    prompts = [encode_prompt(loaded.tokenizer, p.prompt, 64) for p in planted_prompts()[::3]]
-    return folder, loaded, prompts
+    return loaded_planted(tmp_path_factory.mktemp("planted-iv") / "model", every=3)
 
 
 def both(loaded, batch_size=4):

@@ -39,6 +39,7 @@ from refusal_lens.stages.circuits.edits import feature_masks, patch_edit
 from refusal_lens.stages.circuits.nodes import NodeSpace
 from refusal_lens.core.edit import Edit
 from refusal_lens.core.intervene import Intervener
+from refusal_lens.core.stem import Stems
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
 
 #: a node: ("feature", flat index) or ("error", hook)
@@ -74,8 +75,8 @@ def node_edits(space: NodeSpace, nodes: Sequence[Node], means: ClassMeans, keep:
             if keep or bool(masks[h].any()) or h in errors]
 
 
-def _scores(intervener: Intervener, prompts, tokens, edits) -> np.ndarray:
-    return refusal_score(intervener.last_logits(prompts, edits), tokens).numpy().astype(np.float64)
+def _scores(intervener: Intervener, prompts, tokens, edits, stems: Stems | None = None) -> np.ndarray:
+    return refusal_score(intervener.last_logits(prompts, edits, stems=stems), tokens).numpy().astype(np.float64)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray, min_gap: float) -> float | None:
@@ -96,8 +97,9 @@ def _boot(num: np.ndarray, den: np.ndarray, n_boot: int, rng: np.random.Generato
 def faithfulness_curve(intervener: Intervener, space: NodeSpace, means: ClassMeans, tokens: RefusalTokens,
                        prompts: Sequence[EncodedPrompt], ranked: Sequence[Node], sizes: Sequence[int], n_random: int,
                        min_gap: float, n_boot: int, rng: np.random.Generator, show_progress: bool = True) -> dict:
-    m_model = _scores(intervener, prompts, tokens, [])
-    m_empty = _scores(intervener, prompts, tokens, node_edits(space, [], means, keep=True))
+    stems = Stems()  # every pass runs on these prompts: those with edits from layer l > 0 start there, once per batch
+    m_model = _scores(intervener, prompts, tokens, [], stems)
+    m_empty = _scores(intervener, prompts, tokens, node_edits(space, [], means, keep=True), stems)
     gap = m_model - m_empty
     pool = list(ranked)
     points = []
@@ -105,14 +107,14 @@ def faithfulness_curve(intervener: Intervener, space: NodeSpace, means: ClassMea
     bar = tqdm(total=len(sizes) * (2 + 2 * n_random), desc="faithfulness", disable=not show_progress)
     for k in sizes:
         circuit = pool[:k]
-        keep = _scores(intervener, prompts, tokens, node_edits(space, circuit, means, keep=True))
-        abl = _scores(intervener, prompts, tokens, node_edits(space, circuit, means, keep=False))
+        keep = _scores(intervener, prompts, tokens, node_edits(space, circuit, means, keep=True), stems)
+        abl = _scores(intervener, prompts, tokens, node_edits(space, circuit, means, keep=False), stems)
         bar.update(2)
         r_faith, r_comp = [], []
         for _ in range(n_random):
             pick = [pool[j] for j in rng.choice(len(pool), size=k, replace=False)]
-            r_keep = _scores(intervener, prompts, tokens, node_edits(space, pick, means, keep=True))
-            r_abl = _scores(intervener, prompts, tokens, node_edits(space, pick, means, keep=False))
+            r_keep = _scores(intervener, prompts, tokens, node_edits(space, pick, means, keep=True), stems)
+            r_abl = _scores(intervener, prompts, tokens, node_edits(space, pick, means, keep=False), stems)
             r_faith.append(_ratio(r_keep - m_empty, gap, min_gap))
             r_comp.append(_ratio(m_model - r_abl, gap, min_gap))
             bar.update(2)

@@ -25,6 +25,7 @@ from refusal_lens.core.chat import EncodedPrompt
 from refusal_lens.core.direction_edits import ablation_edits
 from refusal_lens.stages.direction.select import scores_of
 from refusal_lens.core.intervene import Intervener
+from refusal_lens.core.stem import Stems
 from refusal_lens.core.refusal import RefusalTokens
 
 
@@ -39,8 +40,9 @@ def emergence_curve(intervener: Intervener, direction: torch.Tensor, n_layers: i
             continue
         clean = scores_of(intervener, prompts, tokens)
         points = []
+        stems = Stems()  # the ablation from layer l runs from the clean stem entering l, each from the one below
         for layer in tqdm(starts, desc=f"emergence ({name})", disable=not show_progress):
-            s = scores_of(intervener, prompts, tokens, ablation_edits(direction, n_layers, from_layer=layer))
+            s = scores_of(intervener, prompts, tokens, ablation_edits(direction, n_layers, from_layer=layer), stems)
             points.append({"from_layer": layer, "mean": float(s.mean()), "ci": list(bootstrap_mean_ci(s, n_boot, rng=rng))})
         full = points[0]["mean"]
         c = float(clean.mean())

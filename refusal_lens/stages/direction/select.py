@@ -40,6 +40,7 @@ from refusal_lens.core.direction_edits import ablation_edits, addition_edits
 from refusal_lens.core.hooks import ablation_hooks, hook_name
 from refusal_lens.core.edit import Edit
 from refusal_lens.core.intervene import Intervener, frozen
+from refusal_lens.core.stem import Stems
 from refusal_lens.core.metrics import kl_divergence
 from refusal_lens.core.refusal import RefusalTokens, refusal_score
 from refusal_lens.core.stats import spearman
@@ -75,9 +76,10 @@ class Choice:
 
 
 def scores_of(intervener: Intervener, prompts: Sequence[EncodedPrompt], tokens: RefusalTokens,
-              edits: Sequence[Edit] = ()) -> np.ndarray:
-    """Refusal score of each prompt (at its last position) with ``edits``."""
-    return refusal_score(intervener.last_logits(prompts, edits), tokens).numpy()
+              edits: Sequence[Edit] = (), stems: Stems | None = None) -> np.ndarray:
+    """Refusal score of each prompt (at its last position) with ``edits`` (``stems``: the caller's clean stems of
+    ``prompts``, :mod:`refusal_lens.core.stem`)."""
+    return refusal_score(intervener.last_logits(prompts, edits, stems=stems), tokens).numpy()
 
 
 def _leaves(names: Sequence[str], store: dict) -> list[Edit]:
@@ -152,12 +154,14 @@ def exact_scores(intervener: Intervener, cands: Candidates, chosen: Sequence[Sco
                  show_progress: bool = True) -> None:
     """Fill in the exact bypass, induce and KL of ``chosen`` (in place)."""
     clean = intervener.last_logits(harmless).log_softmax(-1)
+    stems = Stems()  # the additions act at the candidate's layer: each runs from the clean stem entering it
     for s in tqdm(chosen, desc="direction candidates (exact)", disable=not show_progress):
         ablate = ablation_edits(cands.vector(s.layer, s.j), n_layers)
         s.bypass = float(scores_of(intervener, harmful, tokens, ablate).mean())
         ablated = intervener.last_logits(harmless, ablate).log_softmax(-1)
         s.kl = float(kl_divergence(clean, ablated).mean())
-        s.induce = float(scores_of(intervener, harmless, tokens, addition_edits(cands.vector(s.layer, s.j), s.layer)).mean())
+        s.induce = float(scores_of(intervener, harmless, tokens, addition_edits(cands.vector(s.layer, s.j), s.layer),
+                                   stems).mean())
 
 
 def shortlist(scored: Sequence[Scored], n_layers: int, max_layer_fraction: float, n: int | None,

@@ -416,7 +416,7 @@ def test_the_alignment_rides_on_the_generation_and_only_sets_not_generated_get_a
     _, first = Runs(iv, 4, ResponseAudit(tmp_path / "s.jsonl")).scored(head_plan + random_plan, tokens)
     passes = []
     original = iv.last_logits
-    iv.last_logits = lambda ps, edits=None: passes.append(1) or original(ps, edits)
+    iv.last_logits = lambda ps, edits=None, **kw: passes.append(1) or original(ps, edits, **kw)
     scored = measure_random_sets(iv, prompts, tokens, sets, chosen, space, means, [0.5, 0.25], (first[1:], first[0]),
                                  False)
     iv.last_logits = original
