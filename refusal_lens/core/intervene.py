@@ -217,9 +217,13 @@ class Intervener:
             return prefix, PER_BATCH
         if any(e.opening for e in fixed):
             return prefix, self._prefix_cache(prefix, fixed)
+        return prefix, self._clean_opening(prefix)
+
+    def _clean_opening(self, prefix: tuple[int, ...]):
+        """The clean keys and values of ``prefix``, computed once and kept."""
         if prefix not in self._clean_prefix:
             self._clean_prefix[prefix] = self._prefix_cache(prefix, [])
-        return prefix, self._clean_prefix[prefix]
+        return self._clean_prefix[prefix]
 
     @torch.no_grad()
     def _prefix_cache(self, prefix: tuple[int, ...], edits: Sequence[Edit], rows: Sequence[int] = ()):
@@ -291,11 +295,7 @@ class Intervener:
         key = Stems.batch_key(batch.ids, batch.mask, batch.prefix)
         stem = stems.get(key, layer)
         if stem is None:
-            clean = None
-            if batch.prefix:
-                if batch.prefix not in self._clean_prefix:
-                    self._clean_prefix[batch.prefix] = self._prefix_cache(batch.prefix, [])
-                clean = self._clean_prefix[batch.prefix]
+            clean = self._clean_opening(batch.prefix) if batch.prefix else None
             start, below = stems.below(key, layer)
             stem = clean_stem(self.model, self._inputs(batch, clean), layer, start, below)
             stems.put(key, layer, stem)

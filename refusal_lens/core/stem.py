@@ -84,8 +84,9 @@ class Stems:
 
     def below(self, batch: tuple, layer: int) -> tuple[int, torch.Tensor | None]:
         """The highest stem of ``batch`` below ``layer``, as ``(its layer, stem)``; ``(0, None)`` without one."""
-        lower = [lo for lo in self._memo.get(batch, {}) if lo < layer]
-        return (max(lower), self._memo[batch][max(lower)]) if lower else (0, None)
+        mine = self._memo.get(batch, {})
+        lower = max((lo for lo in mine if lo < layer), default=0)  # stems are kept for layers >= 1 only
+        return (lower, mine[lower]) if lower else (0, None)
 
     def put(self, batch: tuple, layer: int, stem: torch.Tensor) -> None:
         self._memo.setdefault(batch, {})[layer] = stem
