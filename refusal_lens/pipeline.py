@@ -22,6 +22,7 @@ from refusal_lens.config import Config
 from refusal_lens.infra.status import StageOutcome, StatusFile
 from refusal_lens.infra.token_meter import TokenMeter
 from refusal_lens.infra.freed_memory import keep_freed_memory, release_freed_memory
+from refusal_lens.infra.mapped_weights import unmap_file_weights
 from refusal_lens.infra.resident_memory import PeakSampler
 from refusal_lens.run.folder import RunFolder
 from refusal_lens.run.stage import (
@@ -124,7 +125,7 @@ def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, comman
             log_memory_plan(cfg)
         models = models if models is not None else LazyModel(cfg, dist)
         status = StatusFile(run.status_file, enabled=dist.is_main, meter=TokenMeter(), memory=PeakSampler(),
-                            at_part=release_freed_memory)
+                            at_part=lambda: between_parts(models))
         status.begin(command, list(names))
         try:
             for name in names:
@@ -144,6 +145,16 @@ def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, comman
             raise
         status.finish("done")
     return results
+
+
+def between_parts(models: LazyModel) -> None:
+    """What a part leaves resident and the next need not hold: freed heap (:mod:`refusal_lens.infra.freed_memory`)
+    and the file-mapped weights of the model (:mod:`refusal_lens.infra.mapped_weights`: a part that reads them
+    faults them back in from the page cache)."""
+    release_freed_memory()
+    loaded = models.if_loaded()
+    if loaded is not None:
+        unmap_file_weights([loaded.hf_model, loaded.gen_model])
 
 
 def log_memory_plan(cfg: Config) -> None:

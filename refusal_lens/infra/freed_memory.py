@@ -50,15 +50,16 @@ KEPT = {M_MMAP_THRESHOLD: 32 << 20,  # glibc's largest on 64-bit (DEFAULT_MMAP_T
 
 @cache
 def _libc_function(name: str) -> Callable[..., int] | None:
-    """A function of the C library (``malloc_trim``, ``mallopt``), or None where it has none (looked up once: a
-    read-only fact)."""
+    """A function of the C library (``malloc_trim``, ``mallopt``, ``madvise``), or None where it has none (looked up
+    once: a read-only fact)."""
     lib = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(lib) if lib else ctypes.CDLL(None)
         fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = {"malloc_trim": [ctypes.c_size_t], "mallopt": [ctypes.c_int, ctypes.c_int]}[name]
+    fn.argtypes = {"malloc_trim": [ctypes.c_size_t], "mallopt": [ctypes.c_int, ctypes.c_int],
+                   "madvise": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]}[name]
     fn.restype = ctypes.c_int
     return fn
 

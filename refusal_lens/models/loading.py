@@ -24,7 +24,6 @@ Measured pitfalls handled here (transformer-lens 3.9, transformers 5.24):
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
@@ -36,8 +35,10 @@ import torch
 
 from refusal_lens.config import ModelConfig
 from refusal_lens.errors import UserError
+from refusal_lens.infra.mapped_weights import unmap_file_weights
 from refusal_lens.core.hooks import LayerSpecError, check_layer_specs
-from refusal_lens.models.embedded import EMBEDDED_MODELS, embedded_model_dir
+from refusal_lens.models.dtype_copy import converted_copy, file_backed_copy, shared_weight_copy
+from refusal_lens.models.embedded import EMBEDDED_MODELS, cache_root, embedded_model_dir
 from refusal_lens.core.families import ModelFamily, family_for_template
 
 logger = logging.getLogger(__name__)
@@ -116,33 +117,11 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def _tree_copy(module: torch.nn.Module, tensor_for) -> torch.nn.Module:
-    """A deep copy of the module tree in which every parameter and buffer ``t`` is ``tensor_for(t)``."""
-    memo: dict[int, Any] = {id(t): tensor_for(t) for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo)
-
-
-def _shared_weight_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of the module tree whose parameters and buffers are the original tensors."""
-    return _tree_copy(module, lambda t: t)
-
-
-def converted_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``copy.deepcopy(module).to(dtype)`` built tensor by tensor: every floating parameter and buffer converted
-    on its own, so that no full-precision copy of the whole model exists in between (a deep copy first would
-    hold a second float32 model at once: measured, the load's memory peak)."""
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        out = t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()
-        return torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else out
-
-    return _tree_copy(module, convert)
-
-
 def _boot_bridge(source: str, hf_model, tokenizer, dtype: torch.dtype, device: torch.device):
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(
-        source, hf_model=_shared_weight_copy(hf_model), tokenizer=tokenizer, dtype=dtype, device=device
+        source, hf_model=shared_weight_copy(hf_model), tokenizer=tokenizer, dtype=dtype, device=device
     )
     return bridge.eval()
 
@@ -197,6 +176,18 @@ def check_specs_against_config(source: str, specs) -> int:
     return n_layers
 
 
+def intervention_copy(hf_model, dtype: torch.dtype, source: str, device: torch.device):
+    """The model in ``dtype``: on the CPU, for a folder refusal_lens owns (an embedded model's), mapped from a copy
+    saved there once (:func:`refusal_lens.models.dtype_copy.file_backed_copy`), so that parts which do not run it
+    need not hold it; in memory otherwise. Then the float32 weights the conversion read, where a file maps them,
+    leave the resident set until a part reads them (:mod:`refusal_lens.infra.mapped_weights`)."""
+    folder = Path(source)
+    owned = device.type == "cpu" and folder.is_dir() and folder.resolve().is_relative_to(cache_root().resolve())
+    out = file_backed_copy(hf_model, dtype, folder) if owned else converted_copy(hf_model, dtype)
+    unmap_file_weights([hf_model, out])
+    return out
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load ``cfg.name`` with the configured back end, dtype and device."""
     device = resolve_device(cfg.device)
@@ -221,6 +212,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     family = family_for_template(hf_model.config.model_type, rendered)
     gen_model = hf_model
     if cfg.intervention_dtype not in ("same", cfg.torch_dtype):
-        gen_model = converted_copy(hf_model, DTYPES[cfg.intervention_dtype]).eval()
+        gen_model = intervention_copy(hf_model, DTYPES[cfg.intervention_dtype], source, device).eval()
         logger.info("generation and interventions run on a %s copy of the model", cfg.intervention_dtype)
     return LoadedModel(cfg.name, cfg.backend, model, tokenizer, hf_model, family, device, source, gen_model)

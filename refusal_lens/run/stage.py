@@ -60,6 +60,10 @@ class LazyModel:
                                                           device=self.dist.device(self.cfg.model.device)))
         return self._loaded
 
+    def if_loaded(self) -> LoadedModel | None:
+        """The model if a stage has loaded it, without loading it."""
+        return self._loaded
+
 
 @dataclass
 class StageContext:

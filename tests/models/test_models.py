@@ -282,3 +282,54 @@ def test_embedded_models_match_hf_on_both_backends(name, n_layers, d_model):
         scale = cache[f"{last}.hook_resid_post"].abs().max().item()
         assert (total - cache[f"{last}.hook_resid_post"]).abs().max().item() <= 1e-6 * scale
         del loaded
+
+
+def test_the_file_backed_copy_is_the_converted_copy_mapped_from_a_file_written_once(tiny_model_dir, tmp_path):
+    """The bfloat16 copy mapped from ``model.bfloat16.safetensors``: the same bits as the copy in memory, its
+    tensors views of the file (so that they can leave the resident set), the file written once and again only when
+    the weights it came from change; in a folder refusal_lens owns (the cache), load_model uses it."""
+    import shutil
+
+    from refusal_lens.infra.mapped_weights import read_mappings
+    from refusal_lens.models.dtype_copy import converted_copy, copy_path, file_backed_copy
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    hf = load_hf_model(str(folder), torch.float32, torch.device("cpu"))
+    ours, memory = file_backed_copy(hf, torch.bfloat16, folder).eval(), converted_copy(hf, torch.bfloat16).eval()
+    for mine, theirs in ((dict(ours.named_parameters()), dict(memory.named_parameters())),
+                         (dict(ours.named_buffers()), dict(memory.named_buffers()))):
+        assert mine.keys() == theirs.keys()
+        for k in mine:
+            assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
+            assert mine[k].requires_grad == theirs[k].requires_grad, k
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, memory(ids).logits)
+    path = copy_path(folder, torch.bfloat16)
+    spans = [(m.start, m.end) for m in read_mappings() if m.private_file]
+    mapped = [p for p in ours.parameters() if any(a <= p.data_ptr() < b for a, b in spans)]
+    assert len(mapped) == len(list(ours.parameters()))  # every parameter a view of a mapped file
+    written = path.stat().st_mtime_ns
+    file_backed_copy(hf, torch.bfloat16, folder)
+    assert path.stat().st_mtime_ns == written  # read again, not rewritten
+    (folder / "model.safetensors").touch()  # the weights it came from changed (as far as it can tell)
+    again = file_backed_copy(hf, torch.bfloat16, folder)
+    assert path.stat().st_mtime_ns != written
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), memory.parameters()))
+
+
+def test_load_model_maps_the_intervention_copy_only_in_a_folder_it_owns(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from refusal_lens.models.dtype_copy import copy_path
+
+    cfg = dict(backend="bridge", intervention_dtype="bfloat16")
+    load_model(ModelConfig(name=str(tiny_model_dir), **cfg))
+    assert not copy_path(tiny_model_dir, torch.bfloat16).exists()  # a user's folder: nothing written there
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    owned = tmp_path / "cache" / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, owned)
+    loaded = load_model(ModelConfig(name=str(owned), **cfg))
+    assert copy_path(owned, torch.bfloat16).is_file()
+    assert next(loaded.gen_model.parameters()).dtype == torch.bfloat16
