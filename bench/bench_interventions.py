@@ -20,13 +20,20 @@ an activation addition at one layer (a quarter, half and three quarters of the w
 batch run whole (the baseline) against from the clean residual entering that layer (computed by the first pass,
 reused by the rest), and whether the logits are identical bit for bit.
 
-``--tables`` picks the tables (``dtype,batch,conditions,stems``).
+A fifth table times the intervention copy's storage (:mod:`refusal_lens.models.dtype_copy`): a forward pass of every
+prompt and a greedy generation of half of them (ablation edit, bfloat16 shared) on the copy in memory (the baseline)
+against the copy mapped from ``model.bfloat16.safetensors`` in the model's folder (written there if missing), every
+file-mapped weight dropped from the resident set before each (as at a part's opening:
+:func:`refusal_lens.infra.mapped_weights.unmap_file_weights`), rounds interleaved; and whether the logits and the
+responses are identical.
+
+``--tables`` picks the tables (``dtype,batch,conditions,stems,mapped``).
 
 ``--smoke``: a tiny random 2-layer model (bench/smoke.py, no download) and its tiny prompts in a temporary
 folder, 8 prompts, 4 new tokens, 1 repeat (seconds).
 
 Usage: .venv/bin/python bench/bench_interventions.py [--prompts 32] [--new-tokens 20] [--repeats 3]
-       [--tables dtype,batch,conditions,stems] [--conditions 8] [--condition-prompts 8] [--stem-passes 5] [--smoke]
+       [--tables dtype,batch,conditions,stems,mapped] [--conditions 8] [--condition-prompts 8] [--stem-passes 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -52,11 +59,13 @@ from refusal_lens.core.direction_edits import ablation_edits, addition_edits  # 
 from refusal_lens.core.edit import per_condition  # noqa: E402
 from refusal_lens.core.intervene import Intervener  # noqa: E402
 from refusal_lens.core.stem import Stems  # noqa: E402
+from refusal_lens.infra.mapped_weights import unmap_file_weights  # noqa: E402
+from refusal_lens.models.dtype_copy import converted_copy, file_backed_copy  # noqa: E402
 from refusal_lens.models.loading import load_model  # noqa: E402
 from refusal_lens.data.prompts import read_prompts  # noqa: E402
 
 
-TABLES = ("dtype", "batch", "conditions", "stems")
+TABLES = ("dtype", "batch", "conditions", "stems", "mapped")
 
 
 def main(argv=None) -> int:
@@ -105,6 +114,8 @@ def bench(args, all_prompts) -> None:
         conditions_table(args, loaded, all_prompts)
     if "stems" in tables:
         stems_table(args, loaded, prompts)
+    if "mapped" in tables:
+        mapped_table(args, loaded, prompts, edit)
 
 
 def dtype_table(args, loaded, prompts, edit) -> None:
@@ -205,6 +216,35 @@ def stems_table(args, loaded, prompts) -> None:
         for variant, ts in times.items():
             m = statistics.median(ts)
             print(f"{layer:<18}{variant:<26}{m:>8.2f}{m / base:>9.2f}  {same}/{len(edits[layer])}")
+
+
+def mapped_table(args, loaded, prompts, edit) -> None:
+    copies = {"in memory (baseline)": converted_copy(loaded.hf_model, torch.bfloat16).eval(),
+              "mapped from the file": file_backed_copy(loaded.hf_model, torch.bfloat16, Path(loaded.source)).eval()}
+    ivs = {k: Intervener(loaded, args.batch_size, model=m) for k, m in copies.items()}
+    half = prompts[: max(1, len(prompts) // 2)]
+    print(f"the bfloat16 copy: forward of {len(prompts)} prompts, generation of {len(half)} x {args.new_tokens} tokens "
+          f"(ablation edit, shared opening), weights dropped before each, median of {args.repeats}")
+    print(f"{'task':<12}{'variant':<24}{'s':>8}{'x memory':>10}  identical")
+    times = {k: {"forward": [], "generation": []} for k in ivs}
+    out: dict[str, dict] = {}
+    for r in range(args.repeats):
+        for k in (list(ivs) if r % 2 == 0 else list(ivs)[::-1]):
+            unmap_file_weights([loaded.hf_model, *copies.values()])
+            t0 = time.perf_counter()
+            logits = ivs[k].last_logits(prompts, edit)
+            t1 = time.perf_counter()
+            responses = ivs[k].generate(half, args.new_tokens, edit)
+            times[k]["forward"].append(t1 - t0)
+            times[k]["generation"].append(time.perf_counter() - t1)
+            out[k] = {"forward": logits, "generation": responses}
+    (a, b) = out.values()
+    same = {"forward": torch.equal(a["forward"], b["forward"]), "generation": a["generation"] == b["generation"]}
+    for task in ("forward", "generation"):
+        base = statistics.median(times["in memory (baseline)"][task])
+        for k in ivs:
+            m = statistics.median(times[k][task])
+            print(f"{task:<12}{k:<24}{m:>8.2f}{m / base:>10.2f}  {same[task]}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ MEASURED: dict[str, list[str]] = {
                             r"responses identical 12/12$", rf"^opening per row \(baseline\)\s+{NUM}\s+1\.00$",
                             rf"^opening per condition\s+{NUM}\s+{NUM}$",
                             rf"^1\s+whole \(baseline\)\s+{NUM}\s+1\.00  2/2$",
-                            rf"^1\s+from the clean stem\s+{NUM}\s+{NUM}  2/2$"],
+                            rf"^1\s+from the clean stem\s+{NUM}\s+{NUM}  2/2$",
+                            rf"^forward\s+in memory \(baseline\)\s+{NUM}\s+1\.00  True$",
+                            rf"^generation\s+mapped from the file\s+{NUM}\s+{NUM}  True$"],
     "bench_main_job": [r"^stage\s+seconds\s+share of budget$", rf"^analyze\s+{NUM}\s+{NUM}$", rf"^total\s+{NUM}\s+{NUM}",
                        r"^\| stage \| part \| seconds \| forward positions \|",
                        rf"^\| direction \| evaluation on test \(generation\) \| {NUM} \| [\d,]+ \| [\d,]+ \| [1-9][\d,]* \| "
