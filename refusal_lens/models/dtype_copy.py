@@ -69,7 +69,8 @@ def copy_path(folder: Path, dtype: torch.dtype) -> Path:
 
 def file_backed_copy(module: torch.nn.Module, dtype: torch.dtype, folder: Path) -> torch.nn.Module:
     """:func:`converted_copy`, its tensors views of ``folder/model.<dtype>.safetensors`` (written atomically on
-    first use, from ``module``; rewritten when ``folder/model.safetensors`` has changed since)."""
+    first use, from ``module``; rewritten when ``folder/model.safetensors`` has changed since). Where the file
+    cannot be written (a full or read-only folder) the copy stays in memory, with a warning."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -85,7 +86,12 @@ def file_backed_copy(module: torch.nn.Module, dtype: torch.dtype, folder: Path) 
         for name, t in (*module.named_parameters(), *module.named_buffers()):
             tensors.setdefault(name, converted(t, dtype).contiguous())
         logger.info("writing the %s copy of the model to %s (once)", str(dtype).removeprefix("torch."), path)
-        durable.save_safetensors(tensors, path, metadata=stamp)
+        try:
+            durable.save_safetensors(tensors, path, metadata=stamp)
+        except OSError as err:  # a full or read-only cache: the copy stays in memory (StorageError is one)
+            logger.warning("could not write %s (%s): the %s copy of the model stays in memory", path, err,
+                           str(dtype).removeprefix("torch."))
+            return tree_copy(module, lambda name, t: _as_before(t, tensors[name]))
         del tensors
     mapped = load_file(str(path))  # views of the file, mapped (nothing is read until a tensor is)
     names = {n for n, _ in (*module.named_parameters(), *module.named_buffers())}

@@ -333,3 +333,25 @@ def test_load_model_maps_the_intervention_copy_only_in_a_folder_it_owns(tiny_mod
     loaded = load_model(ModelConfig(name=str(owned), **cfg))
     assert copy_path(owned, torch.bfloat16).is_file()
     assert next(loaded.gen_model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_intervention_copy_stays_in_memory_where_its_file_cannot_be_written(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch, caplog):
+    import shutil
+
+    from refusal_lens.infra import durable
+    from refusal_lens.models.dtype_copy import converted_copy, copy_path, file_backed_copy
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    hf = load_hf_model(str(folder), torch.float32, torch.device("cpu"))
+
+    def full(*args, **kwargs):
+        raise durable.StorageError(folder, "no space left on the device")
+
+    monkeypatch.setattr(durable, "save_safetensors", full)
+    with caplog.at_level("WARNING"):
+        ours = file_backed_copy(hf, torch.bfloat16, folder)
+    assert "stays in memory" in caplog.text and not copy_path(folder, torch.bfloat16).exists()
+    memory = converted_copy(hf, torch.bfloat16)
+    assert all(torch.equal(a, b) and a.dtype == torch.bfloat16 for a, b in zip(ours.parameters(), memory.parameters()))
