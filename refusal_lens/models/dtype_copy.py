@@ -27,13 +27,21 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 
 
-def tree_copy(module: torch.nn.Module, tensor_for: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.nn.Module:
-    """A deep copy of the module tree in which every parameter and buffer ``t`` (named ``name``, the first name of a
-    tensor shared under several) is ``tensor_for(name, t)``."""
-    memo: dict[int, Any] = {}
+def named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the module tree by its first name (a tensor shared under several names once)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for name, t in (*module.named_parameters(), *module.named_buffers()):
-        if id(t) not in memo:
-            memo[id(t)] = tensor_for(name, t)
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+def tree_copy(module: torch.nn.Module, tensor_for: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.nn.Module:
+    """A deep copy of the module tree in which every parameter and buffer ``t`` (named ``name``: see
+    :func:`named_tensors`) is ``tensor_for(name, t)``."""
+    memo: dict[int, Any] = {id(t): tensor_for(name, t) for name, t in named_tensors(module).items()}
     return copy.deepcopy(module, memo)
 
 
@@ -74,7 +82,7 @@ def file_backed_copy(module: torch.nn.Module, dtype: torch.dtype, folder: Path) 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = copy_path(folder, dtype)
+    path, kind = copy_path(folder, dtype), str(dtype).removeprefix("torch.")
     stamp = _stamp(folder / WEIGHTS, dtype)
     if path.is_file():
         with safe_open(str(path), "pt") as f:
@@ -82,19 +90,16 @@ def file_backed_copy(module: torch.nn.Module, dtype: torch.dtype, folder: Path) 
                 logger.info("%s was written from other weights: writing it again", path)
                 path.unlink()
     if not path.is_file():
-        tensors = {}
-        for name, t in (*module.named_parameters(), *module.named_buffers()):
-            tensors.setdefault(name, converted(t, dtype).contiguous())
-        logger.info("writing the %s copy of the model to %s (once)", str(dtype).removeprefix("torch."), path)
+        tensors = {name: converted(t, dtype).contiguous() for name, t in named_tensors(module).items()}
+        logger.info("writing the %s copy of the model to %s (once)", kind, path)
         try:
             durable.save_safetensors(tensors, path, metadata=stamp)
         except OSError as err:  # a full or read-only cache: the copy stays in memory (StorageError is one)
-            logger.warning("could not write %s (%s): the %s copy of the model stays in memory", path, err,
-                           str(dtype).removeprefix("torch."))
+            logger.warning("could not write %s (%s): the %s copy of the model stays in memory", path, err, kind)
             return tree_copy(module, lambda name, t: _as_before(t, tensors[name]))
         del tensors
     mapped = load_file(str(path))  # views of the file, mapped (nothing is read until a tensor is)
-    names = {n for n, _ in (*module.named_parameters(), *module.named_buffers())}
+    names = named_tensors(module).keys()
     if not names <= mapped.keys():
         raise ValueError(f"{path} lacks tensors of the model: {sorted(names - mapped.keys())[:5]}; delete it")
     return tree_copy(module, lambda name, t: _as_before(t, mapped[name]))
