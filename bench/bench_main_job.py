@@ -111,6 +111,7 @@ def measure(args, config: Path, results: Path) -> int:
         print(f"discover: attribution (model forward/backward passes) {attribution:.1f} s = "
               f"{attribution / discover['elapsed_s']:.2f} of the stage, {attribution / wall:.2f} of the total")
     print(f"report: {run.report} ({'exists' if run.report.is_file() else 'missing'})")
+    print(f"generation and interventions ran in {intervention_dtype(run)} (model.intervention_dtype as run)")
     rows = profile_rows(status, floor_throughput(config, smoke=args.smoke))
     print()
     print(profile_table(rows))
@@ -119,7 +120,7 @@ def measure(args, config: Path, results: Path) -> int:
 
         timing = {"date": time.strftime("%Y-%m-%d"), "total_s": wall, "config": os.path.relpath(config.resolve(), ROOT),
                   "commit": started_at,
-                  "machine": f"{machine}, no GPU",
+                  "machine": f"{machine}, no GPU", "intervention_dtype": intervention_dtype(run),
                   "stages": {stage["name"]: stage["elapsed_s"] for stage in status["stages"]}, "profile": rows}
         if (ended_at := head_commit()) != started_at:
             timing["head_at_end"] = ended_at  # commits landed while it ran: said, not hidden
@@ -127,6 +128,14 @@ def measure(args, config: Path, results: Path) -> int:
         readme_results.update()
         print(f"recorded {out}; README results rewritten")
     return 0
+
+
+def intervention_dtype(run) -> str:
+    """The dtype the run's interventions ran in, from the config its last stage saved (``auto`` made concrete)."""
+    import yaml
+
+    model = yaml.safe_load(run.paths.circuits.config.read_text())["model"]
+    return str(model["torch_dtype"] if model["intervention_dtype"] == "same" else model["intervention_dtype"])
 
 
 def cpu_model() -> str:

@@ -135,7 +135,7 @@ def run_stage(name: str, cfg: Config, *, model=None, force: bool = False, show_p
     :class:`ModelAndHooks` or the project's ``LoadedModel``) for the stage to use; ``prompts``: collect these
     :class:`~refusal_lens.data.prompts.Prompt` s instead of the configured sets."""
     from refusal_lens.infra.distributed import Dist
-    from refusal_lens.pipeline import STAGES
+    from refusal_lens.pipeline import STAGES, with_concrete_dtypes
     from refusal_lens.pipeline import run_stage as run_one
 
     if name not in STAGES:
@@ -149,6 +149,7 @@ def run_stage(name: str, cfg: Config, *, model=None, force: bool = False, show_p
         stage = CollectStage(prompts)
     loaded = model.loaded if isinstance(model, ModelAndHooks) else model
     dist = Dist()
+    cfg = with_concrete_dtypes(cfg, dist, loaded)
     ctx = StageContext(cfg, RunFolder.of(cfg), dist, LazyModel(cfg, dist, loaded), force=force,
                        show_progress=show_progress)
     return run_one(name, ctx, stage)

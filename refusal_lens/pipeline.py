@@ -121,6 +121,7 @@ def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, comman
     # second writer is refused at once and before it touches anything, status.json included
     with run_lock(run.root, command, is_main=launch_rank() == 0), distributed() as dist:
         keep_freed_memory()  # freed activations are reused within a part, not faulted in again (infra.freed_memory)
+        cfg = with_concrete_dtypes(cfg, dist, models.if_loaded() if models is not None else None)
         if dist.is_main:
             log_memory_plan(cfg)
         models = models if models is not None else LazyModel(cfg, dist)
@@ -145,6 +146,25 @@ def run_stages(cfg: Config, names: Sequence[str], *, force: bool = False, comman
             raise
         status.finish("done")
     return results
+
+
+def with_concrete_dtypes(cfg: Config, dist, loaded=None) -> Config:
+    """``cfg`` with ``model.intervention_dtype: auto`` replaced by the dtype it stands for (that of the given model,
+    else this machine's choice: :func:`refusal_lens.models.loading.concrete_intervention_dtype`), rank 0 first so
+    that every rank reads the choice rank 0 recorded."""
+    import dataclasses
+
+    from refusal_lens.models.loading import concrete_intervention_dtype
+
+    if cfg.model.intervention_dtype != "auto":
+        return cfg
+    model_cfg = dataclasses.replace(cfg.model, device=dist.device(cfg.model.device))
+    if not dist.is_main:
+        dist.barrier()
+    name = concrete_intervention_dtype(model_cfg, loaded).intervention_dtype
+    if dist.is_main:
+        dist.barrier()
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, intervention_dtype=name))
 
 
 def between_parts(models: LazyModel) -> None:
@@ -172,4 +192,5 @@ def log_memory_plan(cfg: Config) -> None:
         logger.info("%s", line)
 
 
-__all__ = ["COMMANDS", "STAGES", "StageSpec", "log_memory_plan", "run_stage", "run_stages", "stage_table"]
+__all__ = ["COMMANDS", "STAGES", "StageSpec", "log_memory_plan", "run_stage", "run_stages", "stage_table",
+           "with_concrete_dtypes"]

@@ -167,7 +167,8 @@ def timing_lines(t: dict) -> list[str]:
         at += f" ({t['note']})"
     if t.get("analysis_commit"):
         at += f"; analysis re-run at commit {t['analysis_commit']}"
-    return [f"Measured {t.get('date', '?')}{at} on {t.get('machine', '?')}: **{t['total_s'] / 60:.1f} min** "
+    dtype = f"; generation and interventions in {t['intervention_dtype']}" if t.get("intervention_dtype") else ""
+    return [f"Measured {t.get('date', '?')}{at} on {t.get('machine', '?')}{dtype}: **{t['total_s'] / 60:.1f} min** "
             f"({stages}).", ""]
 
 

@@ -36,3 +36,12 @@ def test_an_independent_rerun_is_attached_to_its_record(tmp_path):
     record = json.loads(attach_rerun("main_job", tmp_path / "rerun.json", tmp_path).read_text())
     assert record["model"] == "m" and record["rerun"]["fraction_ci"] == [1.0, None]
     assert "responses" not in record["rerun"]  # the record keeps the numbers, the run folder the responses
+
+
+def test_the_timing_line_names_the_dtype_the_interventions_ran_in():
+    from refusal_lens.readme_results import timing_lines
+
+    t = {"date": "d", "commit": "c", "machine": "m", "total_s": 600.0, "stages": {"collect": 60.0}}
+    assert "dtype" not in timing_lines(t)[0] and "interventions in" not in timing_lines(t)[0]  # older records
+    line = timing_lines({**t, "intervention_dtype": "float32"})[0]
+    assert line.startswith("Measured d at commit c on m; generation and interventions in float32: **10.0 min**")

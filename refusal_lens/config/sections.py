@@ -20,9 +20,11 @@ class ModelConfig:
     #: dtype the model runs in (float32 on CPU; bfloat16/float16 on GPU): activations, attribution.
     torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     #: dtype of the copy of the model that runs greedy generation and every intervention pass (responses,
-    #: direction selection and evaluation, behaviour checks); ``same`` = torch_dtype. On CPUs with AVX512-BF16
-    #: bfloat16 runs ~2.9x faster than float32 (bench/bench_interventions.py).
-    intervention_dtype: Literal["same", "float32", "float16", "bfloat16"] = "same"
+    #: direction selection and evaluation, behaviour checks); ``same`` = torch_dtype; ``auto`` = bfloat16 where a
+    #: matrix product measured on this machine (once, then kept in the cache folder) runs >= 1.25x faster in it,
+    #: else torch_dtype (models/intervention_dtype.py). One batched forward of the embedded Qwen ran 2.0-2.5x faster
+    #: in bfloat16 on an AMD EPYC and 0.64-0.71x as fast on an Intel Xeon with AVX512-BF16 but no AMX (bench/README.md).
+    intervention_dtype: Literal["same", "auto", "float32", "float16", "bfloat16"] = "same"
     #: layer specs, see docs/layer_specs.md.
     activation_layers: tuple[str | int, ...] = ("residuals_all",)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from refusal_lens.infra.mapped_weights import unmap_file_weights
 from refusal_lens.core.hooks import LayerSpecError, check_layer_specs
 from refusal_lens.models.dtype_copy import converted_copy, file_backed_copy, shared_weight_copy
 from refusal_lens.models.embedded import EMBEDDED_MODELS, cache_root, embedded_model_dir
+from refusal_lens.models.intervention_dtype import choose
 from refusal_lens.core.families import ModelFamily, family_for_template
 
 logger = logging.getLogger(__name__)
@@ -188,8 +189,23 @@ def intervention_copy(hf_model, dtype: torch.dtype, source: str, device: torch.d
     return out
 
 
+def concrete_intervention_dtype(cfg: ModelConfig, loaded: LoadedModel | None = None) -> ModelConfig:
+    """``cfg`` with ``intervention_dtype: auto`` replaced by the dtype it stands for: that of ``loaded``'s
+    intervention copy when a loaded model is given, else this machine's choice
+    (:mod:`refusal_lens.models.intervention_dtype`). Stages fingerprint and save this config, so a run records
+    the dtype it ran, and a run resumed on a machine that chooses otherwise redoes the stages it changes."""
+    if cfg.intervention_dtype != "auto":
+        return cfg
+    if loaded is not None:
+        name = str(next(loaded.gen_model.parameters()).dtype).removeprefix("torch.")
+    else:
+        name = choose(cfg.torch_dtype, resolve_device(cfg.device), cache_root())
+    return replace(cfg, intervention_dtype=name)
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load ``cfg.name`` with the configured back end, dtype and device."""
+    cfg = concrete_intervention_dtype(cfg)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.torch_dtype]
     source = resolve_source(cfg.name)

@@ -37,6 +37,7 @@ MEASURED: dict[str, list[str]] = {
                             rf"^forward\s+in memory \(baseline\)\s+{NUM}\s+1\.00  True$",
                             rf"^generation\s+mapped from the file\s+{NUM}\s+{NUM}  True$"],
     "bench_main_job": [r"^stage\s+seconds\s+share of budget$", rf"^analyze\s+{NUM}\s+{NUM}$", rf"^total\s+{NUM}\s+{NUM}",
+                       r"^generation and interventions ran in (float32|bfloat16|float16) ",
                        r"^\| stage \| part \| seconds \| forward positions \|",
                        rf"^\| direction \| evaluation on test \(generation\) \| {NUM} \| [\d,]+ \| [\d,]+ \| [1-9][\d,]* \| "
                        rf"{NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|$"],  # ... floor s, x floor, RSS at end, peak so far,
