@@ -140,13 +140,10 @@ def intervention_dtype(run) -> str:
 
 def cpu_model() -> str:
     """The CPU's model name and the matrix extensions that set its bf16 throughput (machines of the same name
-    differ by 2-3.6x in the floor: bench/README.md), from /proc/cpuinfo; ``unknown`` elsewhere."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    differ by 2-3.6x in the floor: bench/README.md), from /proc/cpuinfo (:func:`refusal_lens.models.intervention_dtype.cpu_info`)."""
+    from refusal_lens.models.intervention_dtype import cpu_info
+
+    name, flags = cpu_info()
     extensions = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return f"{name}; {' '.join(extensions) or 'no bf16 extensions'}"
 

@@ -57,9 +57,9 @@ def product_seconds(dtype: torch.dtype, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def machine_key() -> str:
-    """What the choice depends on: the CPU's name and bfloat16 flags, the thread count, the torch version."""
-    name, flags = platform.processor() or platform.machine(), set()
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and flags from ``/proc/cpuinfo`` (``platform``'s name and no flags where it is missing)."""
+    name, flags = platform.processor() or platform.machine() or "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -70,6 +70,12 @@ def machine_key() -> str:
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def machine_key() -> str:
+    """What the choice depends on: the CPU's name and bfloat16 flags, the thread count, the torch version."""
+    name, flags = cpu_info()
     bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
     return f"{name} [{' '.join(bf16) or 'no bf16 flags'}] threads={torch.get_num_threads()} torch={torch.__version__}"
 
@@ -84,22 +90,31 @@ def measure(timer: Timer | None = None) -> dict:
             "shape": [ROWS, D_IN, D_OUT]}
 
 
+def read_records(path: Path) -> dict:
+    """The machines' records in ``path``: ``{}`` when it is missing, or (with a warning) not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        records = None
+    if isinstance(records, dict):
+        return records
+    logger.warning("%s is unreadable: measuring again", path)
+    return {}
+
+
 def choose(torch_dtype: str, device: torch.device, folder: Path, timer: Timer | None = None) -> str:
     """The dtype ``auto`` stands for: ``torch_dtype`` off the CPU or when the model already runs in 16 bits; on the
     CPU bfloat16 or ``torch_dtype``, by this machine's record in ``folder`` (measured and written when missing)."""
     if device.type != "cpu" or torch_dtype != "float32":
         return torch_dtype
     path, key = folder / RECORD, machine_key()
-    records: dict = {}
-    if path.is_file():
-        try:
-            records = json.loads(path.read_text())
-        except (OSError, ValueError):
-            logger.warning("%s is unreadable: measuring again", path)
-    rec = records.get(key) if isinstance(records, dict) else None
+    records = read_records(path)
+    rec = records.get(key)
     if not (isinstance(rec, dict) and rec.get("choice") in ("bfloat16", "float32")):
         rec = measure(timer)
-        records = {**(records if isinstance(records, dict) else {}), key: rec}
+        records[key] = rec
         try:
             os.makedirs(folder, exist_ok=True)
             durable.write_json(path, records)
@@ -109,6 +124,5 @@ def choose(torch_dtype: str, device: torch.device, folder: Path, timer: Timer | 
         logger.info("intervention dtype measured on this machine: a product takes %.1f ms in float32, %.1f ms in "
                     "bfloat16 (%.2fx): %s", rec["float32_s"] * 1e3, rec["bfloat16_s"] * 1e3, rec["speed_up"],
                     rec["choice"])
-    choice = rec["choice"] if rec["choice"] == "bfloat16" else torch_dtype
-    logger.info("model.intervention_dtype=auto -> %s (%s, %s)", choice, key, path)
-    return choice
+    logger.info("model.intervention_dtype=auto -> %s (%s, %s)", rec["choice"], key, path)
+    return rec["choice"]
