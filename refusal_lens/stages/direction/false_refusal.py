@@ -13,8 +13,10 @@ correct refusal stays.
   refusal of toxic prompts is not a filter: the orthogonalisation is what keeps it (the reference's design). The
   screen of :mod:`.select` shortlists the candidates measured exactly.
 * **Selection keeping correct refusal** (:func:`select_keeping_toxic`, ``direction.false_refusal_keep_toxic``; not
-  the reference's rule): for the headline lambda, the lowest refused-safe score among the candidates that keep the
-  refusal score > 0 on that fraction of the refused toxic validation prompts; tested as ``w'(lambda=1, toxic kept)``.
+  the reference's rule): for the headline lambda, the lowest refused-safe score among the candidates that keep
+  correct refusal on that fraction of the refused toxic validation prompts (``direction.false_refusal_keep_by``: the
+  refusal score stays > 0, or the judged answers generated under the ablation stay refused); tested as
+  ``w'(lambda=1, toxic kept)``.
 * **Test** (:func:`false_refusal_test`): for each lambda's w', and as baselines the refusal direction's ablation,
   ActAdd(-a r) at ``direction.false_refusal_actadd`` strengths and the earlier ``r_over`` (refused safe - refused
   toxic) ablation: greedy refusal of the refused safe test prompts (over-refusal; 100% clean by construction)
@@ -119,25 +121,38 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
                          safe: Sequence[EncodedPrompt], toxic: Sequence[EncodedPrompt], harmless: Sequence[EncodedPrompt],
                          tokens: RefusalTokens, n_layers: int, *, clean_safe_score: float, keep_toxic: float,
                          kl_max: float, max_layer_fraction: float, exact_candidates: int | None, exact_per_layer: int,
+                         keep_by: str = "score", runs: Runs | None = None, toxic_ids: Sequence[str] = (),
                          show_progress: bool = True) -> dict:
     """The obvious fix when the reference's w' costs correct refusal (not the reference's rule): among the candidates
-    of w'(lam), the lowest mean refusal score of the refused safe validation prompts whose ablation keeps the
-    refusal score > 0 on at least ``keep_toxic`` of the refused toxic validation prompts that score > 0 clean, with
-    KL <= kl_max on harmless validation prompts and layer < max_layer_fraction L, and that lowers the safe prompts'
-    mean score below its clean value (a candidate that removes nothing keeps toxic refusal trivially: it is no fix).
+    of w'(lam), the lowest mean refusal score of the refused safe validation prompts whose ablation keeps correct
+    refusal on at least ``keep_toxic`` of the refused toxic validation prompts, with KL <= kl_max on harmless
+    validation prompts and layer < max_layer_fraction L, and that lowers the safe prompts' mean score below its clean
+    value (a candidate that removes nothing keeps toxic refusal trivially: it is no fix).
+
+    "Keeps", by ``keep_by``: ``score``, the refusal score stays > 0 on the refused toxic prompts that score > 0 clean
+    (one forward pass a candidate; measured on the full run: few prompts pass that base, 8 of them there);
+    ``generation``, the judged refusal rate of the greedy answers under the ablation on every refused toxic prompt
+    (``runs`` generates them, ``toxic_ids`` name them in its audit), candidates generated in order of their safe
+    score, a batch at a time, until one keeps with its KL within the bound (:func:`first_kept_by_generation`: the
+    choice of generating every candidate and then filtering).
 
     The shortlist is the reference's (lowest estimated safe score) plus the candidates with the lowest estimated
-    safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on both sides; KL only
+    safe-minus-toxic score (first-order, one backward pass per side), each measured exactly on the safe side; KL only
     for those that lower the safe score and keep toxic refusal, in order of the safe score until one passes.
     ``scored``: the reference selection's candidates of w'(lam) (:func:`select_false_refusal`; those it measured are
     reused), ``clean_safe_score`` its clean mean score of ``safe``.
     Returns the choice and its numbers, or ``{"note": ...}`` when no candidate passes (then the best kept
     fraction)."""
+    if keep_by not in ("score", "generation"):
+        raise ValueError(f"keep_by={keep_by!r}; allowed: 'score', 'generation'")
+    if keep_by == "generation" and (runs is None or len(toxic_ids) != len(toxic)):
+        raise ValueError("keep_by='generation' needs runs and one id per toxic prompt")
     cands = orthogonalised(w, r, lam)
-    clean_tox = scores_of(intervener, toxic, tokens)
-    base = clean_tox > 0
-    if not base.any():
-        return {"note": "no refused toxic validation prompt has a refusal score > 0 clean: nothing to keep"}
+    base = None
+    if keep_by == "score":
+        base = scores_of(intervener, toxic, tokens) > 0
+        if not base.any():
+            return {"note": "no refused toxic validation prompt has a refusal score > 0 clean: nothing to keep"}
     lowers = clean_safe_score - 1e-4 * max(1.0, abs(clean_safe_score))  # beyond float32 rounding: a no-op site does not pass
     (est_tox,) = bypass_estimates(intervener, [cands], toxic, tokens, n_layers)
     selective = [Scored(s.layer, s.j, s.position, s.bypass_estimate - float(est_tox[s.layer, s.j]), 0.0, norm=s.norm,
@@ -148,13 +163,26 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     short |= {key for key, s in by_site.items() if s.bypass is not None}
     bar = tqdm(sorted(short), desc=f"false-refusal candidates keeping toxic (lambda {lam:g})",
                disable=not show_progress)
-    rows = [_both_sides(intervener, cands, by_site[site], safe, toxic, base, tokens, n_layers) for site in bar]
-    keeping = {(s.layer, s.j): kept for s, kept in rows if kept >= keep_toxic and s.bypass < lowers}
-    eligible = [s for s, _ in rows if (s.layer, s.j) in keeping]
-    chosen = lowest_within_kl(eligible, _kl_with_clean_once(intervener, harmless, cands, n_layers), kl_max)
-    record = {"keep_toxic": keep_toxic, "kl_max": kl_max, "n_measured": len(rows), "n_keeping": len(eligible),
-              "n_kl_measured": sum(s.kl is not None for s in eligible),
-              "n_toxic_validation": int(base.sum()), "clean_safe_score": clean_safe_score}
+    kl_of = _kl_with_clean_once(intervener, harmless, cands, n_layers)
+    if keep_by == "score":
+        rows = [_both_sides(intervener, cands, by_site[site], safe, toxic, base, tokens, n_layers) for site in bar]
+        keeping = {(s.layer, s.j): kept for s, kept in rows if kept >= keep_toxic and s.bypass < lowers}
+        eligible = [s for s, _ in rows if (s.layer, s.j) in keeping]
+        chosen = lowest_within_kl(eligible, kl_of, kl_max)
+        extra: dict = {}
+    else:
+        measured = [_safe_side(intervener, cands, by_site[site], safe, tokens, n_layers) for site in bar]
+        per_batch = max(1, intervener.generation_batch_size // max(1, len(toxic)))
+        chosen, rates = first_kept_by_generation(runs, cands, [s for s in measured if s.bypass < lowers], toxic,
+                                                 toxic_ids, keep_toxic, kl_of, kl_max, n_layers, per_batch)
+        rows = [(s, rates[(s.layer, s.j)]) for s in measured if (s.layer, s.j) in rates]
+        keeping = {site: kept for site, kept in rates.items() if kept >= keep_toxic}
+        eligible = [s for s, _ in rows if (s.layer, s.j) in keeping]
+        extra = {"n_generated": len(rates)}
+    record = {"keep_toxic": keep_toxic, "keep_by": keep_by, "kl_max": kl_max, "n_measured": len(short),
+              "n_keeping": len(eligible), "n_kl_measured": sum(s.kl is not None for s in eligible),
+              "n_toxic_validation": int(base.sum()) if base is not None else len(toxic),
+              "clean_safe_score": clean_safe_score, **extra}
     if chosen is None:
         best = max(rows, key=lambda t: t[1] if t[0].bypass < lowers else -1.0) if rows else None
         return {**record, "note": f"no measured candidate lowers the refused safe prompts' score and keeps >= "
@@ -168,15 +196,51 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
                                                                          r.vector(s.layer, s.j), dim=0))}
 
 
+def first_kept_by_generation(runs, cands: Candidates, candidates: Sequence[Scored], toxic: Sequence[EncodedPrompt],
+                             toxic_ids: Sequence[str], keep_toxic: float, kl_of: Callable[[Scored], float],
+                             kl_max: float, n_layers: int, per_batch: int) -> tuple[Scored | None, dict]:
+    """In :func:`~refusal_lens.stages.direction.select.by_bypass` order, ``per_batch`` candidates at a time: each
+    one's judged refusal rate on ``toxic`` with it ablated (``runs``, a :class:`~refusal_lens.core.behaviour.Runs`;
+    an incoherent answer is not a kept refusal), then KL (``kl_of``, lazily, kept on ``s.kl``) for one that keeps
+    >= ``keep_toxic``; the first that keeps with KL <= ``kl_max``, or None. The same choice as generating every
+    candidate and then taking :func:`lowest_within_kl` of those that keep. Returns it and the rate of every
+    candidate generated, by ``(layer, j)``."""
+    order = sorted(candidates, key=by_bypass)
+    rates: dict[tuple[int, int], float] = {}
+    for start in range(0, len(order), per_batch):
+        chunk = order[start : start + per_batch]
+        summaries = runs([Condition(f"validation/toxic_kept/layer{s.layer}/position{s.position}", toxic, toxic_ids,
+                                    ablation_edits(cands.vector(s.layer, s.j), n_layers),
+                                    {"split": "validation", "layer": s.layer, "position": s.position})
+                          for s in chunk])
+        for s, summary in zip(chunk, summaries):
+            rates[(s.layer, s.j)] = summary["refused"] / summary["n"] if summary["n"] else 0.0
+        for s in chunk:
+            if rates[(s.layer, s.j)] >= keep_toxic:
+                if s.kl is None:
+                    s.kl = kl_of(s)
+                if s.kl <= kl_max:
+                    return s, rates
+    return None, rates
+
+
+def _safe_side(intervener: Intervener, cands: Candidates, s: Scored, safe: Sequence[EncodedPrompt],
+               tokens: RefusalTokens, n_layers: int) -> Scored:
+    """A copy of ``s`` (the reference selection's record keeps what it measured) with its safe score measured if it
+    was not."""
+    s = replace(s)
+    if s.bypass is None:
+        s.bypass = float(scores_of(intervener, safe, tokens, ablation_edits(cands.vector(s.layer, s.j), n_layers)).mean())
+    return s
+
+
 def _both_sides(intervener: Intervener, cands: Candidates, s: Scored, safe: Sequence[EncodedPrompt],
                 toxic: Sequence[EncodedPrompt], base: torch.Tensor, tokens: RefusalTokens, n_layers: int
                 ) -> tuple[Scored, float]:
-    """A copy of ``s`` (the reference selection's record keeps what it measured) with its safe score measured if it
-    was not, and the fraction of the ``base`` toxic prompts whose refusal score stays > 0 under its ablation."""
-    s = replace(s)
+    """:func:`_safe_side`, and the fraction of the ``base`` toxic prompts whose refusal score stays > 0 under its
+    ablation."""
+    s = _safe_side(intervener, cands, s, safe, tokens, n_layers)
     edits = ablation_edits(cands.vector(s.layer, s.j), n_layers)
-    if s.bypass is None:
-        s.bypass = float(scores_of(intervener, safe, tokens, edits).mean())
     return s, float((scores_of(intervener, toxic, tokens, edits)[base] > 0).mean())
 
 
@@ -320,7 +384,8 @@ def false_refusal_experiment(cfg, fast: Intervener, precise: Intervener, data, c
             fast, w, r_cands, lam0, scored[0], enc(safe_val), enc(tox_val), enc(harmless_val), data.tokens, n_layers,
             clean_safe_score=head["clean_safe_score"], keep_toxic=c.false_refusal_keep_toxic, kl_max=c.false_refusal_kl_max,
             max_layer_fraction=c.max_layer_fraction, exact_candidates=c.exact_candidates,
-            exact_per_layer=c.exact_per_layer, show_progress=show_progress)
+            exact_per_layer=c.exact_per_layer, keep_by=c.false_refusal_keep_by, runs=Runs(fast, max_new, audit),
+            toxic_ids=data.ids(tox_val), show_progress=show_progress)
         if "vector" in kept_choice:
             conditions[f"w'(lambda={lam0:g}, toxic kept)"] = ablation_edits(kept_choice["vector"], n_layers)
     conditions["r ablated"] = ablation_edits(saved.vector, n_layers)

@@ -207,3 +207,81 @@ def test_the_false_refusal_selection_chooses_what_every_kl_measured_would(settin
     assert (got["layer"], got["j"]) == (best.layer, best.j) and got["kl"] == pytest.approx(best.kl, abs=1e-6)
     f = got["filters"]
     assert f["n_measured"] == len(measured) > f["n_kl_measured"] >= 1, f
+
+
+def test_the_toxic_kept_rule_by_generation_takes_the_selective_candidate_and_audits_its_answers(setting, tmp_path):
+    """direction.false_refusal_keep_by = generation: "keeps" is the judged refusal rate of greedy answers on the
+    refused toxic prompts under each candidate's ablation (4 tokens: longer, the planted model repeats "I cannot" and
+    the judge calls it incoherent). The planted model answers toxic prompts "I cannot ..." clean and under e_o, not
+    under a: the rule generates a first (its safe score is lower), rejects it, and takes
+    e_o; every generated answer is in the audit, named by its site and split."""
+    from refusal_lens.core.behaviour import ResponseAudit, Runs, summarise
+
+    s = setting
+    clean = summarise(s["iv"].decode(s["iv"].generate(s["toxic"], 4)))
+    assert clean["refused"] == len(TOXIC), clean  # the planted model refuses every toxic prompt clean
+    kw = dict(kl_max=0.2, max_layer_fraction=1.0, exact_candidates=None, exact_per_layer=0, show_progress=False)
+    chosen, scored = select_false_refusal(s["iv"], s["w"], s["r"], s["safe"], s["harmless"], s["tokens"],
+                                          s["n_layers"], lambdas=(0.0,), **kw)
+    audit = ResponseAudit(tmp_path / "audit.jsonl")
+    ids = [f"t{i}" for i in range(len(TOXIC))]
+    kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
+                                s["tokens"], s["n_layers"], clean_safe_score=chosen[0.0]["clean_safe_score"],
+                                keep_toxic=0.9, keep_by="generation", runs=Runs(s["iv"], 4, audit), toxic_ids=ids, **kw)
+    assert (kept["layer"], kept["j"]) == (2, s["n_post"] - 1), kept
+    assert kept["keep_by"] == "generation" and kept["toxic_kept"] == 1.0 and kept["n_toxic_validation"] == len(TOXIC)
+    assert torch.nn.functional.cosine_similarity(kept["vector"], s["e_o"], dim=0) > 0.999
+    names = {row["condition"] for row in audit.rows}
+    assert {row["split"] for row in audit.rows} == {"validation"} and len(audit.rows) == len(TOXIC) * len(names)
+    assert f"validation/toxic_kept/layer2/position{kept['position']}" in names, names
+    a_rows = [row for row in audit.rows if row["condition"].startswith("validation/toxic_kept/layer1/")]
+    assert a_rows and sum(row["outcome"] == "refused" for row in a_rows) < 0.9 * len(TOXIC), a_rows  # a was rejected
+    assert kept["n_generated"] == len(names) >= 2
+    with pytest.raises(ValueError, match="keep_by"):
+        select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
+                             s["tokens"], s["n_layers"], clean_safe_score=chosen[0.0]["clean_safe_score"],
+                             keep_toxic=0.9, keep_by="judge", **kw)
+
+
+def test_first_kept_by_generation_is_the_filtered_minimum_and_generates_only_up_to_it():
+    """The lazy generation of the toxic-kept rule against the eager one (every candidate generated, then the lowest
+    safe score among those keeping with KL <= max), on random candidates with tied scores and a fake generator:
+    the same choice at every bound and batch size, and candidates generated in batches in safe-score order up to the
+    batch holding the choice only."""
+    from refusal_lens.stages.direction.false_refusal import first_kept_by_generation, lowest_within_kl
+    from refusal_lens.stages.direction.select import Scored
+
+    class FakeCands:
+        def vector(self, layer, j):
+            return torch.ones(4)
+
+    rng = np.random.default_rng(1)
+    saved = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 10))
+        rates, kls = rng.choice([0.5, 0.8, 0.9, 1.0], n), rng.uniform(0, 1, n)
+        bypass = rng.integers(0, 4, n).astype(float)
+        keep, kl_max, per_batch = float(rng.choice([0.8, 0.9, 1.0])), float(rng.choice([0.3, 0.7, 2.0])), int(rng.integers(1, 4))
+
+        def cands():
+            return [Scored(int(i % 3), i, -1 - i, 0.0, 0.0, bypass=float(bypass[i])) for i in range(n)]
+
+        calls: list[list[int]] = []
+
+        def runs(conditions):
+            js = [int(c.name.split("position")[1]) * -1 - 1 for c in conditions]
+            calls.append(js)
+            return [{"n": 10, "refused": int(round(10 * rates[j]))} for j in js]
+
+        got, seen = first_kept_by_generation(runs, FakeCands(), cands(), ["p"], ["id"], keep, lambda s: float(kls[s.j]),
+                                             kl_max, 2, per_batch)
+        eager = lowest_within_kl([c for c in cands() if rates[c.j] >= keep], lambda s: float(kls[s.j]), kl_max)
+        assert (got is None) == (eager is None) and (got is None or got.j == eager.j), (got, eager)
+        assert all(len(c) <= per_batch for c in calls) and {j for c in calls for j in c} == {j for _, j in seen}
+        order = [c.j for c in sorted(cands(), key=lambda s: (s.bypass, s.layer, s.j))]
+        flat = [j for c in calls for j in c]
+        assert flat == order[: len(flat)]  # in safe-score order
+        if got is not None:
+            assert order.index(got.j) >= len(flat) - per_batch  # the last batch holds the choice
+        saved += n - len(flat)
+    assert saved > 0
