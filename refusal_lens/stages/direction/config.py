@@ -72,11 +72,12 @@ class DirectionConfig:
     #: correct refusal kept on validation: the lowest refused-safe score among candidates whose ablation keeps correct
     #: refusal (``false_refusal_keep_by``) on at least this fraction of the refused toxic validation prompts (null = off).
     false_refusal_keep_toxic: float | None = 0.9
-    #: how "keeps" is measured for false_refusal_keep_toxic: ``score`` = the refusal score stays > 0 (on the refused
-    #: toxic validation prompts that score > 0 clean; one forward pass a candidate); ``generation`` = the judged
-    #: refusal rate of greedy answers under the candidate's ablation on every refused toxic validation prompt (the
-    #: quantity reported on test; candidates generated in order of their safe score until one passes).
-    false_refusal_keep_by: Literal["score", "generation"] = "score"
+    #: how "keeps" is measured for false_refusal_keep_toxic: ``generation`` = the judged refusal rate of greedy
+    #: answers under the candidate's ablation on every refused toxic validation prompt (the quantity reported on test;
+    #: candidates generated in order of their safe score until one passes); ``score`` = the refusal score stays > 0
+    #: on the refused toxic validation prompts that score > 0 clean (one forward pass a candidate; few prompts pass
+    #: that base on this model: 8 in the full configuration, where the rule overfit; docs/direction.md).
+    false_refusal_keep_by: Literal["score", "generation"] = "generation"
     #: the baseline ActAdd(-a r) at these strengths a, on the trade-off figure.
     false_refusal_actadd: tuple[float, ...] = (0.25, 0.5, 1.0)
     #: random directions orthogonal to r, and label-permuted differences in means, ablated: its controls (each).

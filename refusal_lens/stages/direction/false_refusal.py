@@ -121,7 +121,7 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
                          safe: Sequence[EncodedPrompt], toxic: Sequence[EncodedPrompt], harmless: Sequence[EncodedPrompt],
                          tokens: RefusalTokens, n_layers: int, *, clean_safe_score: float, keep_toxic: float,
                          kl_max: float, max_layer_fraction: float, exact_candidates: int | None, exact_per_layer: int,
-                         keep_by: str = "score", runs: Runs | None = None, toxic_ids: Sequence[str] = (),
+                         keep_by: str, runs: Runs | None = None, toxic_ids: Sequence[str] = (),
                          show_progress: bool = True) -> dict:
     """The obvious fix when the reference's w' costs correct refusal (not the reference's rule): among the candidates
     of w'(lam), the lowest mean refusal score of the refused safe validation prompts whose ablation keeps correct
@@ -130,8 +130,8 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     value (a candidate that removes nothing keeps toxic refusal trivially: it is no fix).
 
     "Keeps", by ``keep_by``: ``score``, the refusal score stays > 0 on the refused toxic prompts that score > 0 clean
-    (one forward pass a candidate; measured on the full run: few prompts pass that base, 8 of them there);
-    ``generation``, the judged refusal rate of the greedy answers under the ablation on every refused toxic prompt
+    (one forward pass a candidate; on the full run only 8 prompts pass that base, and the rule overfits: 8 of 8 kept
+    on validation, 81% on test at 3ab5c0a); ``generation`` (the config's default), the judged refusal rate of the greedy answers under the ablation on every refused toxic prompt
     (``runs`` generates them, ``toxic_ids`` name them in its audit), candidates generated in order of their safe
     score, a batch at a time, until one keeps with its KL within the bound (:func:`first_kept_by_generation`: the
     choice of generating every candidate and then filtering).
@@ -173,8 +173,12 @@ def select_keeping_toxic(intervener: Intervener, w: Candidates, r: Candidates, l
     else:
         measured = [_safe_side(intervener, cands, by_site[site], safe, tokens, n_layers) for site in bar]
         per_batch = max(1, intervener.generation_batch_size // max(1, len(toxic)))
-        chosen, rates = first_kept_by_generation(runs, cands, [s for s in measured if s.bypass < lowers], toxic,
-                                                 toxic_ids, keep_toxic, kl_of, kl_max, n_layers, per_batch)
+        lowering = [s for s in measured if s.bypass < lowers]
+        with tqdm(total=len(lowering), desc=f"false-refusal candidates keeping toxic, generated (lambda {lam:g})",
+                  disable=not show_progress) as gen_bar:
+            chosen, rates = first_kept_by_generation(Runs(runs.intervener, runs.max_new_tokens, runs.audit, gen_bar),
+                                                     cands, lowering, toxic, toxic_ids, keep_toxic, kl_of, kl_max,
+                                                     n_layers, per_batch)
         rows = [(s, rates[(s.layer, s.j)]) for s in measured if (s.layer, s.j) in rates]
         keeping = {site: kept for site, kept in rates.items() if kept >= keep_toxic}
         eligible = [s for s, _ in rows if (s.layer, s.j) in keeping]

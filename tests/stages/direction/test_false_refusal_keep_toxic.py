@@ -59,7 +59,7 @@ def _select(s, keep_toxic):
                                           s["n_layers"], lambdas=(0.0,), **kw)
     kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
                                 s["tokens"], s["n_layers"], clean_safe_score=chosen[0.0]["clean_safe_score"],
-                                keep_toxic=keep_toxic, **kw)
+                                keep_toxic=keep_toxic, keep_by="score", **kw)
     return chosen[0.0], kept
 
 
@@ -96,7 +96,7 @@ def test_no_candidate_keeping_enough_is_said_not_hidden(setting):
                                           s["n_layers"], lambdas=(0.0,), **kw)
     assert chosen[0.0]["clean_safe_score"] == pytest.approx(clean_safe)
     none = select_keeping_toxic(s["iv"], only_h, s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, **kw)
+                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, keep_by="score", **kw)
     assert "vector" not in none and "no measured candidate" in none["note"] and none["n_keeping"] == 0, none
     assert clean_safe > 0
 
@@ -139,12 +139,12 @@ def test_a_screen_that_misses_the_selective_candidate_says_so_and_does_not_retur
     assert measured == [(1, s["n_post"] - 1)], measured  # the reference measured a alone
     clean_safe = chosen[0.0]["clean_safe_score"]
     kept = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, **kw)
+                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, keep_by="score", **kw)
     assert "note" in kept and "layer" not in kept, kept
     assert kept["n_measured"] == 2 and kept["n_keeping"] == 0, kept
     assert [(c.layer, c.j) for c in scored[0] if c.bypass is not None] == measured  # not mutated
     full = select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
-                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9,
+                                s["tokens"], s["n_layers"], clean_safe_score=clean_safe, keep_toxic=0.9, keep_by="score",
                                 **{**kw, "exact_candidates": None})
     assert (full["layer"], full["j"]) == (2, s["n_post"] - 1), full  # measured exactly, e_o is found
 
@@ -237,6 +237,14 @@ def test_the_toxic_kept_rule_by_generation_takes_the_selective_candidate_and_aud
     a_rows = [row for row in audit.rows if row["condition"].startswith("validation/toxic_kept/layer1/")]
     assert a_rows and sum(row["outcome"] == "refused" for row in a_rows) < 0.9 * len(TOXIC), a_rows  # a was rejected
     assert kept["n_generated"] == len(names) >= 2
+    only_h = Candidates(s["r"].diff.clone(), s["w"].harmful_mean, s["w"].harmless_mean, 1, 1)  # every site costs it
+    c_h, sc_h = select_false_refusal(s["iv"], only_h, s["r"], s["safe"], s["harmless"], s["tokens"], s["n_layers"],
+                                     lambdas=(0.0,), **kw)
+    none = select_keeping_toxic(s["iv"], only_h, s["r"], 0.0, sc_h[0], s["safe"], s["toxic"], s["harmless"],
+                                s["tokens"], s["n_layers"], clean_safe_score=c_h[0.0]["clean_safe_score"], keep_toxic=0.9,
+                                keep_by="generation", runs=Runs(s["iv"], 4, audit), toxic_ids=ids, **kw)
+    assert "vector" not in none and "no measured candidate" in none["note"] and none["n_keeping"] == 0, none
+    assert none["n_generated"] >= 1 and "best kept" in none["note"], none
     with pytest.raises(ValueError, match="keep_by"):
         select_keeping_toxic(s["iv"], s["w"], s["r"], 0.0, scored[0], s["safe"], s["toxic"], s["harmless"],
                              s["tokens"], s["n_layers"], clean_safe_score=chosen[0.0]["clean_safe_score"],
