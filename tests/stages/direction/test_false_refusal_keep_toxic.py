@@ -22,7 +22,7 @@ from refusal_lens.core.direction_edits import ablation_edits
 from refusal_lens.core.intervene import Intervener
 from refusal_lens.core.refusal import RefusalTokens
 from refusal_lens.stages.direction.candidates import Candidates
-from refusal_lens.stages.direction.false_refusal import select_false_refusal, select_keeping_toxic
+from refusal_lens.stages.direction.false_refusal_select import select_false_refusal, select_keeping_toxic
 from refusal_lens.stages.direction.select import scores_of
 
 SAFE = ["hello car", "what is a car ?", "the car is", "bake car", "print car", "make a car"]
@@ -154,7 +154,7 @@ def test_lowest_within_kl_is_the_filtered_minimum_and_measures_kl_only_up_to_it(
     :func:`~refusal_lens.stages.direction.select.choose`), on random candidates with tied scores: the same choice
     at every bound, KL measured for the candidates up to the choice in the order of the score only (all of them when
     none passes, and then the filter is dropped as choose drops it)."""
-    from refusal_lens.stages.direction.false_refusal import lowest_within_kl
+    from refusal_lens.stages.direction.false_refusal_select import lowest_within_kl
     from refusal_lens.stages.direction.select import Scored, choose
 
     rng = np.random.default_rng(0)
@@ -191,7 +191,7 @@ def test_lowest_within_kl_is_the_filtered_minimum_and_measures_kl_only_up_to_it(
 def test_the_false_refusal_selection_chooses_what_every_kl_measured_would(setting):
     """On the planted model: every shortlisted candidate's KL measured eagerly and filtered by choose gives the site
     select_false_refusal chose, with the same KL; it measured fewer KLs than candidates."""
-    from refusal_lens.stages.direction.false_refusal import harmless_kl
+    from refusal_lens.stages.direction.false_refusal_select import harmless_kl
     from refusal_lens.stages.direction.select import choose
 
     s = setting
@@ -256,7 +256,7 @@ def test_first_kept_by_generation_is_the_filtered_minimum_and_generates_only_up_
     safe score among those keeping with KL <= max), on random candidates with tied scores and a fake generator:
     the same choice at every bound and batch size, and candidates generated in batches in safe-score order up to the
     batch holding the choice only."""
-    from refusal_lens.stages.direction.false_refusal import first_kept_by_generation, lowest_within_kl
+    from refusal_lens.stages.direction.false_refusal_select import first_kept_by_generation, lowest_within_kl
     from refusal_lens.stages.direction.select import Scored
 
     class FakeCands:
