@@ -247,8 +247,9 @@ def false_refusal_tables(false: dict | None, over: dict) -> list[Table]:
     chosen = [{"lambda": lam, **{k: ch[k] for k in ("layer", "position", "bypass", "kl", "cosine_with_r")}}
               for lam, ch in false["chosen"].items()]
     if (kept := false.get("chosen_keeping_toxic")) and "layer" in kept:
+        how = "answers judged refused" if kept.get("keep_by") == "generation" else "refusal score > 0"
         chosen.append({"lambda": f"{false['lambda']:g}, toxic kept ({kept['toxic_kept']:.0%} of "
-                                 f"{kept['n_toxic_validation']} refused toxic validation prompts)",
+                                 f"{kept['n_toxic_validation']} refused toxic validation prompts: {how})",
                        **{k: kept[k] for k in ("layer", "position", "bypass", "kl", "cosine_with_r")}})
     elif kept:
         chosen.append({"lambda": f"{false['lambda']:g}, toxic kept: {kept.get('note')}"})

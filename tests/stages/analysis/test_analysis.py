@@ -66,3 +66,21 @@ def test_headline_table_states_underpowered_entries():
     assert "insufficient" in table["underpowered"] and table["circuit similarity verdicts"] == "toxic x toxic: 3 insufficient"
     with pytest.raises(KeyError):
         headline_table({})
+
+
+def test_the_false_refusal_site_table_names_how_the_toxic_kept_rule_measured_keeping():
+    """The report's chosen-site table says whether the toxic-kept choice kept correct refusal by judged answers
+    (direction.false_refusal_keep_by = generation) or by the refusal score (score; older runs have no keep_by)."""
+    from refusal_lens.stages.analysis.sections import false_refusal_tables
+
+    site = {"layer": 7, "position": -5, "bypass": -0.6, "kl": 0.03, "cosine_with_r": 0.5}
+    rate = {"refusal_rate": 0.5, "ci": [0.2, 0.8], "incoherent_rate": 0.0}
+    for keep_by, words in (("generation", "answers judged refused"), ("score", "refusal score > 0"),
+                           (None, "refusal score > 0")):
+        kept = {**site, "toxic_kept": 1.0, "n_toxic_validation": 7, **({"keep_by": keep_by} if keep_by else {})}
+        false = {"conditions": {"w'(lambda=1)": {"safe_refused": rate, "toxic_refused": rate}}, "controls": {},
+                 "chosen": {"1": site}, "chosen_keeping_toxic": kept, "lambda": 1.0, "headline": "w'(lambda=1)",
+                 "n_test": {"safe_refused": 6, "toxic_refused": 14}}
+        chosen = false_refusal_tables(false, {})[-1]
+        label = chosen.rows[-1]["lambda"]
+        assert label == f"1, toxic kept (100% of 7 refused toxic validation prompts: {words})", label
