@@ -134,8 +134,9 @@ def intervention_dtype(run) -> str:
     """The dtype the run's interventions ran in, from the config its last stage saved (``auto`` made concrete)."""
     import yaml
 
-    model = yaml.safe_load(run.paths.circuits.config.read_text())["model"]
-    return str(model["torch_dtype"] if model["intervention_dtype"] == "same" else model["intervention_dtype"])
+    from refusal_lens.models.intervention_dtype import saved_dtype
+
+    return saved_dtype(yaml.safe_load(run.paths.circuits.config.read_text())["model"])
 
 
 def cpu_model() -> str:

@@ -239,6 +239,7 @@ def load_setup(run: RunFolder) -> dict:
     import yaml
     from transformers import AutoModelForCausalLM
 
+    from refusal_lens.models.intervention_dtype import saved_dtype
     from refusal_lens.models.loading import load_tokenizer, resolve_source
 
     cfg = yaml.safe_load(run.paths.circuits.config.read_text())
@@ -246,8 +247,7 @@ def load_setup(run: RunFolder) -> dict:
     if head["mode"] not in ("zero", "scale"):
         raise SystemExit(f"the headline is a {head['mode']} ablation: it needs the stage's class means, which this "
                          "independent re-run does not rebuild; allowed: a run whose headline is zero (or scale)")
-    dtype_name = cfg["model"].get("intervention_dtype") or "same"
-    dtype = getattr(torch, cfg["model"]["torch_dtype"] if dtype_name == "same" else dtype_name)
+    dtype = getattr(torch, saved_dtype(cfg["model"]))
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = torch.float32
     source = resolve_source(cfg["model"]["name"])

@@ -104,6 +104,13 @@ def read_records(path: Path) -> dict:
     return {}
 
 
+def saved_dtype(model: dict) -> str:
+    """The dtype a run's interventions ran in, from the ``model`` section of a config a stage saved (``same`` or a
+    missing key, as in configs saved before the key existed: ``torch_dtype``; a saved config never holds ``auto``)."""
+    name = model.get("intervention_dtype") or "same"
+    return str(model["torch_dtype"] if name == "same" else name)
+
+
 def choose(torch_dtype: str, device: torch.device, folder: Path, timer: Timer | None = None) -> str:
     """The dtype ``auto`` stands for: ``torch_dtype`` off the CPU or when the model already runs in 16 bits; on the
     CPU bfloat16 or ``torch_dtype``, by this machine's record in ``folder`` (measured and written when missing)."""

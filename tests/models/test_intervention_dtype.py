@@ -129,3 +129,14 @@ def test_a_stage_saves_and_fingerprints_the_dtype_it_ran(tmp_path, monkeypatch):
     assert main(["collect", "--config", str(config)]) == 0
     status = json.loads((tmp_path / "results" / "tiny" / "status.json").read_text())
     assert [s["state"] for s in status["stages"]] == ["skipped"]
+
+
+def test_the_dtype_a_saved_config_ran_in():
+    """saved_dtype reads a stage's saved model section as the bench and the re-run check do: ``same`` and a missing
+    key (configs saved before it existed) mean torch_dtype; a concrete dtype is itself."""
+    from refusal_lens.models.intervention_dtype import saved_dtype
+
+    assert saved_dtype({"torch_dtype": "float32", "intervention_dtype": "same"}) == "float32"
+    assert saved_dtype({"torch_dtype": "float32"}) == "float32"
+    assert saved_dtype({"torch_dtype": "float32", "intervention_dtype": "bfloat16"}) == "bfloat16"
+    assert saved_dtype({"torch_dtype": "bfloat16", "intervention_dtype": None}) == "bfloat16"

@@ -201,7 +201,7 @@ def first_kept_by_generation(runs, cands: Candidates, candidates: Sequence[Score
                                     {"split": "validation", "layer": s.layer, "position": s.position})
                           for s in chunk])
         for s, summary in zip(chunk, summaries):
-            rates[(s.layer, s.j)] = summary["refused"] / summary["n"] if summary["n"] else 0.0
+            rates[(s.layer, s.j)] = summary["refusal_rate"]
         for s in chunk:
             if rates[(s.layer, s.j)] >= keep_toxic:
                 if s.kl is None:

@@ -279,7 +279,7 @@ def test_first_kept_by_generation_is_the_filtered_minimum_and_generates_only_up_
         def runs(conditions):
             js = [int(c.name.split("position")[1]) * -1 - 1 for c in conditions]
             calls.append(js)
-            return [{"n": 10, "refused": int(round(10 * rates[j]))} for j in js]
+            return [{"n": 10, "refused": int(round(10 * rates[j])), "refusal_rate": round(10 * rates[j]) / 10} for j in js]
 
         got, seen = first_kept_by_generation(runs, FakeCands(), cands(), ["p"], ["id"], keep, lambda s: float(kls[s.j]),
                                              kl_max, 2, per_batch)
