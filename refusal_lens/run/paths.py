@@ -113,6 +113,11 @@ class DirectionFiles(StageFiles):
         return self.dir / "false_refusal.json"
 
     @property
+    def false_refusal_why(self) -> Path:
+        """Why no single direction separates over-refusal from correct refusal (refusal_lens.checks.false_refusal_why)."""
+        return self.dir / "false_refusal_why.json"
+
+    @property
     def false_refusal_vector(self) -> Path:
         """The selected false-refusal vector w' (tensor ``direction``), beside the refusal direction."""
         return self.dir / "false_refusal.safetensors"

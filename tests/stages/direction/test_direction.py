@@ -373,6 +373,25 @@ def test_the_false_refusal_vector_is_recovered_and_spares_correct_refusal(tmp_pa
     assert {k: v["n"] for k, v in false["controls"].items()} == {"random_orthogonal": 2, "permuted": 2}
     summary = json.loads((result.folder / "summary.json").read_text())
     assert summary["false_refusal"]["headline"] == "w'(lambda=1)"
+    # why no single direction separates them (refusal_lens.checks.false_refusal_why), on this run: w = 0.6 e_h + 0.8 e_o
+    # has cosine 0.6 with r = e_h; the refused safe prompts carry e_o (the label), the toxic ones do not
+    from refusal_lens.checks import false_refusal_why
+
+    assert false_refusal_why.main(["--run", str(tmp_path / "run"), "--bootstrap", "50", "--min-n", "2",
+                                   "--batch-size", "4"]) == 0
+    why = json.loads(RunFolder(tmp_path / "run").paths.direction.false_refusal_why.read_text())
+    geo = why["geometry"]
+    assert geo["headline_recomputed_cosine_with_saved"] > 0.999  # the stage's w', recomputed from the candidates
+    cos = np.array(geo["cosine_w_r"])[1:]  # e_h and e_o reach the block inputs from layer 1 on
+    # the planted 0.6, plus what the two measured differences share beyond e_h and e_o: the same harmless mean is
+    # subtracted from both, and the prompts' other words (measured: 0.73 at every site)
+    assert (cos > 0.6).all() and (cos < 0.85).all(), cos
+    site = geo["sites"]["w'(lambda=1)"]
+    assert site["along_vector"]["auroc_toxic_above_safe"] == 0.0 and abs(site["cosine_with_label_readout"]) > 0.9, site
+    assert np.min(np.array(geo["label_readout_auroc_safe_above_toxic"])[1:]) == 1.0
+    assert why["dose"]["w'(lambda=1)"]["still_refused"]["toxic_refused"]["refusal_rate"] == 1.0
+    assert set(why["dose"]) == set(rows) and set(why["categories"]["r ablated"]) <= {"harmful", "illegal"}
+    assert why["n"] == false["n_test"]
 
 
 def test_the_site_cache_reads_what_a_fresh_pass_gives_bit_for_bit(planted):
