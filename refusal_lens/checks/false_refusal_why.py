@@ -10,7 +10,8 @@ on its **test** split (the refused safe and refused toxic test prompts the stage
    (:func:`refusal_lens.core.stats.stratified.stratified_difference_test`, with its verdict: ``dose alone`` when a
    method spares toxic prompts only because they were refused more firmly, ``beyond dose`` when it tells them apart).
    With the geometry part, the same again with a second measure of dose: the block input at the refusal direction's
-   site projected on r_hat (``dose_along_r``: how much of r itself each prompt carries).
+   site projected on r_hat (``dose_along_r``: how much of r itself each prompt carries). ``near_bound`` marks a method
+   whose two rates both lie within 0.1 of 0% (or of 100%): no difference can be large there, whatever the verdict.
 2. **Categories.** Per OR-Bench category and method: safe still refused and toxic still refused (Wilson intervals),
    and whether the category reaches the issue's targets (safe <= 40%, toxic >= 90%; ``None`` below ``--min-n``).
 3. **Sites.** The candidates the toxic-kept rule generated on validation (their judged toxic-kept rate), in the
@@ -84,7 +85,11 @@ def dose(groups: dict[str, list[dict]], outcomes: dict[str, dict[str, str]], met
         x = {side: [float(r["refusal_score"]) for r in rows[side]] for side in SIDES}
         test = stratified_difference_test(y["toxic_refused"], x["toxic_refused"], y["safe_refused"], x["safe_refused"],
                                           n_strata=n_strata, margin=margin, min_n=min_n, n_boot=n_boot, rng=seed)
-        out[m] = {"still_refused": {side: rate([got[side][r["prompt_id"]] for r in rows[side]]) for side in SIDES},
+        still = {side: rate([got[side][r["prompt_id"]] for r in rows[side]]) for side in SIDES}
+        rates = [still[side]["refusal_rate"] for side in SIDES]
+        # both rates within 0.1 of 0 (or of 1): no difference can be large there, whatever the verdict says
+        near = bool(all(v == v for v in rates) and (max(rates) <= 0.1 or min(rates) >= 0.9))
+        out[m] = {"still_refused": still, "near_bound": near,
                   "selectivity": {"a": "toxic_refused", "b": "safe_refused", **test.to_dict()}}
     return out
 

@@ -57,6 +57,10 @@ def test_dose_tells_a_dose_only_method_from_a_selective_one():
     assert spare["verdict"] == "beyond dose" and spare["ci"][0] > 0.15, spare
     assert out["spare"]["still_refused"]["toxic_refused"]["refusal_rate"] == 1.0
     assert out["push"]["still_refused"]["safe_refused"]["n"] == 200
+    assert not out["push"]["near_bound"] and not out["spare"]["near_bound"]
+    ceiling = dose(refused_test_groups(rows), audit_outcomes(_audit(rows, "none", lambda r: True)), ["none"],
+                   n_strata=5, margin=0.15, min_n=10, n_boot=50, seed=0)["none"]
+    assert ceiling["near_bound"] and ceiling["selectivity"]["estimate"] == 0.0
 
 
 def test_categories_reach_targets_only_with_enough_prompts():
