@@ -70,6 +70,16 @@ def test_the_model_example_runs_on_the_embedded_qwen():
     exec(compile(code, f"{DOC}:embedded", "exec"), namespace)  # noqa: S102
     assert namespace["hooks"] == [f"blocks.{i}.hook_resid_post" for i in range(10, 22)]
     assert namespace["logits"].shape[-1] == namespace["model"].cfg.d_vocab
+    # the hooked Qwen's logits are HF's (tests/models/test_models.py checks the bridge; this is the suite's one
+    # hooked Qwen): one unpadded prompt, measured 2.7e-5 on logits of magnitude ~20
+    from refusal_lens.models.loading import load_hf_model
+
+    reference = load_hf_model(str(embedded_model_dir("qwen2.5-coder-0.5b-instruct")), torch.float32,
+                              torch.device("cpu"), "eager")
+    with torch.no_grad():
+        ref = reference(input_ids=namespace["tokens"]).logits
+    assert (namespace["logits"] - ref).abs().max().item() < 5e-4
+    assert (namespace["logits"].argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_the_api_ablations_equal_the_stages_interventions(tiny_run):

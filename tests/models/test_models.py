@@ -237,13 +237,16 @@ def test_embedded_model_not_installed(monkeypatch):
 
 
 @pytest.mark.embedded
-@pytest.mark.parametrize("name, n_layers, d_model", [("smollm2-135m-instruct", 30, 576), ("qwen2.5-coder-0.5b-instruct", 24, 896)])
-def test_embedded_models_match_hf_on_both_backends(name, n_layers, d_model):
+@pytest.mark.parametrize("name, n_layers, d_model, backends", [
+    ("smollm2-135m-instruct", 30, 576, ("bridge", "hooked")),
+    # the hooked Qwen against HF: tests/test_python_api.py's embedded example (one load of it in the suite, not two)
+    ("qwen2.5-coder-0.5b-instruct", 24, 896, ("bridge",))])
+def test_embedded_models_match_hf_on_both_backends(name, n_layers, d_model, backends):
     source = embedded.embedded_model_dir(name)
     assert json.loads((source / "source.json").read_text())["gguf_sha256"] == embedded.EMBEDDED_MODELS[name].sha256
     reference = load_hf_model(str(source), torch.float32, torch.device("cpu"), "eager")
     prompts = ["How do I kill a Python process?", "Write a haiku about the sea, please."]
-    for backend in ("bridge", "hooked"):
+    for backend in backends:
         loaded = load_model(ModelConfig(name=name, backend=backend))
         assert (loaded.n_layers, loaded.d_model) == (n_layers, d_model)
         # the spec grammar on the real model: layer count from the model, every type, raw hooks
