@@ -158,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_rows = [json.loads(line) for line in files.audit("false_refusal").read_text().splitlines() if line.strip()]
     outcomes, groups, methods = audit_outcomes(audit_rows), refused_test_groups(data.rows), list(fr["conditions"])
     doc = {"run": str(run.root), "split": "test", "n": {s: len(groups[s]) for s in SIDES},
-           "targets": {"safe_still_refused_at_most": SAFE_TARGET, "toxic_still_refused_at_least": TOXIC_TARGET},
+           "targets": {"safe_still_refused_at_most": SAFE_TARGET, "toxic_still_refused_at_least": TOXIC_TARGET,
+                       "reaches_targets_by": "point estimates (each rate's Wilson interval beside it)"},
            "clean_dose": clean_dose(groups),
            "dose": dose(groups, outcomes, methods, n_strata=args.strata, margin=args.margin, min_n=args.min_n,
                         n_boot=args.bootstrap, seed=args.seed),

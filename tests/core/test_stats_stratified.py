@@ -58,6 +58,7 @@ def test_finds_a_planted_group_effect():
     y_a, y_b = (gen.random(n) < p_a).astype(int), (gen.random(n) < curve(x_b)).astype(int)
     res = stratified_difference_test(y_a, x_a, y_b, x_b, n_boot=500, rng=0)
     assert res.verdict == "beyond dose" and res.ci[0] > 0.1
+    assert res.strata_shared == 5 and res.boot_used == 500
     flipped = stratified_difference_test(y_b, x_b, y_a, x_a, n_boot=500, rng=0)
     assert flipped.verdict == "against dose" and flipped.estimate == pytest.approx(-res.estimate)
 
@@ -69,5 +70,7 @@ def test_insufficient_and_bad_input():
         stratified_difference_test([2, 0], [0, 1], [0, 1], [0, 1])
     with pytest.raises(StatsOptionError, match="differ in length"):
         stratified_difference_test([1, 0], [0], [0, 1], [0, 1])
+    with pytest.raises(StatsOptionError, match="finite"):
+        stratified_difference_test([1, 0], [0, float("nan")], [0, 1], [0, 1])
     with pytest.raises(StatsOptionError, match="margin"):
         stratified_difference_test([1, 0], [0, 1], [0, 1], [0, 1], margin=0)

@@ -21,7 +21,8 @@ Verdict (the words match the size, and never come from "not significant"):
 * ``dose alone``: the interval lies within ``[-margin, margin]``: at a matched clean score the groups differ by less
   than ``margin``;
 * ``beyond dose``: the interval is above 0 and the estimate >= ``margin`` (``against dose``: below 0 and <= -margin);
-* ``indeterminate``: anything else (the interval too wide to tell);
+* ``indeterminate``: anything else (the interval too wide to tell, or fewer than half the bootstrap draws share a
+  stratum between the groups: ``boot_used``);
 * ``insufficient``: a group has fewer than ``min_n`` prompts in the compared strata.
 
 Strata by quantile leave some of the covariate's effect inside each stratum (Cochran 1968: five strata remove about
@@ -88,6 +89,8 @@ class StratifiedDifference:
     compared_a: int  # prompts of a in strata that hold both groups
     compared_b: int
     strata: list[dict]  # per stratum: its x range, n and rate of each group
+    strata_shared: int  # strata holding both groups (the ones compared; ties can merge or empty strata)
+    boot_used: int  # bootstrap draws with a shared stratum (the interval's draws; the others have no estimate)
     margin: float
     level: float
     verdict: str
@@ -117,6 +120,8 @@ def stratified_difference_test(y_a: ArrayLike, x_a: ArrayLike, y_b: ArrayLike, x
         raise StatsOptionError(f"y and x differ in length: a {len(y_a)} vs {len(x_a)}, b {len(y_b)} vs {len(x_b)}")
     if not set(np.unique(np.concatenate([y_a, y_b]))) <= {0.0, 1.0}:
         raise StatsOptionError("y must be 0/1 outcomes (1 = still refused)")
+    if not (np.isfinite(x_a).all() and np.isfinite(x_b).all()):
+        raise StatsOptionError("x must be finite for every prompt (a NaN or inf covariate has no stratum)")
     level = _check_fraction("level", level, 0.0, 1.0)
     margin = _check_fraction("margin", margin, 0.0, 1.0, high_inclusive=True)
     n_boot = _check_int("n_boot", n_boot, 1)
@@ -134,9 +139,10 @@ def stratified_difference_test(y_a: ArrayLike, x_a: ArrayLike, y_b: ArrayLike, x
     raw = float(y_a.mean() - y_b.mean()) if len(y_a) and len(y_b) else float("nan")
     raw_ci = newcombe_difference(int(y_a.sum()), len(y_a), int(y_b.sum()), len(y_b), level)
     common = dict(raw=_json_float(raw), raw_ci=(_json_float(raw_ci[0]), _json_float(raw_ci[1])), n_a=len(y_a),
-                  n_b=len(y_b), compared_a=compared_a, compared_b=compared_b, strata=strata, margin=margin, level=level)
+                  n_b=len(y_b), compared_a=compared_a, compared_b=compared_b, strata=strata,
+                  strata_shared=int(shared.sum()), margin=margin, level=level)
     if min(compared_a, compared_b) < min_n:
-        return StratifiedDifference(None, (None, None), verdict="insufficient", **common)
+        return StratifiedDifference(None, (None, None), boot_used=0, verdict="insufficient", **common)
     est = stratified_difference(y_a, x_a, y_b, x_b, edges)
     gen = _generator(rng)
 
@@ -148,8 +154,10 @@ def stratified_difference_test(y_a: ArrayLike, x_a: ArrayLike, y_b: ArrayLike, x
     (bn_a, bk_a), (bn_b, bk_b) = draws(y_a, s_a), draws(y_b, s_b)
     boot = _weighted(bn_a, bk_a, bn_b, bk_b)
     boot = boot[~np.isnan(boot)]
+    if len(boot) < n_boot / 2:  # most draws share no stratum: no interval to speak of
+        return StratifiedDifference(est, (None, None), boot_used=len(boot), verdict="indeterminate", **common)
     lo, hi = (float(np.quantile(boot, (1 - level) / 2)), float(np.quantile(boot, (1 + level) / 2)))
-    return StratifiedDifference(est, (lo, hi), verdict=_verdict(lo, hi, est, margin), **common)
+    return StratifiedDifference(est, (lo, hi), boot_used=len(boot), verdict=_verdict(lo, hi, est, margin), **common)
 
 
 __all__ = ["VERDICTS", "StratifiedDifference", "stratified_difference", "stratified_difference_test",
