@@ -61,28 +61,26 @@ def geometry(w: Tensor, r: Tensor, test: dict[str, Tensor], discovery: dict[str,
     site's vector and the read-out, with bootstrap intervals of ``n_boot``)."""
     n_layers, n_post = w.shape[:2]
     cos = cosines(w, r)
-    along_r, readout, readout_cos = [], [], []
+    readout = discovery["safe_refused"].double().mean(0) - discovery["toxic_refused"].double().mean(0)  # [L, P, d]
+    along_r, along_readout = [], []
     for layer in range(n_layers):
-        row_r, row_o, row_c = [], [], []
+        row_r, row_o = [], []
         for j in range(n_post):
             s, t = test["safe_refused"][:, layer, j], test["toxic_refused"][:, layer, j]
             row_r.append(separation(s, t, r[layer, j])["auroc_toxic_above_safe"])
-            probe = discovery["safe_refused"][:, layer, j].double().mean(0) - discovery["toxic_refused"][:, layer, j].double().mean(0)
-            row_o.append(1 - separation(s, t, probe)["auroc_toxic_above_safe"])  # safe above toxic
-            row_c.append(float(cosines(probe, r[layer, j])))
+            row_o.append(1 - separation(s, t, readout[layer, j])["auroc_toxic_above_safe"])  # safe above toxic
         along_r.append(row_r)
-        readout.append(row_o)
-        readout_cos.append(row_c)
+        along_readout.append(row_o)
     named = {}
     for name, (layer, j, vec) in sites.items():
-        s, t = test["safe_refused"][:, layer, j], test["toxic_refused"][:, layer, j]
-        probe = discovery["safe_refused"][:, layer, j].double().mean(0) - discovery["toxic_refused"][:, layer, j].double().mean(0)
+        s, t, probe = test["safe_refused"][:, layer, j], test["toxic_refused"][:, layer, j], readout[layer, j]
         named[name] = {"layer": layer, "position": j - n_post, "cosine_with_r": float(cosines(vec, r[layer, j])),
                        "cosine_with_label_readout": float(cosines(vec, probe)),
                        "along_r": separation(s, t, r[layer, j], n_boot), "along_vector": separation(s, t, vec, n_boot),
                        "along_label_readout": separation(s, t, probe, n_boot)}
     return {"cosine_w_r": cos.tolist(), "auroc_toxic_above_safe_along_r": along_r,
-            "label_readout_auroc_safe_above_toxic": readout, "label_readout_cosine_with_r": readout_cos,
+            "label_readout_auroc_safe_above_toxic": along_readout,
+            "label_readout_cosine_with_r": cosines(readout, r).tolist(),
             "sites": named, "n_test": {k: int(v.shape[0]) for k, v in test.items()},
             "n_discovery": {k: int(v.shape[0]) for k, v in discovery.items()}}
 
@@ -109,31 +107,37 @@ def run_geometry(run, data, fr: dict, batch_size: int, n_boot: int = 1000) -> tu
     def enc(rows):
         return data.encoded(loaded.tokenizer, cfg.inference.max_prompt_tokens, rows)
 
-    safe_disc = data.split_rows("discovery", "safe", refused=True)
+    rows = {(split, lab): data.split_rows(split, lab, refused=True) for split in ("discovery", "test")
+            for lab in ("safe", "toxic")}
+    safe_disc = rows["discovery", "safe"]
     logger.info("geometry: w from %d refused safe and %d harmless discovery prompts", len(safe_disc),
                 len(contrast.harmless["discovery"]))
     w = difference_in_means(precise, enc(safe_disc), enc(contrast.harmless["discovery"]), n_layers, d_model, sites_cache)
     r = load_candidates(run.paths.direction.candidate_tensors)
     acts = {}
     for split in ("discovery", "test"):
-        acts[split] = {f"{lab}_refused": sites_cache.sites(enc(data.split_rows(split, lab, refused=True)))[1]
-                       for lab in ("safe", "toxic")}
+        acts[split] = {f"{lab}_refused": sites_cache.sites(enc(rows[split, lab]))[1] for lab in ("safe", "toxic")}
     saved = run.direction()
     j_r = int(saved.info["post_instruction_index"])
     named = {"r": (saved.layer, j_r, saved.vector.double())}
+    w_prime: dict[float, Tensor] = {}  # lambda -> w' at every site
+
+    def site(lam: float, layer: int, j: int) -> tuple:
+        if lam not in w_prime:
+            w_prime[lam] = orthogonalised(w, r, lam).diff
+        return layer, j, w_prime[lam][layer, j]
+
     for lam, ch in fr.get("chosen", {}).items():
-        named[f"w'(lambda={lam})"] = (ch["layer"], ch["j"], orthogonalised(w, r, float(lam)).diff[ch["layer"], ch["j"]])
+        named[f"w'(lambda={lam})"] = site(float(lam), ch["layer"], ch["j"])
     kept = fr.get("chosen_keeping_toxic", {})
     if "layer" in kept:
-        named[f"w'(lambda={fr['lambda']:g}, toxic kept)"] = (kept["layer"], kept["j"],
-                                                             orthogonalised(w, r, float(fr["lambda"])).diff[kept["layer"], kept["j"]])
+        named[f"w'(lambda={fr['lambda']:g}, toxic kept)"] = site(float(fr["lambda"]), kept["layer"], kept["j"])
     out = geometry(w.diff, r.diff, acts["test"], acts["discovery"], named, n_boot)
     u = _unit(saved.vector.double())
     projection = {}  # each refused test prompt's block input at r's site, projected on r_hat: the dose of r it carries
     for lab in ("safe", "toxic"):
-        rows = data.split_rows("test", lab, refused=True)
         values = acts["test"][f"{lab}_refused"][:, saved.layer, j_r].double() @ u
-        projection.update(zip(data.ids(rows), values.tolist()))
+        projection.update(zip(data.ids(rows["test", lab]), values.tolist()))
     head = named.get(f"w'(lambda={fr['lambda']:g})")
     if head is not None and run.paths.direction.false_refusal_vector.is_file():
         stored = load_file(str(run.paths.direction.false_refusal_vector))["direction"]

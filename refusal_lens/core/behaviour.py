@@ -134,16 +134,24 @@ def fraction_interval(clean: Sequence[float], condition: Sequence[float], refere
     return (float(lo) if np.isfinite(lo) else None), (float(hi) if np.isfinite(hi) else None)
 
 
-def refused_by_prompt(path: Path, conditions: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Per condition (of those asked for), ``{prompt_id: 1 if refused else 0}`` from a stage's response audit."""
-    wanted = set(conditions)
-    out: dict[str, dict[str, int]] = {c: {} for c in conditions}
+def audit_outcomes(path: Path, conditions: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+    """Per condition (of those asked for; None = every one, in the order they first appear), ``{prompt_id: outcome}``
+    from a stage's response audit."""
+    wanted = None if conditions is None else set(conditions)
+    out: dict[str, dict[str, str]] = {c: {} for c in conditions} if conditions is not None else {}
     with Path(path).open() as fh:
         for line in fh:
+            if not line.strip():
+                continue
             row = json.loads(line)
-            if row["condition"] in wanted:
-                out[row["condition"]][row["prompt_id"]] = int(row["outcome"] == "refused")
+            if wanted is None or row["condition"] in wanted:
+                out.setdefault(row["condition"], {})[row["prompt_id"]] = row["outcome"]
     return out
+
+
+def refused_by_prompt(path: Path, conditions: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per condition (of those asked for), ``{prompt_id: 1 if refused else 0}`` from a stage's response audit."""
+    return {c: {pid: int(o == "refused") for pid, o in by.items()} for c, by in audit_outcomes(path, conditions).items()}
 
 
 def paired_fraction_interval(path: Path, clean: str, condition: str, reference: str, draws: int = 2000,

@@ -1,13 +1,16 @@
 """refusal_lens.checks.false_refusal_why and its geometry part on inputs with known answers (the end-to-end run on the
 planted false-refusal model is in tests/stages/direction/test_direction.py)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from refusal_lens.checks.false_refusal_geometry import cosines, geometry, separation
-from refusal_lens.checks.false_refusal_why import (audit_outcomes, categories, clean_dose, dose, generated_sites,
-                                                   refused_test_groups)
+from refusal_lens.checks.false_refusal_why import categories, clean_dose, dose, generated_sites, refused_test_groups
+from refusal_lens.core.behaviour import audit_outcomes
+from refusal_lens.run.collected import Collected
 
 
 def _rows(n_safe, n_toxic, seed=0):
@@ -24,6 +27,17 @@ def _rows(n_safe, n_toxic, seed=0):
     return rows
 
 
+def _groups(rows):
+    return refused_test_groups(Collected(None, {}, rows, None))
+
+
+def _read(audit, tmp_path):
+    """``audit`` (rows) written as a stage writes its response audit, then read back."""
+    path = tmp_path / f"audit-{len(list(tmp_path.iterdir()))}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in audit))
+    return audit_outcomes(path)
+
+
 def _audit(rows, method, still):
     """An audit of ``method``: ``still(row) -> bool`` says whether the row's prompt stays refused."""
     return [{"condition": f"false_refusal/{method}/{r['label']}_refused", "prompt_id": r["prompt_id"],
@@ -33,14 +47,14 @@ def _audit(rows, method, still):
 
 def test_groups_and_clean_dose():
     rows = _rows(30, 40)
-    groups = refused_test_groups(rows)
+    groups = _groups(rows)
     assert [len(groups[s]) for s in ("safe_refused", "toxic_refused")] == [30, 40]
     clean = clean_dose(groups)
     assert clean["safe_refused"]["n"] == 30 and clean["toxic_refused"]["mean"] > clean["safe_refused"]["mean"]
     assert 0.6 < clean["auroc_toxic_above_safe"] <= 1
 
 
-def test_dose_tells_a_dose_only_method_from_a_selective_one():
+def test_dose_tells_a_dose_only_method_from_a_selective_one(tmp_path):
     rows = _rows(200, 200, seed=3)
     gen = np.random.default_rng(4)
     u = {r["prompt_id"]: gen.random() for r in rows}
@@ -49,7 +63,7 @@ def test_dose_tells_a_dose_only_method_from_a_selective_one():
     # "spare": the same, and every toxic prompt stays refused
     audit = (_audit(rows, "push", lambda r: u[r["prompt_id"]] < curve(r["refusal_score"]))
              + _audit(rows, "spare", lambda r: r["label"] == "toxic" or u[r["prompt_id"]] < curve(r["refusal_score"])))
-    out = dose(refused_test_groups(rows), audit_outcomes(audit), ["push", "spare"], n_strata=5, margin=0.15,
+    out = dose(_groups(rows), _read(audit, tmp_path), ["push", "spare"], n_strata=5, margin=0.15,
                min_n=10, n_boot=500, seed=0)
     push, spare = out["push"]["selectivity"], out["spare"]["selectivity"]
     assert push["raw"] > 0.15  # the raw gap is the dose
@@ -58,27 +72,27 @@ def test_dose_tells_a_dose_only_method_from_a_selective_one():
     assert out["spare"]["still_refused"]["toxic_refused"]["refusal_rate"] == 1.0
     assert out["push"]["still_refused"]["safe_refused"]["n"] == 200
     assert not out["push"]["near_bound"] and not out["spare"]["near_bound"]
-    ceiling = dose(refused_test_groups(rows), audit_outcomes(_audit(rows, "none", lambda r: True)), ["none"],
+    ceiling = dose(_groups(rows), _read(_audit(rows, "none", lambda r: True), tmp_path), ["none"],
                    n_strata=5, margin=0.15, min_n=10, n_boot=50, seed=0)["none"]
     assert ceiling["near_bound"] and ceiling["selectivity"]["estimate"] == 0.0
 
 
-def test_categories_reach_targets_only_with_enough_prompts():
+def test_categories_reach_targets_only_with_enough_prompts(tmp_path):
     rows = _rows(24, 24)
     audit = _audit(rows, "m", lambda r: r["label"] == "toxic" or r["category"] == "illegal")
-    cats = categories(refused_test_groups(rows), audit_outcomes(audit), ["m"], min_n=10)["m"]
+    cats = categories(_groups(rows), _read(audit, tmp_path), ["m"], min_n=10)["m"]
     assert cats["hate"]["safe_refused"]["refusal_rate"] == 0 and cats["hate"]["reaches_targets"] is True
     assert cats["illegal"]["safe_refused"]["refusal_rate"] == 1 and cats["illegal"]["reaches_targets"] is False
-    few = categories(refused_test_groups(rows), audit_outcomes(audit), ["m"], min_n=13)["m"]
+    few = categories(_groups(rows), _read(audit, tmp_path), ["m"], min_n=13)["m"]
     assert few["hate"]["reaches_targets"] is None and few["hate"]["safe_refused"]["n"] == 12
 
 
-def test_generated_sites_in_the_order_tried():
+def test_generated_sites_in_the_order_tried(tmp_path):
     audit = [{"condition": "validation/toxic_kept/layer4/position-2", "prompt_id": "a", "outcome": "refused"},
              {"condition": "validation/toxic_kept/layer4/position-2", "prompt_id": "b", "outcome": "complied"},
              {"condition": "false_refusal/w'(lambda=1)/safe_refused", "prompt_id": "a", "outcome": "refused"},
              {"condition": "validation/toxic_kept/layer1/position-3", "prompt_id": "a", "outcome": "refused"}]
-    sites = generated_sites(audit)
+    sites = generated_sites(_read(audit, tmp_path))
     assert [(s["layer"], s["position"]) for s in sites] == [(4, -2), (1, -3)]
     assert sites[0]["toxic_kept"]["refusal_rate"] == 0.5 and sites[1]["toxic_kept"]["n"] == 1
 

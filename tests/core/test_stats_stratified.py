@@ -21,6 +21,10 @@ def test_exact_small_case():
     # a stratum holding one group only gets no weight
     assert np.isnan(stratified_difference([1, 1], [0.1, 0.2], [0, 0], [0.8, 0.9], edges))
     assert list(strata_edges([1, 2, 3, 4], 2)) == [2.5] and len(strata_edges([1, 1, 1, 1], 4)) == 1
+    # the test's estimate is this difference at its own (pooled-quantile) edges
+    res = stratified_difference_test(y_a, x_a, y_b, x_b, n_strata=2, min_n=1, n_boot=10)
+    edges2 = strata_edges(x_a + x_b, 2)
+    assert res.estimate == pytest.approx(stratified_difference(y_a, x_a, y_b, x_b, edges2))
 
 
 def _null(gen, n, shift):

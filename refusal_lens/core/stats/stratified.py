@@ -130,11 +130,12 @@ def stratified_difference_test(y_a: ArrayLike, x_a: ArrayLike, y_b: ArrayLike, x
     k = len(edges) + 1
     s_a, s_b = stratum_of(x_a, edges), stratum_of(x_b, edges)
     n_a, n_b = np.bincount(s_a, minlength=k), np.bincount(s_b, minlength=k)
+    k_a, k_b = np.bincount(s_a, y_a, minlength=k), np.bincount(s_b, y_b, minlength=k)
     shared = (n_a > 0) & (n_b > 0)
     bounds = np.concatenate([[-np.inf], edges, [np.inf]])
     strata = [{"x_from": _json_float(bounds[s]), "x_to": _json_float(bounds[s + 1]), "n_a": int(n_a[s]),
-               "n_b": int(n_b[s]), "rate_a": _json_float(y_a[s_a == s].mean()) if n_a[s] else None,
-               "rate_b": _json_float(y_b[s_b == s].mean()) if n_b[s] else None} for s in range(k)]
+               "n_b": int(n_b[s]), "rate_a": float(k_a[s] / n_a[s]) if n_a[s] else None,
+               "rate_b": float(k_b[s] / n_b[s]) if n_b[s] else None} for s in range(k)]
     compared_a, compared_b = int(n_a[shared].sum()), int(n_b[shared].sum())
     raw = float(y_a.mean() - y_b.mean()) if len(y_a) and len(y_b) else float("nan")
     raw_ci = newcombe_difference(int(y_a.sum()), len(y_a), int(y_b.sum()), len(y_b), level)
@@ -143,7 +144,7 @@ def stratified_difference_test(y_a: ArrayLike, x_a: ArrayLike, y_b: ArrayLike, x
                   strata_shared=int(shared.sum()), margin=margin, level=level)
     if min(compared_a, compared_b) < min_n:
         return StratifiedDifference(None, (None, None), boot_used=0, verdict="insufficient", **common)
-    est = stratified_difference(y_a, x_a, y_b, x_b, edges)
+    est = float(_weighted(n_a, k_a, n_b, k_b))
     gen = _generator(rng)
 
     def draws(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
